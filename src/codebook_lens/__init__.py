@@ -1,0 +1,17 @@
+"""codebook-lens: sparse, discrete, steerable codebook features for any Hugging Face causal LM."""
+
+from .attach import CodebookModel, CodeRecording, HookSite, attach_codebooks
+from .config import CodebookConfig
+from .layer import CodebookLayer, CodebookOutput, LayerStats
+
+__all__ = [
+    "CodebookConfig",
+    "CodebookLayer",
+    "CodebookModel",
+    "CodebookOutput",
+    "CodeRecording",
+    "HookSite",
+    "LayerStats",
+    "attach_codebooks",
+]
+__version__ = "0.1.0"
