@@ -24,14 +24,14 @@ REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 
 
-def _choices(values: tuple[str, ...]) -> str:
+def _choices(values: tuple[Any, ...]) -> str:
     quoted = [repr(v) for v in values]
     return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
 
 
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, allowed: tuple[Any, ...]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
+    if not isinstance(value, str | int | float | bool | None) or value not in allowed:
         raise ValueError(f"{name}={value!r} is invalid; choose {_choices(allowed)}")
 
 
@@ -231,7 +231,9 @@ def config_from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
             f"{source}: unknown field(s) {unknown}; allowed fields are {sorted(fields)}"
         )
     for name, value in data.items():
-        if not _type_ok(value, hints[name]):
+        if get_origin(hints[name]) is Literal:
+            check_choice(f"{source}: {name}", value, tuple(get_args(hints[name])))
+        elif not _type_ok(value, hints[name]):
             raise ValueError(
                 f"{source}: field {name!r} has value {value!r} of the wrong type; "
                 f"expected {hints[name]}"
