@@ -345,3 +345,61 @@ def test_generate_restores_each_module_mode() -> None:
     modes = {n: m.training for n, m in model.named_modules()}
     generate(model, None, [1, 2], max_new_tokens=2)
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+# ---------------------------------------------------------------------- CLI
+def _word_tokenizer(tmp_path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_cli_generate_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from codebook_lens.cli import main
+
+    model = make()
+    folder = model.save_pretrained(tmp_path / "m", tokenizer=_word_tokenizer(tmp_path))
+    s = spec(EditSpec("layers.0.mlp_out", [3, 4], positions="all", scale=30.0))
+    path = s.save(tmp_path / "spec.yaml")
+    argv = [
+        "generate",
+        str(folder),
+        "w1 w2 w3",
+        "--intervene",
+        str(path),
+        "--n",
+        "3",
+        "--temperature",
+        "0.05",
+    ]
+    assert main([*argv, "--max-new-tokens", "6", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "unsteered" in text and "| steered" in text
+    assert main([*argv, "--max-new-tokens", "6", "--seed", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["unsteered"]) == len(out["steered"]) == 3
+    assert all(g["text"].startswith("w") or g["text"] == "" for g in out["steered"])
+    assert out["unsteered"] != out["steered"]
+    # The columns show the same texts as the JSON.
+    assert out["unsteered"][0]["text"].split()[0] in text
+
+
+def test_cli_generate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from codebook_lens.cli import main
+
+    folder = make().save_pretrained(tmp_path / "m")  # no tokenizer saved
+    assert main(["generate", str(folder), "hello"]) == 2
+    assert "no saved tokenizer, so give token ids" in capsys.readouterr().err
+    assert main(["generate", str(folder), "1 2", "--intervene", str(tmp_path / "x.yaml")]) == 2
+    assert "x.yaml: intervention spec file not found" in capsys.readouterr().err
+    bad = InterventionSpec([EditSpec("layers.0.nope", 1)]).save(tmp_path / "bad.json")
+    assert main(["generate", str(folder), "1 2", "--intervene", str(bad)]) == 2
+    assert "known codebooks: ['layers.0.attn_heads'" in capsys.readouterr().err
+    assert main(["generate", str(folder), "1 2 99", "--max-new-tokens", "3"]) == 2
+    assert "ids must be in 0 .. 63" in capsys.readouterr().err

@@ -160,5 +160,54 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ``func``; the work itself lives in the stage's module.
 
 
+@command("generate", "sample from a codebook model, with and without an intervention spec")
+def _generate_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="folder written by CodebookModel.save_pretrained (or a hub id)")
+    p.add_argument("prompt", help="prompt text (token ids separated by spaces if no tokenizer)")
+    p.add_argument("--intervene", metavar="SPEC", help="intervention spec file (.yaml or .json)")
+    p.add_argument("--n", type=int, default=5, help="samples per column (default: 5)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="(default: 40)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of columns")
+
+    def run(args: argparse.Namespace) -> int:
+        import shutil
+
+        from . import intervene as iv
+
+        spec = iv.InterventionSpec.load(args.intervene) if args.intervene else None
+        model, tokenizer = iv.load_model_and_tokenizer(args.model, device=args.device)
+        prompt = iv.parse_prompt(tokenizer, args.prompt)
+        plain, steered = iv.compare(
+            model,
+            tokenizer,
+            prompt,
+            spec,
+            num_samples=args.n,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        if args.json:
+            out = {
+                "prompt": args.prompt,
+                "unsteered": [g._asdict() for g in plain],
+                "steered": [g._asdict() for g in steered],
+            }
+            print(json.dumps(out))
+        else:
+            width = shutil.get_terminal_size((120, 24)).columns
+            print(iv.format_side_by_side(args.prompt, plain, steered, width))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

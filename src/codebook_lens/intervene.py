@@ -602,6 +602,12 @@ def _device(model: CodebookModel) -> torch.device:
     return next(model.parameters()).device
 
 
+def _vocab_size(model: CodebookModel) -> int | None:
+    get = getattr(model.base, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(emb.num_embeddings) if isinstance(emb, torch.nn.Embedding) else None
+
+
 def _eos_ids(model: CodebookModel, tokenizer: Any) -> set[int]:
     eos: Any = getattr(getattr(model.base, "config", None), "eos_token_id", None)
     if eos is None and tokenizer is not None:
@@ -677,6 +683,11 @@ def generate(
         check_range("top_p", top_p, 0.0, 1.0, low_open=True)
     device = _device(model)
     prompt_ids = encode_prompt(tokenizer, prompt)
+    vocab = _vocab_size(model)
+    if vocab is not None and not all(0 <= i < vocab for i in prompt_ids):
+        raise ValueError(
+            f"prompt token ids {prompt_ids} are invalid; ids must be in 0 .. {vocab - 1}"
+        )
     plen = len(prompt_ids)
     eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -775,3 +786,88 @@ def ablate(
     lb, la = float(before[mask].mean()), float(after[mask].mean())
     delta = torch.where(mask, after - before, torch.full_like(after, float("nan")))
     return Ablation(lb, la, la - lb, int(mask.sum()), delta)
+
+
+# -------------------------------------------------------------------- CLI
+def load_model_and_tokenizer(
+    path: str | os.PathLike[str], *, device: str | None = None
+) -> tuple[CodebookModel, Any]:
+    """A saved codebook model and its tokenizer (``None`` if none was saved with it)."""
+    from transformers import AutoTokenizer
+
+    model = CodebookModel.from_pretrained(path, device=device)
+    model.eval()
+    local = Path(path)
+    if local.is_dir() and not any(
+        (local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        return model, None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def compare(
+    model: CodebookModel,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    spec: InterventionSpec | None,
+    *,
+    num_samples: int = 5,
+    **sampling: Any,
+) -> tuple[list[Generation], list[Generation]]:
+    """Unsteered and steered samples from the same prompt and seed (paired draws)."""
+    plain = generate(model, tokenizer, prompt, None, num_samples=num_samples, **sampling)
+    steered = (
+        generate(model, tokenizer, prompt, spec, num_samples=num_samples, **sampling)
+        if spec is not None and len(spec)
+        else []
+    )
+    return plain, steered
+
+
+def _show(g: Generation) -> str:
+    return g.text if g.text is not None else " ".join(map(str, g.ids))
+
+
+def format_side_by_side(
+    prompt: str, plain: list[Generation], steered: list[Generation], width: int = 100
+) -> str:
+    """Samples as two wrapped columns (unsteered | steered), or one column without a spec."""
+    import textwrap
+
+    lines = [f"prompt: {prompt!r}"]
+    if not steered:
+        lines.append("unsteered (no --intervene spec given):")
+        for i, g in enumerate(plain, 1):
+            body = textwrap.wrap(_show(g).replace("\n", " "), max(width - 5, 20)) or [""]
+            lines += [f"{i:>3}  {body[0]}"] + [f"     {b}" for b in body[1:]]
+        return "\n".join(lines)
+    col = max((width - 8) // 2, 20)
+    lines.append(f"{'':>3}  {'unsteered':<{col}} | steered")
+    lines.append(f"{'':>3}  {'-' * col}-+-{'-' * col}")
+    for i, (a, b) in enumerate(zip(plain, steered, strict=True), 1):
+        left = textwrap.wrap(_show(a).replace("\n", " "), col) or [""]
+        right = textwrap.wrap(_show(b).replace("\n", " "), col) or [""]
+        for j in range(max(len(left), len(right))):
+            num = f"{i:>3}" if j == 0 else "   "
+            lt = left[j] if j < len(left) else ""
+            rt = right[j] if j < len(right) else ""
+            lines.append(f"{num}  {lt:<{col}} | {rt}")
+    return "\n".join(lines)
+
+
+def parse_prompt(tokenizer: Any, prompt: str) -> str | list[int]:
+    """Text for a model with a tokenizer; without one, whitespace-separated token ids."""
+    if tokenizer is not None:
+        return prompt
+    parts = prompt.split()
+    if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise ValueError(
+            f"prompt={prompt!r} is invalid: the model has no saved tokenizer, so give token ids "
+            "separated by spaces (e.g. '0 12 7'), or save the model with "
+            "save_pretrained(dir, tokenizer=...)"
+        )
+    return [int(p) for p in parts]
