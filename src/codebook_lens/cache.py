@@ -767,3 +767,125 @@ def build_cache(
         bar.close()
         for mod, mode in modes:
             mod.training = mode
+
+
+# ----------------------------------------------------------------- synthetic
+_WORDS = (  # noqa: SIM905 (one readable string)
+    "the of and to in a is that for it as was with be by on not he I this are or his from at "
+    "which but have an they you were her she there one all we their has been would when who "
+    "will more no if out so said what up its about into than them can only other new some "
+    "could time these two may first then do any like my now over such our man me even most "
+    "made after also did many before must through back years where much your way well down "
+    "should because each just those people how too little state good very make world still "
+    "own see men work long get here between both life being under never day same another "
+    "know while last might us great old year off come since against go came right used take "
+    "three January February March April May June July August September October November "
+    "December team goal match market shares profit phone software film music election"
+).split()
+
+
+def synthetic_cache(
+    out: str | os.PathLike[str],
+    *,
+    n_tokens: int = 10_000,
+    n_codebooks: int = 2,
+    num_codes: int = 64,
+    k: int = 2,
+    groups: int = 1,
+    doc_tokens: int = 200,
+    plant: dict[str, int] | None = None,
+    labels: tuple[str, ...] = ("business", "sport", "tech"),
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> CodeCache:
+    """A cache of random English-like words and random codes, for tests and benchmarks.
+
+    Codes are distinct within each token (and head). ``plant={"May": 7}`` makes code 7 of the
+    first codebook (head 0) fire exactly on the word "May" and nowhere else (the other heads of
+    that codebook never use planted ids). Codebooks are named
+    ``layers.{i}.mlp_out`` (``layers.{i}.attn_heads`` with ``groups`` heads if ``groups > 1``).
+    Token ``i`` is word ``i`` at a document start, token ``len(words) + i`` is " word".
+    """
+    from tqdm.auto import tqdm
+
+    if k > num_codes - 1:
+        raise ValueError(f"k={k} is invalid; it must be < num_codes={num_codes}")
+    rng = np.random.default_rng(seed)
+    words = list(_WORDS)
+    zipf = 1.0 / np.arange(1, len(words) + 1) ** 0.9
+    probs = zipf / zipf.sum()
+    vocab = words + [" " + w for w in words]
+    placement = "attn_heads" if groups > 1 else "mlp_out"
+    infos = [
+        CodebookInfo(
+            f"layers.{i}.{placement}", placement, i, groups, groups > 1, k, num_codes, 16 * groups
+        )
+        for i in range(n_codebooks)
+    ]
+    identity = {
+        "base_model": "synthetic",
+        "model_type": "synthetic",
+        "vocab_size": len(vocab),
+        "config_hash": f"seed{seed}",
+        "codebook_hash": f"seed{seed}",
+        "codebooks": [c.name for c in infos],
+    }
+    vectors = {
+        c.name: rng.standard_normal((groups, num_codes, 16)).astype(np.float32) for c in infos
+    }
+    planted_code: dict[int, int] = {}
+    for word, code in (plant or {}).items():
+        if word not in words or not 0 <= code < num_codes:
+            raise ValueError(
+                f"plant={plant!r} is invalid; use words of the built-in list and codes in "
+                f"0 .. {num_codes - 1}"
+            )
+        planted_code[words.index(word)] = code
+    reserved = sorted(set(planted_code.values()))
+    with CacheWriter(
+        out,
+        codebooks=infos,
+        identity=identity,
+        vocab=vocab,
+        tokenizer="words",
+        seq_len=doc_tokens,
+        vectors=vectors,
+        overwrite=overwrite,
+        extra={"source": "synthetic"},
+    ) as writer:
+        bar = tqdm(total=n_tokens, unit="tok", desc="synthetic", disable=not progress)
+        done, d = 0, 0
+        while done < n_tokens:
+            n = min(doc_tokens, n_tokens - done)
+            word_ids = rng.choice(len(words), size=n, p=probs)
+            pieces = [words[w] if j == 0 else " " + words[w] for j, w in enumerate(word_ids)]
+            lens = np.array([len(piece) for piece in pieces])
+            ends = np.cumsum(lens)
+            offsets = np.stack([ends - lens, ends], axis=1)
+            offsets[1:, 0] += 1  # a token's leading space is not part of its word
+            tokens = np.where(np.arange(n) == 0, word_ids, word_ids + len(words))
+            codes = {}
+            for ci, info in enumerate(infos):
+                free = num_codes - (len(reserved) if ci == 0 else 0)
+                # Distinct codes per token: a random start plus k-1 positive steps < free.
+                start = rng.integers(0, free, size=(n, groups, 1))
+                steps = rng.integers(1, max(2, free // k + 1), size=(n, groups, k - 1))
+                cc = np.concatenate([start, start + np.cumsum(steps, axis=2)], axis=2) % free
+                if ci == 0 and reserved:
+                    head0 = cc[:, 0]  # a view: edits land in cc
+                    for r in reserved:  # shift ids up past each reserved (planted) code
+                        head0[head0 >= r] += 1
+                    for wi, code in planted_code.items():
+                        rows = np.flatnonzero(word_ids == wi)
+                        head0[rows, rng.integers(0, k, size=len(rows))] = code
+                arr = cc if groups > 1 else cc[:, 0]
+                codes[info.name] = arr.astype(info.dtype)
+            label = labels[d % len(labels)] if labels else None
+            writer.add_document(f"doc{d}", "".join(pieces), label)
+            writer.add_tokens(tokens, offsets, codes)
+            done += n
+            d += 1
+            bar.update(n)
+        bar.close()
+        return writer.finish(progress=progress)

@@ -209,5 +209,276 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------ code analysis
+def _load_documents(source: str) -> Any:
+    """Documents for ``--data``: ``data.load_documents`` where it exists, else local text files."""
+    try:
+        from .data import load_documents
+    except ImportError:
+        return _local_documents(source)
+    return load_documents(source)
+
+
+def _local_documents(source: str) -> Any:
+    """Fallback reader: a .txt file (one document), a .jsonl file ({"text", "label"?, "id"?}
+    per line) or a folder of .txt files (label = the subfolder name)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {source}: no such file or folder")
+    if root.is_file() and root.suffix == ".jsonl":
+        with open(root, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    row = json.loads(line)
+                    yield SimpleNamespace(
+                        id=str(row.get("id", i)), text=str(row["text"]), label=row.get("label")
+                    )
+        return
+    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"--data {source}: no .txt files found")
+    for p in files:
+        rel = p.relative_to(root) if p != root else Path(p.name)
+        label = rel.parts[0] if len(rel.parts) > 1 else None
+        text = p.read_text(encoding="utf-8", errors="replace")
+        yield SimpleNamespace(id=str(rel), text=text, label=label)
+
+
+def _load_model(path: str, device: str | None = None) -> tuple[Any, Any]:
+    from .intervene import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(path, device=device)
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name}={value} is invalid; it must be an integer >= 1")
+
+
+@command("cache", "run a codebook model over text and store every token's codes (a code cache)")
+def _cache_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="folder written by CodebookModel.save_pretrained")
+    p.add_argument("--data", required=True, help="text source: a file, a folder, 'bbc', ...")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens to cache (default: 100000)")
+    p.add_argument("--out", required=True, help="cache folder to create")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model folder's)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: model max)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+
+    def run(args: argparse.Namespace) -> int:
+        from .cache import build_cache
+
+        _check_positive("--tokens", args.tokens)
+        _check_positive("--batch-size", args.batch_size)
+        _check_positive("--seq-len", args.seq_len)
+        model, tokenizer = _load_model(args.model, args.device)
+        if args.tokenizer is not None:
+            try:
+                from .data import load_tokenizer
+            except ImportError:
+                from transformers import AutoTokenizer as _Auto
+
+                tokenizer = _Auto.from_pretrained(args.tokenizer)
+            else:
+                tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{args.model}: no tokenizer saved with the model; pass --tokenizer")
+        cache = build_cache(
+            model,
+            tokenizer,
+            _load_documents(args.data),
+            args.out,
+            max_tokens=args.tokens,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            source=args.data,
+        )
+        print(
+            f"wrote {cache.path}: {cache.n_tokens} tokens, {cache.n_docs} documents, "
+            f"{len(cache.codebooks)} codebooks"
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command("search", "rank codes by precision/recall/F1 against a regex, token or document set")
+def _search_setup(p: argparse.ArgumentParser) -> None:
+    from .search import DEFAULT_REGEX_TIMEOUT, SORT_KEYS
+
+    p.add_argument("cache", help="cache folder written by `codebook-lens cache`")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--regex", help="regex over the text; a token matches if its span overlaps")
+    g.add_argument("--token", help="token string (surrounding spaces ignored)")
+    g.add_argument("--docs-label", help="all tokens of documents with this label")
+    p.add_argument("--codebook", action="append", help="only this codebook (repeatable)")
+    p.add_argument("--min-count", type=int, default=1, help="minimum firings of a code")
+    p.add_argument("--min-precision", type=float, default=0.0, help="(default: 0)")
+    p.add_argument("--min-recall", type=float, default=0.0, help="(default: 0)")
+    p.add_argument("--top", type=int, default=20, help="results to show (default: 20)")
+    p.add_argument("--sort-by", choices=list(SORT_KEYS), default="f1", help="(default: f1)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_REGEX_TIMEOUT,
+        help=f"seconds a regex may run (default: {DEFAULT_REGEX_TIMEOUT:g})",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    p.add_argument("--model", help="model folder; with --neuron-baseline")
+    p.add_argument(
+        "--neuron-baseline",
+        action="store_true",
+        help="also find the best single neuron at the best code's site (needs --model)",
+    )
+    p.add_argument(
+        "--neuron-tokens",
+        type=int,
+        default=50_000,
+        help="tokens used for the neuron baseline (default: 50000)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from . import search as S
+        from .cache import CodeCache
+
+        cache = CodeCache(args.cache)
+        _check_positive("--top", args.top)
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout={args.timeout} is invalid; it must be > 0 seconds")
+        pattern = S.make_pattern(
+            cache,
+            regex=args.regex,
+            token=args.token,
+            docs_label=args.docs_label,
+            timeout=args.timeout,
+        )
+        result = S.search(
+            cache,
+            pattern,
+            codebooks=args.codebook,
+            min_count=args.min_count,
+            min_precision=args.min_precision,
+            min_recall=args.min_recall,
+            top=args.top,
+            sort_by=args.sort_by,
+        )
+        baseline = None
+        if args.neuron_baseline:
+            if not args.model:
+                raise ValueError(
+                    "--neuron-baseline needs --model (the model the cache was built with)"
+                )
+            from .analysis import neuron_baseline
+
+            target = (args.codebook or [m.codebook for m in result.matches[:1]] or [None])[0]
+            if target is None:
+                raise ValueError("no code fires on the pattern; nothing to compare a neuron with")
+            model, _ = _load_model(args.model)
+            baseline = neuron_baseline(model, cache, pattern, target, max_tokens=args.neuron_tokens)
+        if args.json:
+            matches = [m.to_dict() for m in result.matches]
+            out: Any = (
+                matches
+                if baseline is None
+                else {"matches": matches, "neuron_baseline": baseline.to_dict()}
+            )
+            print(json.dumps(out))
+        else:
+            print(S.format_matches(result))
+            if baseline is not None:
+                nb, bc = baseline.neuron, baseline.best_code
+                print(
+                    f"\nneuron baseline at {baseline.codebook} on the first {baseline.n_tokens} "
+                    f"tokens ({baseline.pattern_tokens} pattern tokens):"
+                )
+                op = ">=" if nb.sign > 0 else "<="
+                print(
+                    f"  best neuron {nb.neuron} (fires when activation {op} {nb.threshold:.4g}):"
+                    f" precision {nb.precision:.3f} recall {nb.recall:.3f} f1 {nb.f1:.3f}"
+                )
+                if bc is not None:
+                    hd = "" if bc.head is None else f" head {bc.head}"
+                    print(
+                        f"  best code {bc.code}{hd}: precision {bc.precision:.3f} "
+                        f"recall {bc.recall:.3f} f1 {bc.f1:.3f}"
+                    )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command("code", "profile one code: contexts, tokens, similar codes, promoted tokens")
+def _code_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", help="cache folder written by `codebook-lens cache`")
+    p.add_argument("codebook", help="codebook name, e.g. layers.0.mlp_out")
+    p.add_argument("code", type=int, help="code id")
+    p.add_argument("--head", type=int, default=None, help="head, for attn_heads codebooks")
+    p.add_argument("--model", help="model folder: adds the tokens the code promotes")
+    p.add_argument("--contexts", type=int, default=20, help="contexts to show (default: 20)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--html", metavar="FILE", help="also write an HTML page")
+    p.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="highlight with ANSI colours (default: auto = when a terminal)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from . import search as S
+        from .cache import CodeCache
+
+        cache = CodeCache(args.cache)
+        cache.check_code(args.codebook, args.code, args.head)
+        model = _load_model(args.model)[0] if args.model else None
+        prof = S.code_profile(
+            cache, args.codebook, args.code, args.head, model=model, n_contexts=args.contexts
+        )
+        if args.html:
+            S.save_html(S.profile_html(prof), Path(args.html))
+        if args.json:
+            print(json.dumps(prof.to_dict()))
+        else:
+            color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+            print(S.format_profile(prof, color=color))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command("stats", "codebook health from a cache: usage, dead codes, entropy, plots")
+def _stats_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", help="cache folder written by `codebook-lens cache`")
+    p.add_argument("--codebook", action="append", help="only this codebook (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plots", metavar="DIR", help="save usage plots (PNG) into DIR")
+
+    def run(args: argparse.Namespace) -> int:
+        from .analysis import codebook_health, format_health, plot_health
+        from .cache import CodeCache
+
+        cache = CodeCache(args.cache)
+        stats = codebook_health(cache, args.codebook)
+        paths = plot_health(cache, args.plots, args.codebook) if args.plots else []
+        if args.json:
+            print(json.dumps([s.to_dict() for s in stats]))
+        else:
+            print(f"{cache.path}: {cache.n_tokens} tokens, {cache.n_docs} documents")
+            print(format_health(stats))
+            for path in paths:
+                print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

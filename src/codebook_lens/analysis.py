@@ -1,0 +1,449 @@
+"""Codebook health, the single-neuron baseline and direct logit effects of codes.
+
+- ``codebook_health``: per codebook usage counts, dead codes, usage entropy (from the cache's
+  inverted index, no model needed); ``plot_health`` saves PNGs.
+- ``best_neuron``: for activations ``(N, D)`` and a boolean label ``(N,)``, the single
+  dimension and threshold (either sign) with the best F1, vectorised by sorting.
+- ``neuron_baseline``: reruns the model over the cache's first tokens, captures the input of a
+  codebook (the pre-quantization activation at the same site) and compares its best neuron with
+  the best code on the same tokens.
+- ``promoted_tokens``: the output tokens a code's vector pushes up most (direct logit effect).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cache import CodeCache, check_identity
+from .search import CodeMatch, Pattern, PromotedToken, code_hits
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .attach import CodebookModel
+
+
+# -------------------------------------------------------------------- health
+@dataclass
+class CodebookHealth:
+    """Usage of one codebook over the whole cache."""
+
+    codebook: str
+    placement: str
+    groups: int
+    num_codes: int
+    k: int
+    n_tokens: int
+    used_codes: int
+    """Codes (over all heads) that fire at least once."""
+    dead_codes: int
+    """Codes (over all heads) that never fire."""
+    dead_fraction: float
+    entropy: float
+    """Usage entropy in nats, mean over heads."""
+    max_entropy: float
+    """log(num_codes): the entropy of uniform usage."""
+    perplexity: float
+    """exp(entropy): the effective number of codes in use per head."""
+    top10_share: float
+    """Fraction of all firings taken by the 10 most used codes (mean over heads)."""
+    hist_edges: list[float]
+    """Edges of log10(count) bins for the histogram of used codes."""
+    hist_counts: list[int]
+    """Used codes per bin."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def codebook_health(cache: CodeCache, codebooks: list[str] | None = None) -> list[CodebookHealth]:
+    """Usage statistics for each codebook (default all), in cache order."""
+    out = []
+    for name in list(cache.codebooks) if codebooks is None else codebooks:
+        cb = cache.info(name)
+        counts = cache.code_counts(name).astype(np.float64)  # (G, C)
+        total = counts.sum(axis=1, keepdims=True)
+        p = counts / np.maximum(total, 1)
+        ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+        top = np.sort(p, axis=1)[:, ::-1][:, :10].sum(axis=1)
+        used = counts[counts > 0]
+        hi = max(1.0, float(np.log10(used.max()))) if used.size else 1.0
+        edges = np.linspace(0.0, hi, 21)
+        hist = np.histogram(np.log10(used), bins=edges)[0] if used.size else np.zeros(20)
+        dead = int((counts == 0).sum())
+        out.append(
+            CodebookHealth(
+                codebook=name,
+                placement=cb.placement,
+                groups=cb.groups,
+                num_codes=cb.num_codes,
+                k=cb.k,
+                n_tokens=cache.n_tokens,
+                used_codes=int(counts.size - dead),
+                dead_codes=dead,
+                dead_fraction=dead / counts.size,
+                entropy=float(ent.mean()),
+                max_entropy=math.log(cb.num_codes),
+                perplexity=float(math.exp(ent.mean())),
+                top10_share=float(top.mean()),
+                hist_edges=[float(x) for x in edges],
+                hist_counts=[int(x) for x in hist],
+            )
+        )
+    return out
+
+
+def format_health(stats: list[CodebookHealth]) -> str:
+    """A readable table."""
+    from .search import _table
+
+    rows = [
+        ("codebook", "heads", "C", "k", "used", "dead", "dead%", "entropy", "perplexity", "top10")
+    ]
+    for s in stats:
+        rows.append(
+            (
+                s.codebook,
+                str(s.groups),
+                str(s.num_codes),
+                str(s.k),
+                str(s.used_codes),
+                str(s.dead_codes),
+                f"{100 * s.dead_fraction:.1f}",
+                f"{s.entropy:.2f}/{s.max_entropy:.2f}",
+                f"{s.perplexity:.1f}",
+                f"{s.top10_share:.3f}",
+            )
+        )
+    return _table(rows)
+
+
+def plot_health(
+    cache: CodeCache, out_dir: str | Path, codebooks: list[str] | None = None
+) -> list[Path]:
+    """Save ``usage_<codebook>.png`` (rank-frequency and count histogram) for each codebook and
+    ``summary.png`` (dead fraction and perplexity per codebook); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = codebook_health(cache, codebooks)
+    paths = []
+    for s in stats:
+        counts = cache.code_counts(s.codebook)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        for h in range(s.groups):
+            ranked = np.sort(counts[h])[::-1]
+            ax1.plot(
+                np.arange(1, len(ranked) + 1),
+                np.maximum(ranked, 0.8),
+                lw=1,
+                label=f"head {h}" if s.groups > 1 else None,
+            )
+        ax1.set(
+            xscale="log",
+            yscale="log",
+            xlabel="code rank",
+            ylabel="tokens",
+            title=f"{s.codebook}: usage by rank",
+        )
+        if 1 < s.groups <= 8:
+            ax1.legend(fontsize=7)
+        ax2.bar(s.hist_edges[:-1], s.hist_counts, width=np.diff(s.hist_edges), align="edge")
+        ax2.set(
+            xlabel="log10(tokens per code)",
+            ylabel="codes",
+            title=f"dead {s.dead_codes}/{s.groups * s.num_codes}, ppl {s.perplexity:.0f}",
+        )
+        fig.tight_layout()
+        p = out / f"usage_{cache.info(s.codebook).file}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.4 * len(stats) + 1.5))
+    names = [s.codebook for s in stats]
+    ax1.barh(names, [s.dead_fraction for s in stats])
+    ax1.set(xlabel="dead fraction", xlim=(0, 1))
+    ax1.invert_yaxis()
+    ax2.barh(names, [s.perplexity / s.num_codes for s in stats])
+    ax2.set(xlabel="perplexity / num_codes")
+    ax2.invert_yaxis()
+    ax2.set_yticklabels([])
+    fig.tight_layout()
+    p = out / "summary.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------- neuron baseline
+@dataclass
+class NeuronResult:
+    """The best single neuron for a label: it fires where ``sign * activation >= sign * threshold``."""
+
+    neuron: int
+    sign: int
+    """+1: fires when activation >= threshold; -1: when activation <= threshold."""
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    count: int
+    """Tokens on which the thresholded neuron fires."""
+    hits: int
+
+
+def best_neuron(
+    acts: np.ndarray, labels: np.ndarray, *, chunk_elems: int = 1 << 24
+) -> NeuronResult:
+    """Best (neuron, sign, threshold) by F1 for ``acts`` ``(N, D)`` against ``labels`` ``(N,)``.
+
+    Sorting each column once gives, for every cut, true positives by a cumulative sum, so all
+    thresholds of all neurons are scored together; only cuts between distinct values count.
+    """
+    acts = np.asarray(acts)
+    lab = np.asarray(labels, dtype=bool)
+    if acts.ndim != 2 or lab.shape != (acts.shape[0],):
+        raise ValueError(f"acts must be (N, D) and labels (N,); got {acts.shape} and {lab.shape}")
+    n, d = acts.shape
+    n_pos = int(lab.sum())
+    if n_pos == 0:
+        raise ValueError("labels has no positive token; the pattern does not occur in the tokens")
+    best = (-1.0, 0, 1, 0)  # f1, neuron, sign, cut index
+    cols = max(1, chunk_elems // max(1, n))
+    rank = np.arange(1, n + 1, dtype=np.float64)[:, None]
+    for sign in (1, -1):
+        for c0 in range(0, d, cols):
+            x = sign * acts[:, c0 : c0 + cols].astype(np.float64)
+            order = np.argsort(-x, axis=0, kind="stable")
+            xs = np.take_along_axis(x, order, axis=0)
+            tp = np.cumsum(lab[order], axis=0)
+            f1 = 2 * tp / (rank + n_pos)
+            valid = np.ones_like(xs, dtype=bool)
+            valid[:-1] = xs[:-1] > xs[1:]  # a threshold can only cut between distinct values
+            f1 = np.where(valid, f1, -1.0)
+            flat = int(np.argmax(f1))
+            i, j = divmod(flat, f1.shape[1])
+            if f1[i, j] > best[0]:
+                best = (float(f1[i, j]), c0 + j, sign, i)
+    f1v, j, sign, i = best
+    col = sign * acts[:, j].astype(np.float64)
+    thr = float(np.sort(col)[::-1][i])
+    fires = col >= thr
+    hits = int((fires & lab).sum())
+    count = int(fires.sum())
+    return NeuronResult(
+        neuron=int(j),
+        sign=int(sign),
+        threshold=float(sign * thr),
+        precision=hits / count,
+        recall=hits / n_pos,
+        f1=f1v,
+        count=count,
+        hits=hits,
+    )
+
+
+def _batches(cache: CodeCache, limit: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    batch: list[tuple[int, int]] = []
+    for w in cache.windows(limit):
+        batch.append(w)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def site_activations(
+    model: CodebookModel,
+    cache: CodeCache,
+    codebook: str,
+    *,
+    max_tokens: int = 50_000,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Input of ``codebook`` (the activation before quantization) for the cache's first tokens.
+
+    Runs the same windows as the cache build; returns ``(min(max_tokens, n_tokens), dim)``
+    float32. ``ValueError`` if the cache was built with another model.
+    """
+    import torch
+
+    check_identity(cache, model)
+    cache.info(codebook)
+    layer = model.codebooks[codebook]
+    n = min(max_tokens, cache.n_tokens)
+    out = np.zeros((n, layer.dim), dtype=np.float32)
+    captured: list[torch.Tensor] = []
+
+    def grab(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0].detach())
+
+    device = next(model.parameters()).device
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    handle = layer.register_forward_pre_hook(grab)
+    tokens = np.asarray(cache.tokens)
+    try:
+        for batch in _batches(cache, n, batch_size):
+            width = max(e - s for s, e in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (s, e) in enumerate(batch):
+                ids[i, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
+                mask[i, : e - s] = 1
+            captured.clear()
+            with torch.no_grad():
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            x = captured[0].float().cpu().numpy()
+            for i, (s, e) in enumerate(batch):
+                out[s:e] = x[i, : e - s]
+    finally:
+        handle.remove()
+        for m, mode in modes:
+            m.training = mode
+    return out
+
+
+@dataclass
+class NeuronBaseline:
+    """Best neuron vs best code of one codebook for a pattern, on the same tokens."""
+
+    codebook: str
+    n_tokens: int
+    """Tokens compared (the cache's first ones)."""
+    pattern_tokens: int
+    neuron: NeuronResult
+    best_code: CodeMatch | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def neuron_baseline(
+    model: CodebookModel,
+    cache: CodeCache,
+    pattern: Pattern,
+    codebook: str,
+    *,
+    max_tokens: int = 50_000,
+    batch_size: int = 8,
+) -> NeuronBaseline:
+    """Is the best code for ``pattern`` cleaner than the best neuron at the same site?"""
+    acts = site_activations(model, cache, codebook, max_tokens=max_tokens, batch_size=batch_size)
+    n = len(acts)
+    pos = pattern.positions[pattern.positions < n]
+    lab = np.zeros(n, dtype=bool)
+    lab[pos] = True
+    neuron = best_neuron(acts, lab)
+    cb = cache.info(codebook)
+    hits = code_hits(cache, codebook, pos).ravel()
+    counts = code_hits(cache, codebook, np.arange(n)).ravel()
+    f1 = 2 * hits / np.maximum(counts + len(pos), 1)
+    i = int(np.argmax(f1))
+    best = None
+    if hits[i] > 0:
+        best = CodeMatch(
+            codebook=codebook,
+            code=i % cb.num_codes,
+            head=i // cb.num_codes if cb.grouped else None,
+            precision=float(hits[i] / counts[i]),
+            recall=float(hits[i] / len(pos)),
+            f1=float(f1[i]),
+            count=int(counts[i]),
+            hits=int(hits[i]),
+        )
+    return NeuronBaseline(codebook, n, len(pos), neuron, best)
+
+
+# ------------------------------------------------------- direct logit effect
+PROMOTED_NOTE = (
+    "direct logit effect: the code vector (for a head, after the attention output projection) "
+    "passed through the final norm as if it were the whole residual stream (centred for "
+    "LayerNorm, scaled to unit RMS, times the norm's gain, bias dropped), then unembedded; "
+    "later layers are ignored"
+)
+
+
+def _final_norm(base: nn.Module) -> nn.Module | None:
+    from .attach import find_blocks
+
+    prefix, _ = find_blocks(base)
+    found = None
+    for name, mod in base.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.startswith(prefix + ".") or not name:
+            continue
+        if leaf in ("ln_f", "final_layer_norm", "norm", "final_norm", "norm_f"):
+            found = mod
+    return found
+
+
+def promoted_tokens(
+    model: CodebookModel,
+    cache: CodeCache,
+    codebook: str,
+    code: int,
+    head: int | None = None,
+    *,
+    top: int = 20,
+) -> tuple[list[PromotedToken] | None, str]:
+    """Tokens whose logits the code's vector raises most (see ``PROMOTED_NOTE``).
+
+    Returns ``(None, reason)`` where it cannot be computed (module-glob codebooks, no
+    unembedding); ``ValueError`` if the cache was built with another model.
+    """
+    import torch
+
+    check_identity(cache, model)
+    h = cache.check_code(codebook, code, head)
+    cb = cache.info(codebook)
+    layer = model.codebooks[codebook]
+    base = model.base
+    get_out = getattr(base, "get_output_embeddings", None)
+    unembed = get_out() if callable(get_out) else None
+    if not isinstance(unembed, torch.nn.Module) or not hasattr(unembed, "weight"):
+        return None, "no output embedding found on the model"
+    site = next(s for s in model.sites if s.name == codebook)
+    with torch.no_grad():
+        vec = layer.codebook[h, code].detach().float()
+        if cb.placement == "attn_heads":
+            proj: nn.Module = dict(base.named_modules())[site.module]
+            x = torch.zeros(layer.dim, dtype=vec.dtype, device=vec.device)
+            x[h * layer.head_dim : (h + 1) * layer.head_dim] = vec
+            p_dtype = next(proj.parameters()).dtype
+            vec = (proj(x[None].to(p_dtype)) - proj(torch.zeros_like(x)[None].to(p_dtype)))[0]
+            vec = vec.float()
+        elif cb.placement not in ("mlp_out", "attn_out", "residual"):
+            return None, f"not computed for placement {cb.placement!r} (not the residual width)"
+        norm = _final_norm(base)
+        if norm is not None and (hasattr(norm, "bias") or isinstance(norm, torch.nn.LayerNorm)):
+            vec = vec - vec.mean()
+        vec = vec / vec.pow(2).mean().sqrt().clamp_min(1e-12)
+        gain = getattr(norm, "weight", None) if norm is not None else None
+        if isinstance(gain, torch.Tensor) and gain.shape == vec.shape:
+            vec = vec * gain.float()
+        weight = unembed.weight
+        assert isinstance(weight, torch.Tensor)
+        w = weight.float()
+        if w.shape[1] != vec.shape[0]:
+            return (
+                None,
+                f"code width {vec.shape[0]} does not match the unembedding {tuple(w.shape)}",
+            )
+        logits = (w @ vec).cpu().numpy()
+    order = np.argsort(-logits, kind="stable")[:top]
+    return [
+        PromotedToken(int(t), cache.token_str(int(t)), float(logits[t])) for t in order
+    ], PROMOTED_NOTE

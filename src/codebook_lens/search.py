@@ -1,0 +1,716 @@
+"""Query a code cache: which codes fire on a pattern, and what a code fires on.
+
+A *pattern* is a set of token positions, from a regex over the document texts (a token belongs
+to the pattern if its character span overlaps a match), a token string, or a set of documents.
+For a code and a pattern (METHOD.md section 3):
+
+- precision = fraction of the code's firings that are on pattern tokens,
+- recall = fraction of pattern tokens on which the code fires,
+- f1 = their harmonic mean.
+
+``search`` scores every code of every codebook (per head for grouped codebooks) at once: one
+``bincount`` of the codes at pattern positions against the code totals from the inverted
+index, so the cost is O(pattern tokens x k x heads + codes), never a loop over codes.
+
+Every result is a dataclass of plain Python values (``asdict`` gives JSON-ready dicts).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import regex
+
+from .cache import CodeCache
+from .config import check_choice
+
+PatternKind = Literal["regex", "token", "docs"]
+SortKey = Literal["f1", "precision", "recall", "count"]
+SORT_KEYS: tuple[str, ...] = ("f1", "precision", "recall", "count")
+
+DEFAULT_REGEX_TIMEOUT = 2.0
+"""Seconds a user regex may run over the whole cache before it is stopped."""
+
+
+@dataclass
+class Pattern:
+    """A set of token positions, with where it came from."""
+
+    kind: PatternKind
+    """'regex', 'token' or 'docs'."""
+    query: str
+    """The regex, token string or document label."""
+    positions: np.ndarray = field(repr=False)
+    """Sorted unique token positions (int64)."""
+
+    @property
+    def size(self) -> int:
+        return int(len(self.positions))
+
+
+# ------------------------------------------------------------------ patterns
+def regex_pattern(
+    cache: CodeCache, pattern: str, *, timeout: float = DEFAULT_REGEX_TIMEOUT, flags: int = 0
+) -> Pattern:
+    """Token positions whose character span overlaps a match of ``pattern``.
+
+    Uses the ``regex`` package with a time limit over all documents together, so a pattern
+    that backtracks catastrophically raises ``ValueError`` instead of hanging.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"regex={pattern!r} is invalid; give a non-empty regular expression")
+    try:
+        rx = regex.compile(pattern, flags)
+    except regex.error as e:
+        raise ValueError(f"regex={pattern!r} is invalid: {e}") from None
+    deadline = time.monotonic() + timeout
+    base = cache.doc_char_base
+    match_s: list[int] = []
+    match_e: list[int] = []
+    try:
+        for i, doc in enumerate(cache.docs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            b = int(base[i])
+            for m in rx.finditer(doc.text, timeout=left):
+                ms, me = m.span()
+                if me > ms:  # empty matches select no characters
+                    match_s.append(b + ms)
+                    match_e.append(b + me)
+    except TimeoutError:
+        raise ValueError(
+            f"regex={pattern!r} timed out after {timeout:g} s over {cache.n_docs} documents "
+            "(probably catastrophic backtracking); simplify it, e.g. avoid nested quantifiers "
+            "like (a+)+"
+        ) from None
+    return Pattern("regex", pattern, _spans_to_positions(cache, match_s, match_e))
+
+
+def _spans_to_positions(cache: CodeCache, starts: list[int], ends: list[int]) -> np.ndarray:
+    """Tokens overlapping any character span ``[s, e)`` (global coordinates), sorted."""
+    if not starts:
+        return np.zeros(0, dtype=np.int64)
+    tok_s, tok_e = cache.global_spans
+    s = np.asarray(starts, dtype=np.int64)
+    e = np.asarray(ends, dtype=np.int64)
+    # token i overlaps [s, e) iff tok_e[i] > s and tok_s[i] < e (both arrays are sorted)
+    lo = np.searchsorted(tok_e, s, side="right")
+    hi = np.searchsorted(tok_s, e, side="left")
+    keep = hi > lo
+    mark = np.zeros(cache.n_tokens + 1, dtype=np.int64)
+    np.add.at(mark, lo[keep], 1)
+    np.add.at(mark, hi[keep], -1)
+    return np.flatnonzero(np.cumsum(mark[:-1]) > 0)
+
+
+def token_pattern(cache: CodeCache, token: str) -> Pattern:
+    """Positions of tokens whose decoded string equals ``token`` (surrounding spaces ignored)."""
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError(f"token={token!r} is invalid; give a non-empty token string")
+    want = token.strip()
+    ids = [i for i, s in enumerate(cache.vocab) if s.strip() == want]
+    if not ids:
+        return Pattern("token", token, np.zeros(0, dtype=np.int64))
+    hit = np.isin(np.asarray(cache.tokens), np.asarray(ids))
+    return Pattern("token", token, np.flatnonzero(hit))
+
+
+def docs_pattern(cache: CodeCache, label: str) -> Pattern:
+    """All token positions of the documents labelled ``label`` (e.g. a BBC topic)."""
+    docs = cache.docs
+    picked = [d for d in docs if d.label == label]
+    if not picked:
+        labels = sorted({str(d.label) for d in docs if d.label is not None})
+        raise ValueError(
+            f"docs label={label!r} matches no document in this cache; labels: {labels[:20]}"
+        )
+    parts = [np.arange(d.start, d.end, dtype=np.int64) for d in picked]
+    return Pattern("docs", label, np.concatenate(parts))
+
+
+def make_pattern(
+    cache: CodeCache,
+    *,
+    regex: str | None = None,
+    token: str | None = None,
+    docs_label: str | None = None,
+    timeout: float = DEFAULT_REGEX_TIMEOUT,
+) -> Pattern:
+    """Exactly one of ``regex``, ``token`` or ``docs_label`` -> ``Pattern``."""
+    given = [
+        (k, v)
+        for k, v in (("regex", regex), ("token", token), ("docs_label", docs_label))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one pattern: regex, token or docs_label (got {[k for k, _ in given]})"
+        )
+    if regex is not None:
+        return regex_pattern(cache, regex, timeout=timeout)
+    if token is not None:
+        return token_pattern(cache, token)
+    assert docs_label is not None
+    return docs_pattern(cache, docs_label)
+
+
+# -------------------------------------------------------------------- search
+@dataclass
+class CodeMatch:
+    """One code's agreement with a pattern."""
+
+    codebook: str
+    code: int
+    head: int | None
+    """Head for grouped (attention-head) codebooks, else ``None``."""
+    precision: float
+    recall: float
+    f1: float
+    count: int
+    """Tokens on which the code fires (in the whole cache)."""
+    hits: int
+    """Pattern tokens on which the code fires."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    """Codes ranked for a pattern, best first."""
+
+    kind: str
+    query: str
+    pattern_tokens: int
+    """Tokens in the pattern."""
+    n_tokens: int
+    """Tokens in the cache."""
+    sort_by: str
+    matches: list[CodeMatch]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def code_hits(cache: CodeCache, codebook: str, positions: np.ndarray) -> np.ndarray:
+    """``(groups, num_codes)`` firings of every code on ``positions``; one bincount."""
+    cb = cache.info(codebook)
+    codes = cache.codes(codebook)
+    n_keys = cb.groups * cb.num_codes
+    offs = (np.arange(cb.groups, dtype=np.int64) * cb.num_codes)[None, :, None]
+    out = np.zeros(n_keys, dtype=np.int64)
+    rows = max(1, (1 << 22) // (cb.groups * cb.k))  # bounded memory for huge patterns
+    for s in range(0, len(positions), rows):
+        sub = codes[positions[s : s + rows]].astype(np.int64)  # (m, G, k)
+        out += np.bincount((sub + offs).ravel(), minlength=n_keys)
+    return out.reshape(cb.groups, cb.num_codes)
+
+
+def search(
+    cache: CodeCache,
+    pattern: Pattern,
+    *,
+    codebooks: list[str] | None = None,
+    min_count: int = 1,
+    min_precision: float = 0.0,
+    min_recall: float = 0.0,
+    top: int | None = 50,
+    sort_by: SortKey = "f1",
+) -> SearchResult:
+    """Rank every code of ``codebooks`` (default all) by agreement with ``pattern``.
+
+    Codes that never fire on the pattern are left out; ``min_count`` drops codes firing on
+    fewer tokens in total; ``top`` keeps the best ``top`` over all codebooks (``None`` = all).
+    Ties are broken by more hits, then codebook order, head and code id.
+    """
+    check_choice("sort_by", sort_by, SORT_KEYS)
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+        raise ValueError(f"min_count={min_count!r} is invalid; it must be an integer >= 0")
+    for name, v in (("min_precision", min_precision), ("min_recall", min_recall)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}={v!r} is invalid; it must be in [0, 1]")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ValueError(f"top={top!r} is invalid; it must be an integer >= 1 or None")
+    names = list(cache.codebooks) if codebooks is None else list(codebooks)
+    for n in names:
+        cache.info(n)
+    positions = np.asarray(pattern.positions, dtype=np.int64)
+    n_pat = len(positions)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("cb", "head", "code", "hits", "count")}
+    for ci, name in enumerate(names):
+        cb = cache.info(name)
+        if n_pat == 0:
+            break
+        hits = code_hits(cache, name, positions).ravel()
+        count = cache.code_counts(name).ravel()
+        keep = (hits > 0) & (count >= max(min_count, 1))
+        if min_precision > 0:
+            keep &= hits >= min_precision * count
+        if min_recall > 0:
+            keep &= hits >= min_recall * n_pat
+        idx = np.flatnonzero(keep)
+        cols["cb"].append(np.full(len(idx), ci))
+        cols["head"].append(idx // cb.num_codes)
+        cols["code"].append(idx % cb.num_codes)
+        cols["hits"].append(hits[idx])
+        cols["count"].append(count[idx])
+    if not cols["cb"] or not sum(len(a) for a in cols["cb"]):
+        return SearchResult(pattern.kind, pattern.query, n_pat, cache.n_tokens, sort_by, [])
+    arr = {k: np.concatenate(v) for k, v in cols.items()}
+    hits_f, count_f = arr["hits"].astype(np.float64), arr["count"].astype(np.float64)
+    prec = hits_f / count_f
+    rec = hits_f / n_pat
+    f1 = 2 * hits_f / (count_f + n_pat)  # = 2PR / (P + R)
+    primary = {"f1": f1, "precision": prec, "recall": rec, "count": count_f}[sort_by]
+    order = np.lexsort((arr["code"], arr["head"], arr["cb"], -hits_f, -primary))
+    if top is not None:
+        order = order[:top]
+    matches = [
+        CodeMatch(
+            codebook=names[int(arr["cb"][i])],
+            code=int(arr["code"][i]),
+            head=int(arr["head"][i]) if cache.info(names[int(arr["cb"][i])]).grouped else None,
+            precision=float(prec[i]),
+            recall=float(rec[i]),
+            f1=float(f1[i]),
+            count=int(arr["count"][i]),
+            hits=int(arr["hits"][i]),
+        )
+        for i in order
+    ]
+    return SearchResult(pattern.kind, pattern.query, n_pat, cache.n_tokens, sort_by, matches)
+
+
+def search_pattern(
+    cache: CodeCache,
+    *,
+    regex: str | None = None,
+    token: str | None = None,
+    docs_label: str | None = None,
+    timeout: float = DEFAULT_REGEX_TIMEOUT,
+    **kwargs: Any,
+) -> SearchResult:
+    """``make_pattern`` then ``search`` (keyword arguments go to ``search``)."""
+    pattern = make_pattern(cache, regex=regex, token=token, docs_label=docs_label, timeout=timeout)
+    return search(cache, pattern, **kwargs)
+
+
+def search_loop(cache: CodeCache, pattern: Pattern, codebook: str) -> list[tuple[int, int, int]]:
+    """Reference implementation: a plain loop over every code, scanning all tokens each time.
+
+    Returns ``(head, code, hits)`` for codes with hits; for tests and the benchmark only.
+    """
+    cb = cache.info(codebook)
+    codes = np.asarray(cache.codes(codebook))
+    on_pattern = np.zeros(cache.n_tokens, dtype=bool)
+    on_pattern[pattern.positions] = True
+    out = []
+    for h in range(cb.groups):
+        for c in range(cb.num_codes):
+            fires = (codes[:, h, :] == c).any(axis=1)
+            hits = int((fires & on_pattern).sum())
+            if hits:
+                out.append((h, c, hits))
+    return out
+
+
+# ------------------------------------------------------------ reverse search
+@dataclass
+class TokenCount:
+    """A token a code fires on."""
+
+    token_id: int
+    text: str
+    count: int
+    """Firings of the code on this token."""
+    share: float
+    """count / all firings of the code (precision of 'this token' for the code)."""
+    coverage: float
+    """count / occurrences of the token in the cache (recall of the code for the token)."""
+
+
+@dataclass
+class LabelCount:
+    """Firings of a code inside documents of one label."""
+
+    label: str | None
+    count: int
+    share: float
+    """count / all firings of the code."""
+    coverage: float
+    """count / tokens in documents with this label."""
+
+
+def code_tokens(
+    cache: CodeCache, codebook: str, code: int, head: int | None = None, *, top: int = 20
+) -> list[TokenCount]:
+    """The tokens ``code`` fires on most (reverse search), most frequent first."""
+    pos = cache.positions(codebook, code, head)
+    if not len(pos):
+        return []
+    ids = np.asarray(cache.tokens)[pos]
+    uniq, cnt = np.unique(ids, return_counts=True)
+    order = np.lexsort((uniq, -cnt))[:top]
+    freq = cache.token_frequencies
+    return [
+        TokenCount(
+            token_id=int(uniq[i]),
+            text=cache.token_str(int(uniq[i])),
+            count=int(cnt[i]),
+            share=float(cnt[i] / len(pos)),
+            coverage=float(cnt[i] / max(1, int(freq[uniq[i]]))),
+        )
+        for i in order
+    ]
+
+
+def code_labels(
+    cache: CodeCache, codebook: str, code: int, head: int | None = None
+) -> list[LabelCount]:
+    """How a code's firings spread over document labels (e.g. BBC topics), most first."""
+    pos = cache.positions(codebook, code, head)
+    docs = cache.docs
+    labels = [d.label for d in docs]
+    uniq = sorted({str(lab) for lab in labels})
+    lab_idx = np.array([uniq.index(str(lab)) for lab in labels], dtype=np.int64)
+    sizes = np.bincount(lab_idx, weights=[d.end - d.start for d in docs], minlength=len(uniq))
+    fired = np.bincount(lab_idx[np.asarray(cache.doc_ids)[pos]], minlength=len(uniq))
+    out = [
+        LabelCount(
+            label=None if uniq[j] == "None" else uniq[j],
+            count=int(fired[j]),
+            share=float(fired[j] / max(1, len(pos))),
+            coverage=float(fired[j] / max(1.0, sizes[j])),
+        )
+        for j in range(len(uniq))
+        if fired[j]
+    ]
+    return sorted(out, key=lambda x: -x.count)
+
+
+# ------------------------------------------------------------------ contexts
+@dataclass
+class Context:
+    """A token where a code fires, with text around it."""
+
+    position: int
+    doc: int
+    """Row of the document in the cache."""
+    doc_id: str
+    label: str | None
+    left: str
+    token: str
+    right: str
+    rank: int
+    """Slot of the code among the token's top-k (0 = best match)."""
+
+    def render(self, style: Literal["brackets", "ansi", "html"] = "brackets") -> str:
+        """One line with the firing token highlighted."""
+        left, right = _oneline(self.left), _oneline(self.right)
+        tok = _oneline(self.token)
+        if style == "html":
+            return f"{html.escape(left)}<mark>{html.escape(tok)}</mark>{html.escape(right)}"
+        if style == "ansi":
+            return f"{left}\x1b[1;30;43m{tok}\x1b[0m{right}"
+        return f"{left}[[{tok}]]{right}"
+
+
+def _oneline(s: str) -> str:
+    return s.replace("\r", " ").replace("\n", " ").replace("\t", " ")
+
+
+def code_contexts(
+    cache: CodeCache,
+    codebook: str,
+    code: int,
+    head: int | None = None,
+    *,
+    n: int = 20,
+    window: int = 60,
+) -> list[Context]:
+    """Up to ``n`` contexts where ``code`` fires.
+
+    The cache keeps code ranks, not scores, so "top activating" means: firings where the code
+    is the token's best match (rank 0) first, then rank 1, ...; within a rank, contexts are
+    spread evenly over the cache instead of all coming from its first document.
+    """
+    h = cache.check_code(codebook, code, head)
+    pos = cache.positions(codebook, code, h)
+    if not len(pos) or n <= 0:
+        return []
+    slots = np.asarray(cache.codes(codebook)[pos, h, :]) == code  # (m, k)
+    rank = slots.argmax(axis=1)
+    picked: list[int] = []
+    for r in np.unique(rank):
+        members = np.flatnonzero(rank == r)
+        need = n - len(picked)
+        if need <= 0:
+            break
+        if len(members) > need:
+            members = members[np.linspace(0, len(members) - 1, need).round().astype(np.int64)]
+        picked.extend(int(i) for i in members)
+    docs = cache.docs
+    out = []
+    for i in picked:
+        p = int(pos[i])
+        d = int(cache.doc_ids[p])
+        doc = docs[d]
+        s, e = (int(x) for x in cache.offsets[p])
+        out.append(
+            Context(
+                position=p,
+                doc=d,
+                doc_id=doc.id,
+                label=doc.label,
+                left=doc.text[max(0, s - window) : s],
+                token=doc.text[s:e],
+                right=doc.text[e : e + window],
+                rank=int(rank[i]),
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------- profile
+@dataclass
+class SimilarCode:
+    code: int
+    cosine: float
+
+
+@dataclass
+class PromotedToken:
+    token_id: int
+    text: str
+    logit: float
+    """Direct logit effect (see ``analysis.promoted_tokens`` for the approximation)."""
+
+
+@dataclass
+class CodeProfile:
+    """Everything about one code: how often, where, on what, and what it writes."""
+
+    codebook: str
+    code: int
+    head: int | None
+    num_codes: int
+    count: int
+    """Tokens on which the code fires."""
+    frequency: float
+    """count / tokens in the cache."""
+    usage_rank: int
+    """1 = the most used code of its codebook (head)."""
+    contexts: list[Context]
+    tokens: list[TokenCount]
+    labels: list[LabelCount]
+    similar: list[SimilarCode]
+    """Codes of the same codebook (head) with the most similar vectors (cosine)."""
+    promoted: list[PromotedToken] | None = None
+    """Output tokens the code promotes most (needs the model), else ``None``."""
+    promoted_note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def similar_codes(
+    cache: CodeCache, codebook: str, code: int, head: int | None = None, *, top: int = 10
+) -> list[SimilarCode]:
+    """Codes of the same codebook and head whose vectors are closest by cosine."""
+    h = cache.check_code(codebook, code, head)
+    vec = cache.vectors(codebook)
+    if vec is None:
+        return []
+    v = np.asarray(vec[h], dtype=np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    cos = v @ v[code]
+    cos[code] = -np.inf
+    order = np.argsort(-cos, kind="stable")[: min(top, len(cos) - 1)]
+    return [SimilarCode(int(i), float(cos[i])) for i in order]
+
+
+def code_profile(
+    cache: CodeCache,
+    codebook: str,
+    code: int,
+    head: int | None = None,
+    *,
+    model: Any = None,
+    n_contexts: int = 20,
+    window: int = 60,
+    n_tokens: int = 20,
+    n_similar: int = 10,
+    n_promoted: int = 20,
+) -> CodeProfile:
+    """Frequency, contexts, tokens, labels, similar codes and (with ``model``) promoted tokens."""
+    h = cache.check_code(codebook, code, head)
+    cb = cache.info(codebook)
+    counts = cache.code_counts(codebook)[h]
+    count = int(counts[code])
+    promoted, note = None, ""
+    if model is not None:
+        from .analysis import promoted_tokens
+
+        promoted, note = promoted_tokens(model, cache, codebook, code, h, top=n_promoted)
+    return CodeProfile(
+        codebook=codebook,
+        code=int(code),
+        head=h if cb.grouped else None,
+        num_codes=cb.num_codes,
+        count=count,
+        frequency=count / max(1, cache.n_tokens),
+        usage_rank=int((counts > count).sum()) + 1,
+        contexts=code_contexts(cache, codebook, code, h, n=n_contexts, window=window),
+        tokens=code_tokens(cache, codebook, code, h, top=n_tokens),
+        labels=code_labels(cache, codebook, code, h),
+        similar=similar_codes(cache, codebook, code, h, top=n_similar),
+        promoted=promoted,
+        promoted_note=note,
+    )
+
+
+# ------------------------------------------------------------------ display
+def format_matches(result: SearchResult) -> str:
+    """A readable table of search results."""
+    head = (
+        f"{result.kind} {result.query!r}: {result.pattern_tokens} of {result.n_tokens} "
+        f"tokens; best by {result.sort_by}"
+    )
+    if not result.matches:
+        return head + "\n(no code fires on the pattern)"
+    rows = [("codebook", "head", "code", "precision", "recall", "f1", "hits", "count")]
+    for m in result.matches:
+        rows.append(
+            (
+                m.codebook,
+                "-" if m.head is None else str(m.head),
+                str(m.code),
+                f"{m.precision:.3f}",
+                f"{m.recall:.3f}",
+                f"{m.f1:.3f}",
+                str(m.hits),
+                str(m.count),
+            )
+        )
+    return head + "\n" + _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_profile(p: CodeProfile, *, color: bool = False) -> str:
+    """The profile as terminal text (``color`` highlights with ANSI, else ``[[token]]``)."""
+    where = p.codebook + (f" head {p.head}" if p.head is not None else "")
+    out = [
+        f"code {p.code} of {where} (num_codes={p.num_codes})",
+        f"fires on {p.count} tokens ({p.frequency:.4%}); usage rank {p.usage_rank}",
+        "",
+    ]
+    out.append("contexts:")
+    style: Literal["ansi", "brackets"] = "ansi" if color else "brackets"
+    out += [f"  {c.render(style)}" for c in p.contexts] or ["  (never fires)"]
+    if p.tokens:
+        out += ["", "tokens:"]
+        out.append(
+            _table(
+                [("token", "count", "share", "coverage")]
+                + [
+                    (repr(t.text), str(t.count), f"{t.share:.3f}", f"{t.coverage:.3f}")
+                    for t in p.tokens
+                ]
+            )
+        )
+    if p.labels and any(lab.label is not None for lab in p.labels):
+        out += ["", "document labels:"]
+        out.append(
+            _table(
+                [("label", "count", "share", "coverage")]
+                + [
+                    (str(lab.label), str(lab.count), f"{lab.share:.3f}", f"{lab.coverage:.4f}")
+                    for lab in p.labels
+                ]
+            )
+        )
+    if p.similar:
+        out += ["", "similar codes: " + ", ".join(f"{s.code} ({s.cosine:.2f})" for s in p.similar)]
+    if p.promoted is not None:
+        out += [
+            "",
+            "promoted tokens: " + ", ".join(f"{t.text!r} ({t.logit:+.2f})" for t in p.promoted),
+        ]
+    if p.promoted_note:
+        out.append(f"  ({p.promoted_note})")
+    return "\n".join(out)
+
+
+def profile_html(p: CodeProfile) -> str:
+    """A standalone HTML page for the profile; the firing token is in ``<mark>``."""
+    e = html.escape
+    where = p.codebook + (f" head {p.head}" if p.head is not None else "")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>code {p.code} of {e(where)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "li{font-family:monospace;white-space:pre-wrap}mark{background:#fd0}"
+        "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}</style>",
+        "</head><body>",
+        f"<h1>code {p.code} of {e(where)}</h1>",
+        f"<p>fires on {p.count} tokens ({p.frequency:.4%}); usage rank {p.usage_rank} "
+        f"of {p.num_codes}</p><h2>contexts</h2><ul>",
+        *[f"<li>{c.render('html')}</li>" for c in p.contexts],
+        "</ul><h2>tokens</h2><table><tr><th>token</th><th>count</th><th>share</th>"
+        "<th>coverage</th></tr>",
+        *[
+            f"<tr><td>{e(repr(t.text))}</td><td>{t.count}</td><td>{t.share:.3f}</td>"
+            f"<td>{t.coverage:.3f}</td></tr>"
+            for t in p.tokens
+        ],
+        "</table>",
+    ]
+    if p.similar:
+        parts.append(
+            "<h2>similar codes</h2><p>"
+            + ", ".join(f"{s.code} ({s.cosine:.2f})" for s in p.similar)
+            + "</p>"
+        )
+    if p.promoted is not None:
+        parts.append(
+            "<h2>promoted tokens</h2><p>"
+            + ", ".join(f"{e(repr(t.text))} ({t.logit:+.2f})" for t in p.promoted)
+            + "</p>"
+        )
+        if p.promoted_note:
+            parts.append(f"<p><small>{e(p.promoted_note)}</small></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def save_html(page: str, path: str | os.PathLike[str]) -> Path:
+    """Write an HTML page atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
