@@ -427,3 +427,17 @@ def test_cli_rejects_cache_from_other_model(model_cache, tmp_path: Path) -> None
     assert proc.returncode == 2
     assert "built with a different model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_runs_in_tiny_mode() -> None:
+    """The benchmark checks its loop against the vectorised search and the planted code."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_search.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "regex \\bMay\\b" in proc.stdout and "vs loop" in proc.stdout
+    assert "targets (total < 2 s, >= 10x vs loop):" in proc.stdout
