@@ -614,6 +614,19 @@ def load_cache(path: str | os.PathLike[str]) -> CodeCache:
 
 
 # ------------------------------------------------------------------ building
+def interleave_labels(documents: Iterable[DocumentLike]) -> list[DocumentLike]:
+    """Documents taking turns over labels (in order within each label), so that a cache cut
+    at N tokens holds every label of a corpus stored topic by topic (e.g. BBC)."""
+    groups: dict[str | None, list[DocumentLike]] = {}
+    for d in documents:
+        groups.setdefault(getattr(d, "label", None), []).append(d)
+    out: list[DocumentLike] = []
+    lists = list(groups.values())
+    for i in range(max((len(g) for g in lists), default=0)):
+        out.extend(g[i] for g in lists if i < len(g))
+    return out
+
+
 def _vocab_strings(tokenizer: Any) -> list[str]:
     n = len(tokenizer)
     return [str(s) for s in tokenizer.batch_decode([[i] for i in range(n)])]

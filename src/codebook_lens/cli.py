@@ -210,43 +210,6 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------ code analysis
-def _load_documents(source: str) -> Any:
-    """Documents for ``--data``: ``data.load_documents`` where it exists, else local text files."""
-    try:
-        from .data import load_documents
-    except ImportError:
-        return _local_documents(source)
-    return load_documents(source)
-
-
-def _local_documents(source: str) -> Any:
-    """Fallback reader: a .txt file (one document), a .jsonl file ({"text", "label"?, "id"?}
-    per line) or a folder of .txt files (label = the subfolder name)."""
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    root = Path(source)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {source}: no such file or folder")
-    if root.is_file() and root.suffix == ".jsonl":
-        with open(root, encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    row = json.loads(line)
-                    yield SimpleNamespace(
-                        id=str(row.get("id", i)), text=str(row["text"]), label=row.get("label")
-                    )
-        return
-    files = [root] if root.is_file() else sorted(root.rglob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"--data {source}: no .txt files found")
-    for p in files:
-        rel = p.relative_to(root) if p != root else Path(p.name)
-        label = rel.parts[0] if len(rel.parts) > 1 else None
-        text = p.read_text(encoding="utf-8", errors="replace")
-        yield SimpleNamespace(id=str(rel), text=text, label=label)
-
-
 def _load_model(path: str, device: str | None = None) -> tuple[Any, Any]:
     from .intervene import load_model_and_tokenizer
 
@@ -271,27 +234,21 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
 
     def run(args: argparse.Namespace) -> int:
-        from .cache import build_cache
+        from .cache import build_cache, interleave_labels
+        from .data import load_documents, load_tokenizer
 
         _check_positive("--tokens", args.tokens)
         _check_positive("--batch-size", args.batch_size)
         _check_positive("--seq-len", args.seq_len)
         model, tokenizer = _load_model(args.model, args.device)
         if args.tokenizer is not None:
-            try:
-                from .data import load_tokenizer
-            except ImportError:
-                from transformers import AutoTokenizer as _Auto
-
-                tokenizer = _Auto.from_pretrained(args.tokenizer)
-            else:
-                tokenizer = load_tokenizer(args.tokenizer)
+            tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer saved with the model; pass --tokenizer")
         cache = build_cache(
             model,
             tokenizer,
-            _load_documents(args.data),
+            interleave_labels(load_documents(args.data)),
             args.out,
             max_tokens=args.tokens,
             seq_len=args.seq_len,
