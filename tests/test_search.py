@@ -35,6 +35,7 @@ from codebook_lens.search import (
     search_loop,
     search_pattern,
     similar_codes,
+    token_codes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +200,14 @@ def test_reverse_search_contexts_and_similar_codes(planted: CodeCache) -> None:
     cos[7] = -2
     assert [s.code for s in sim] == list(np.argsort(-cos)[:3])
     assert sim[0].cosine == pytest.approx(float(cos.max()), rel=1e-6)
+
+
+def test_token_codes_text_view(hand: CodeCache) -> None:
+    rows = token_codes(hand, 3, 6)
+    assert [r.text for r in rows] == ["the", "dog", "ran"]
+    assert [r.codes["cb"] for r in rows] == [[[0, 4]], [[1, 2]], [[2, 3]]]
+    with pytest.raises(ValueError, match=r"token range \[4, 9\) is invalid"):
+        token_codes(hand, 4, 9)
 
 
 def test_profile_rank_and_html_escaping(hand: CodeCache) -> None:

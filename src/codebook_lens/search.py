@@ -479,6 +479,33 @@ def code_contexts(
     return out
 
 
+@dataclass
+class TokenCodes:
+    """One token of the cache and the codes that fire on it."""
+
+    position: int
+    text: str
+    """The token's exact text in its document."""
+    codes: dict[str, list[list[int]]]
+    """``{codebook: [[codes of head 0], [head 1], ...]}`` (one inner list if ungrouped)."""
+
+
+def token_codes(
+    cache: CodeCache, start: int, end: int, codebooks: list[str] | None = None
+) -> list[TokenCodes]:
+    """Every token in positions ``[start, end)`` with its codes (for a text view)."""
+    if not 0 <= start <= end <= cache.n_tokens:
+        raise ValueError(
+            f"token range [{start}, {end}) is invalid; it must lie in [0, {cache.n_tokens}]"
+        )
+    names = list(cache.codebooks) if codebooks is None else list(codebooks)
+    rows = {n: np.asarray(cache.codes(n)[start:end]).tolist() for n in names}
+    return [
+        TokenCodes(p, cache.token_text(p), {n: rows[n][p - start] for n in names})
+        for p in range(start, end)
+    ]
+
+
 # ------------------------------------------------------------------- profile
 @dataclass
 class SimilarCode:
