@@ -469,5 +469,65 @@ def _serve_setup(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------- training / evaluation
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default=None,
+        help="corpus: a .txt/.md/.jsonl file, a folder, 'bbc', 'shakespeare' or hf:NAME",
+    )
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, model/)")
+    p.add_argument("--config", default=None, help="YAML/JSON file with config sections")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+    )
+
+
+@command("pretrain", "train a small causal LM from scratch on a corpus (a base model)")
+def _pretrain_setup(p: argparse.ArgumentParser) -> None:
+    from .data import DataConfig
+    from .train import ModelConfig, TrainConfig, run_pretrain
+
+    _add_run_args(p)
+    add_dataclass_args(p, ModelConfig)
+    add_dataclass_args(p, DataConfig)
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=run_pretrain)
+
+
+@command("train", "attach codebooks to a base model and train them on a corpus")
+def _train_setup(p: argparse.ArgumentParser) -> None:
+    from .config import CodebookConfig
+    from .data import DataConfig
+    from .train import TrainConfig, run_train
+
+    p.add_argument("--base", default=None, help="base model: a folder or a hub id")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's own)")
+    _add_run_args(p)
+    add_dataclass_args(p, CodebookConfig, skip=("seed",))
+    add_dataclass_args(p, DataConfig)
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=run_train)
+
+
+@command("eval", "loss, accuracy, reconstruction and code usage: base vs codebook model")
+def _eval_setup(p: argparse.ArgumentParser) -> None:
+    from .data import DataConfig
+    from .evaluate import run_eval
+
+    p.add_argument("model", help="a model folder (or run folder) or a hub id")
+    p.add_argument("--data", default=None, help="corpus (default: the one it was trained on)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
+    p.add_argument(
+        "--split", choices=["val", "train", "all"], default="val", help="documents to use"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    add_dataclass_args(p, DataConfig)
+    p.set_defaults(func=run_eval)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -180,3 +180,99 @@ def format_table(metrics: dict[str, Any]) -> str:
                 f"{b['entropy']:>8.3f} {b['perplexity']:>9.1f} {b['num_codes']:>6d}"
             )
     return "\n".join(lines)
+
+
+def run_eval(args: Any) -> int:
+    """``codebook-lens eval MODEL``: base vs codebook metrics on held-out text.
+
+    The data settings default to the ones saved with the model (``run_config.json``), so the
+    validation split is the one held out in training.
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .attach import CONFIG_NAME
+    from .cli import dataclass_from_args
+    from .config import config_from_dict, read_json
+    from .data import (
+        DataConfig,
+        check_block_size,
+        fixed_batches,
+        load_documents,
+        load_tokenizer,
+        pack_tokens,
+        split_documents,
+    )
+    from .train import RUN_CONFIG, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    p = Path(path)
+    saved = read_json(p / RUN_CONFIG) if (p / RUN_CONFIG).is_file() else {}
+    saved_data = saved.get("configs", {}).get("data", {}) if isinstance(saved, dict) else {}
+    dcfg = dataclass_from_args(
+        DataConfig, args, base=config_from_dict(DataConfig, saved_data, source=str(p / RUN_CONFIG))
+    )
+    source = args.data or saved.get("data")
+    if not source:
+        raise ValueError("--data is required (the model folder does not record its corpus)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is invalid; it must be >= 1")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max-batches {args.max_batches} is invalid; it must be >= 1")
+
+    model: Any
+    if p.is_dir():
+        if (p / CONFIG_NAME).is_file():
+            model = CodebookModel.from_pretrained(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    elif p.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") != 1:
+        raise FileNotFoundError(f"MODEL {args.model}: no such model folder")
+    else:  # a hub id: a codebook model if it has a codebook config, else a plain causal LM
+        try:
+            model = CodebookModel.from_pretrained(path)
+        except FileNotFoundError:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path)
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"MODEL {args.model}: cannot load it from the hub ({type(e).__name__}); "
+                    "pass a local model folder, or check the id and your connection"
+                ) from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    base = model.base if isinstance(model, CodebookModel) else model
+    check_block_size(dcfg.block_size, getattr(base, "config", None))
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception:
+            raise FileNotFoundError(
+                f"MODEL {args.model}: has no tokenizer files; pass --tokenizer"
+            ) from None
+
+    docs = load_documents(source, limit=dcfg.limit)
+    if args.split == "all":
+        chosen = docs
+    else:
+        train_docs, val_docs = split_documents(docs, dcfg.val_fraction, dcfg.split_seed)
+        chosen = val_docs if args.split == "val" else train_docs
+        if not chosen:
+            raise ValueError(f"--split {args.split} is empty (val_fraction={dcfg.val_fraction})")
+    blocks = pack_tokens(chosen, tokenizer, dcfg.block_size)
+    metrics = evaluate(
+        model,
+        fixed_batches(blocks, args.batch_size, args.max_batches),
+        progress=not args.json,
+    )
+    if args.json:
+        json.dump(metrics, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(metrics))
+    return 0

@@ -805,3 +805,421 @@ def train(
     result.step, result.tokens = step, tokens
     result.seconds = time.perf_counter() - started
     return result
+
+
+# ---------------------------------------------------------------- commands
+# The `pretrain` and `train` CLI commands: validate every input before anything is written,
+# train into OUT (checkpoints/, metrics.jsonl), then save the final model atomically to OUT/model.
+
+ModelArch = Literal["gpt_neox", "llama", "gpt2"]
+MODEL_DIR = "model"
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass
+class ModelConfig:
+    """A small causal LM trained from scratch by ``codebook-lens pretrain``."""
+
+    arch: ModelArch = "gpt_neox"
+    """Architecture: 'gpt_neox', 'llama' or 'gpt2' (random init from a transformers config)."""
+
+    num_layers: int = 4
+    """Transformer blocks."""
+
+    width: int = 256
+    """Hidden size (d_model)."""
+
+    heads: int = 4
+    """Attention heads (width must divide by it)."""
+
+    mlp_ratio: int = 4
+    """MLP hidden size = width * mlp_ratio."""
+
+    context: int = 512
+    """Maximum sequence length (position embeddings)."""
+
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP (where the architecture has it)."""
+
+    tokenizer: str = "bpe:4096"
+    """'bpe:N' (byte-level BPE trained on the training split), 'gpt2', or a folder / hub id."""
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, ("gpt_neox", "llama", "gpt2"))
+        for name in ("num_layers", "width", "heads", "mlp_ratio", "context"):
+            _check_int(name, getattr(self, name), 1)
+        check_range("dropout", self.dropout, 0.0, 1.0)
+        if self.width % self.heads:
+            raise ValueError(
+                f"width={self.width} is invalid for heads={self.heads}: it must divide evenly"
+            )
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
+    """A randomly initialised causal LM of ``cfg`` sized for ``tokenizer``'s vocabulary."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    from .data import separator_id
+
+    vocab = len(tokenizer)
+    eos = separator_id(tokenizer)
+    common: dict[str, Any] = {"vocab_size": vocab, "bos_token_id": eos, "eos_token_id": eos}
+    hf_cfg: Any
+    if cfg.arch == "gpt2":
+        hf_cfg = GPT2Config(
+            n_layer=cfg.num_layers,
+            n_embd=cfg.width,
+            n_head=cfg.heads,
+            n_inner=cfg.width * cfg.mlp_ratio,
+            n_positions=cfg.context,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **common,
+        )
+    elif cfg.arch == "gpt_neox":
+        hf_cfg = GPTNeoXConfig(
+            num_hidden_layers=cfg.num_layers,
+            hidden_size=cfg.width,
+            num_attention_heads=cfg.heads,
+            intermediate_size=cfg.width * cfg.mlp_ratio,
+            max_position_embeddings=cfg.context,
+            attention_dropout=cfg.dropout,
+            hidden_dropout=cfg.dropout,
+            tie_word_embeddings=True,
+            **common,
+        )
+    else:
+        hf_cfg = LlamaConfig(
+            num_hidden_layers=cfg.num_layers,
+            hidden_size=cfg.width,
+            num_attention_heads=cfg.heads,
+            intermediate_size=cfg.width * cfg.mlp_ratio,
+            max_position_embeddings=cfg.context,
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=True,
+            **common,
+        )
+    return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def load_run_config_file(path: str | None) -> dict[str, dict[str, Any]]:
+    """Sections of a ``--config`` YAML/JSON file: ``{"codebook": {...}, "train": {...}, ...}``."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: file not found")
+    text = p.read_bytes()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text.decode("utf-8"))
+        else:
+            data = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8") from None
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise ValueError(f"{path}: cannot parse ({type(e).__name__}: {e})") from None
+    allowed = ("codebook", "train", "data", "model")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with sections {list(allowed)}")
+    for key, value in data.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{path}: unknown section {key!r}; allowed sections are {list(allowed)}"
+            )
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: section {key!r} must be a mapping of field: value")
+    return data
+
+
+def _configs(
+    args: Any, sections: dict[str, dict[str, Any]], classes: dict[str, type]
+) -> dict[str, Any]:
+    """Dataclass configs: saved/file values, overridden by flags given on the command line."""
+    from .cli import dataclass_from_args
+    from .config import config_from_dict
+
+    out: dict[str, Any] = {}
+    for key, cls in classes.items():
+        base: Any = config_from_dict(cls, sections.get(key, {}), source=f"{key} config")
+        out[key] = dataclass_from_args(cls, args, base=base)
+    return out
+
+
+def resolve_model_path(path: str) -> str:
+    """A run folder (with ``model/``) -> its model folder; other paths and hub ids unchanged."""
+    p = Path(path)
+    if (
+        p.is_dir()
+        and not (p / "config.json").is_file()
+        and (p / MODEL_DIR / "config.json").is_file()
+    ):
+        return str(p / MODEL_DIR)
+    return path
+
+
+def load_base_model(name: str) -> tuple[nn.Module, str]:
+    """A causal LM (plain, or a saved codebook model) from a folder or hub id; clear errors."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return CodebookModel.from_pretrained(path), path
+    looks_local = p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise FileNotFoundError(f"--base {name}: no such model folder")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path), path
+    except Exception as e:  # offline hub, unknown name, missing files: one clear line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"--base {name}: cannot load a causal LM ({msg}). Pass a folder saved by "
+            "`codebook-lens pretrain` / save_pretrained, or a hub id when online"
+        ) from None
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / RUN_CONFIG).is_file():
+            raise FileNotFoundError(f"--out {out}: no {RUN_CONFIG} here, so nothing to resume")
+        if not list_checkpoints(out):
+            raise FileNotFoundError(f"--out {out}: no complete checkpoint to resume from")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"--out {out}: exists and is not empty; pass --resume to continue that run or "
+            "choose a new directory"
+        )
+
+
+def _save_final(
+    out: Path, model: nn.Module, tokenizer: Any, run_config: dict[str, Any], metrics: Any
+) -> Path:
+    """Save the final model + tokenizer + run config + eval to ``out/model`` in one swap."""
+    final = out / MODEL_DIR
+    tmp = out / f".{MODEL_DIR}.tmp-{os.getpid()}"
+    old = out / f".{MODEL_DIR}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if isinstance(model, CodebookModel):
+            model.save_pretrained(tmp, tokenizer=tokenizer)
+        else:
+            model.save_pretrained(tmp)  # type: ignore[operator]
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / RUN_CONFIG, run_config)
+        if metrics is not None:
+            write_json_atomic(tmp / "eval.json", metrics)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    return final
+
+
+def _prepare_blocks(
+    train_docs: Sequence[Any], val_docs: Sequence[Any], tokenizer: Any, block_size: int
+) -> tuple[Tensor, Tensor | None]:
+    from .data import pack_tokens
+
+    train_blocks = pack_tokens(train_docs, tokenizer, block_size)
+    val_blocks = None
+    if val_docs:
+        try:
+            val_blocks = pack_tokens(val_docs, tokenizer, block_size)
+        except ValueError:
+            raise ValueError(
+                f"block_size={block_size} is invalid for the validation split: its "
+                f"{len(val_docs)} documents give less than one block; raise val_fraction"
+            ) from None
+    return train_blocks, val_blocks
+
+
+def _run(
+    args: Any,
+    *,
+    command: str,
+    build: Callable[[Any, Any, Any], tuple[nn.Module, dict[str, Any]]],
+    classes: dict[str, type],
+) -> int:
+    """Shared body of ``pretrain`` and ``train``; ``build(configs, train_docs, device)`` returns
+    the model and run-config extras (and the tokenizer under ``"_tokenizer"``)."""
+    from .data import BatchStream, fixed_batches, load_documents, split_documents
+    from .evaluate import evaluate, format_table
+
+    out = Path(args.out).expanduser()
+    _check_out_dir(out, args.resume)
+    saved: dict[str, Any] = read_json(out / RUN_CONFIG) if args.resume else {}
+    sections = saved.get("configs") if args.resume else load_run_config_file(args.config)
+    if not isinstance(sections, dict):
+        raise ValueError(f"{out / RUN_CONFIG}: field 'configs' is missing")
+    cfgs = _configs(args, sections, classes)
+    data_source = args.data or saved.get("data")
+    if not data_source:
+        raise ValueError("--data is required (a path, 'bbc', 'shakespeare' or hf:NAME)")
+    tcfg: TrainConfig = cfgs["train"]
+    dcfg = cfgs["data"]
+    device = init_distributed(tcfg.device)
+    rank, world = dist_info()
+
+    docs = load_documents(data_source, limit=dcfg.limit)
+    train_docs, val_docs = split_documents(docs, dcfg.val_fraction, dcfg.split_seed)
+    seed_everything(tcfg.seed)
+    model, extras = build(cfgs, train_docs, out if args.resume else None)
+    tokenizer = extras.pop("_tokenizer")
+    from .data import check_block_size
+
+    base = model.base if isinstance(model, CodebookModel) else model
+    check_block_size(dcfg.block_size, getattr(base, "config", None))
+    train_blocks, val_blocks = _prepare_blocks(train_docs, val_docs, tokenizer, dcfg.block_size)
+    stream = BatchStream(train_blocks, tcfg.batch_size, seed=tcfg.seed, rank=rank, world_size=world)
+    eval_list = (
+        fixed_batches(val_blocks, tcfg.batch_size, tcfg.eval_batches)
+        if val_blocks is not None
+        else None
+    )
+    model.to(device)
+    run_config = {
+        "command": command,
+        "data": data_source,
+        "configs": {k: dataclasses.asdict(v) for k, v in cfgs.items()},
+        **extras,
+    }
+    # Every input is valid: from here on files are written.
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_CONFIG, run_config)
+        if not (out / "tokenizer").exists():
+            tmp = out / f".tokenizer.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            tmp.rename(out / "tokenizer")
+    if rank == 0:
+        print(
+            f"{command}: {len(train_docs)} train / {len(val_docs)} validation documents, "
+            f"{train_blocks.shape[0]} blocks of {dcfg.block_size} tokens; "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters",
+            file=sys.stderr,
+        )
+    result = train(model, stream, tcfg, out, eval_batches=eval_list, resume=args.resume)
+    if rank == 0:
+        final_eval = (
+            evaluate(model, fixed_batches(val_blocks, tcfg.batch_size))
+            if val_blocks is not None
+            else None
+        )
+        path = _save_final(out, model, tokenizer, run_config, final_eval)
+        if final_eval is not None:
+            print(format_table(final_eval))
+        print(f"saved {path} ({result.step} steps, {result.tokens:,} tokens)", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _tokenizer_for_run(spec: str, train_docs: Any, resume_dir: Path | None) -> Any:
+    """The run's tokenizer: the saved one on resume (a retrained BPE could differ), else
+    ``load_tokenizer(spec)``. Under torchrun rank 0 builds it and the others load its copy."""
+    from transformers import AutoTokenizer
+
+    from .data import load_tokenizer
+
+    if resume_dir is not None and (resume_dir / "tokenizer").is_dir():
+        return AutoTokenizer.from_pretrained(str(resume_dir / "tokenizer"))
+    rank, world = dist_info()
+    if world == 1 or not spec.startswith("bpe:"):
+        return load_tokenizer(spec, train_docs)
+    import tempfile
+
+    import torch.distributed as dist
+
+    # Byte-level BPE training is not guaranteed identical across processes: share rank 0's.
+    shared = Path(tempfile.gettempdir()) / f"codebook-lens-tok-{os.environ.get('MASTER_PORT', '0')}"
+    if rank == 0:
+        tok = load_tokenizer(spec, train_docs)
+        tok.save_pretrained(shared)
+    dist.barrier()
+    tok = AutoTokenizer.from_pretrained(str(shared)) if rank else tok
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(shared, ignore_errors=True)
+    return tok
+
+
+def run_pretrain(args: Any) -> int:
+    """``codebook-lens pretrain``: train a small causal LM from scratch on a corpus."""
+    from .data import DataConfig
+
+    def build(cfgs: dict[str, Any], train_docs: Any, resume_dir: Any) -> Any:
+        mcfg: ModelConfig = cfgs["model"]
+        dcfg: DataConfig = cfgs["data"]
+        if dcfg.block_size > mcfg.context:
+            raise ValueError(
+                f"block_size={dcfg.block_size} is invalid: the model's context is "
+                f"{mcfg.context} tokens; use --block-size <= {mcfg.context} or raise --context"
+            )
+        tokenizer = _tokenizer_for_run(mcfg.tokenizer, train_docs, resume_dir)
+        return build_model(mcfg, tokenizer), {"_tokenizer": tokenizer}
+
+    return _run(
+        args,
+        command="pretrain",
+        build=build,
+        classes={"model": ModelConfig, "data": DataConfig, "train": TrainConfig},
+    )
+
+
+def run_train(args: Any) -> int:
+    """``codebook-lens train``: attach codebooks to a base model and fine-tune on a corpus."""
+    from transformers import AutoTokenizer
+
+    from .data import DataConfig, load_tokenizer
+
+    def build(cfgs: dict[str, Any], train_docs: Any, resume_dir: Any) -> Any:
+        base_name = args.base or (
+            read_json(resume_dir / RUN_CONFIG).get("base") if resume_dir else None
+        )
+        if not base_name:
+            raise ValueError("--base is required (a model folder or a hub id)")
+        base, path = load_base_model(base_name)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer, train_docs)
+        elif resume_dir is not None and (resume_dir / "tokenizer").is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(resume_dir / "tokenizer"))
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except Exception:
+                raise FileNotFoundError(
+                    f"--base {base_name}: has no tokenizer files; pass --tokenizer "
+                    "(a folder, hub id, 'gpt2' or 'bpe:N')"
+                ) from None
+        vocab = getattr(getattr(base, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and len(tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+                "use the tokenizer the model was trained with"
+            )
+        if isinstance(base, CodebookModel):
+            model = base  # continue training a saved codebook model with its own config
+        else:
+            ccfg: CodebookConfig = dataclasses.replace(cfgs["codebook"], seed=cfgs["train"].seed)
+            model = attach_codebooks(base, ccfg)
+        return model, {"_tokenizer": tokenizer, "base": base_name}
+
+    return _run(
+        args,
+        command="train",
+        build=build,
+        classes={"codebook": CodebookConfig, "data": DataConfig, "train": TrainConfig},
+    )
