@@ -18,10 +18,12 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 Similarity = Literal["cosine", "inner_product", "euclidean"]
 Reduction = Literal["sum", "mean"]
 Placement = Literal["attn_heads", "attn_out", "mlp_out", "residual"]
+NonFinite = Literal["raise", "skip"]
 
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinite)
 
 
 def _choices(values: tuple[Any, ...]) -> str:
@@ -100,6 +102,11 @@ class CodebookConfig:
     chunk_size: int = 4096
     """Tokens scored at once; bounds the extra memory to chunk_size x num_codes scores."""
 
+    nonfinite: NonFinite = "raise"
+    """NaN/inf activations entering a codebook: 'raise' a clear error before anything is updated
+    (one device->host sync per forward on GPU), or 'skip' those (token, head) slices: they pass
+    through unquantized with code -1 and never reach the codebook or its statistics (no sync)."""
+
     placements: list[str] = field(default_factory=lambda: ["attn_heads"])
     """Named placements: 'attn_heads' (one codebook per head, before the attention output
     projection), 'attn_out', 'mlp_out', 'residual' (block output)."""
@@ -135,6 +142,7 @@ class CodebookConfig:
         _check_int("kmeans_iters", self.kmeans_iters, 0)
         _check_int("dead_code_steps", self.dead_code_steps, 0)
         _check_int("chunk_size", self.chunk_size, 1)
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_int("seed", self.seed, 0)
         if not isinstance(self.placements, list) or not all(
             isinstance(p, str) for p in self.placements
@@ -172,6 +180,7 @@ class CodebookConfig:
             "dead_code_steps": self.dead_code_steps,
             "revival_noise": self.revival_noise,
             "chunk_size": self.chunk_size,
+            "nonfinite": self.nonfinite,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,13 +16,13 @@ This module has no Hugging Face imports; ``attach.py`` puts layers into models.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import REDUCTIONS, SIMILARITIES, check_choice, check_range
+from .config import NONFINITE_POLICIES, REDUCTIONS, SIMILARITIES, check_choice, check_range
 
 
 class CodebookOutput(NamedTuple):
@@ -31,7 +31,8 @@ class CodebookOutput(NamedTuple):
     output: Tensor
     """Quantized activation, same shape and dtype as the input."""
     codes: Tensor
-    """Chosen code ids (int64): ``(..., groups, k)`` if grouped else ``(..., k)``; best first."""
+    """Chosen code ids (int64): ``(..., groups, k)`` if grouped else ``(..., k)``; best first.
+    ``-1`` marks (token, group) slices skipped for non-finite input (``nonfinite='skip'``)."""
     loss: Tensor
     """Scalar: ``recon_weight * reconstruction + commitment_weight * commitment``."""
 
@@ -71,6 +72,58 @@ class LayerStats(NamedTuple):
     """Mean squared reconstruction error per element."""
     revived: int
     """Codes re-initialised by dead-code revival since creation."""
+    skipped: int = 0
+    """(token, group) slices passed through unquantized because they held NaN/inf
+    (``nonfinite='skip'``); not saved with the weights."""
+
+
+class NonFiniteInputError(ValueError):
+    """A codebook layer received NaN/inf activations (with ``nonfinite='raise'``)."""
+
+
+def _block_size(num_codes: int, k: int) -> int:
+    """Block count ``B`` for the two-stage top-k (0: use ``torch.topk`` directly).
+
+    Stage costs are ~``C/B`` (top-k over block maxima) + ``k*B`` (candidates); ``sqrt(C/2k)``
+    balances them. A divisor of ``C`` near it avoids a ragged tail.
+    """
+    if num_codes < 256 or num_codes < 32 * k:
+        return 0
+    target = max(4, min(64, round(math.sqrt(num_codes / (2 * k)))))
+    for delta in range(target // 3 + 1):
+        for b in (target - delta, target + delta):
+            if b >= 2 and num_codes % b == 0:
+                return b
+    return target
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices ``(..., k)`` of the ``k`` largest ``scores`` along the last dim, best first.
+
+    Exact, and several times faster than ``torch.topk`` on CPU for ``k << C``: the ``C``
+    columns are dealt into ``nb = C // B`` strided blocks (column ``j`` -> block ``j % nb``),
+    one vectorised ``amax`` over ``B`` rows gives every block's maximum, and the top k lie
+    inside the k blocks with the largest maxima (any element beaten by k block maxima is not
+    in the top k). ``torch.topk`` then runs on ``k * B`` candidates (plus the ``C % B`` tail
+    columns) instead of ``C``. Ties may be broken differently from ``torch.topk``.
+    """
+    c = scores.shape[-1]
+    b = _block_size(c, k)
+    if b == 0:
+        return scores.topk(k, dim=-1).indices
+    lead = scores.shape[:-1]
+    s = scores.reshape(-1, c)
+    n, nb = s.shape[0], c // b
+    main = s if nb * b == c else s[:, : nb * b]  # a full slice would make amax slower
+    block_max = main.reshape(n, b, nb).amax(1)  # (n, nb)
+    top_blocks = block_max.topk(k, dim=-1, sorted=False).indices  # (n, k)
+    offsets = torch.arange(0, nb * b, nb, device=s.device)  # (B,)
+    cand = (top_blocks.unsqueeze(-1) + offsets).view(n, k * b)
+    if nb * b < c:
+        tail = torch.arange(nb * b, c, device=s.device).expand(n, -1)
+        cand = torch.cat([cand, tail], dim=1)
+    best = s.gather(1, cand).topk(k, dim=-1).indices  # (n, k), sorted best first
+    return cand.gather(1, best).view(*lead, k)
 
 
 class CodebookLayer(nn.Module):
@@ -90,9 +143,13 @@ class CodebookLayer(nn.Module):
         kmeans_iters: Lloyd iterations for k-means.
         dead_code_steps: revive codes unused for this many ``step()`` calls (0 = off).
         revival_noise: relative noise added to revived codes.
-        chunk_size: (token, group) rows scored at once; bounds extra memory.
+        chunk_size: (token, group) rows scored at once; bounds extra memory to about
+            ``chunk_size * num_codes`` fp32 scores.
         recent_size: recent inputs kept per group for revival.
         grouped: return codes with a group axis even if ``groups == 1``.
+        nonfinite: NaN/inf inputs 'raise' ``NonFiniteInputError`` (default; a host sync per
+            forward on GPU) or are 'skip'ped: passed through unquantized, code ``-1``, kept
+            out of the loss, the statistics and the revival buffer (no host sync).
     """
 
     counts: Tensor
@@ -104,6 +161,7 @@ class CodebookLayer(nn.Module):
     initialized: Tensor
     recent: Tensor
     recent_filled: Tensor
+    skipped: Tensor
 
     def __init__(
         self,
@@ -125,6 +183,7 @@ class CodebookLayer(nn.Module):
         recent_size: int = 2048,
         grouped: bool | None = None,
         seed: int | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_codes", num_codes), ("k", k), ("groups", groups)):
@@ -139,6 +198,7 @@ class CodebookLayer(nn.Module):
             )
         check_choice("similarity", similarity, SIMILARITIES)
         check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         check_range("recon_weight", recon_weight, 0.0)
         check_range("commitment_weight", commitment_weight, 0.0)
         check_range("revival_noise", revival_noise, 0.0)
@@ -159,6 +219,7 @@ class CodebookLayer(nn.Module):
         self.dead_code_steps, self.revival_noise = dead_code_steps, revival_noise
         self.chunk_size, self.recent_size = chunk_size, recent_size
         self.grouped = groups > 1 if grouped is None else grouped
+        self.nonfinite = nonfinite
 
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         init = torch.randn(groups, num_codes, self.head_dim, generator=gen)
@@ -175,6 +236,8 @@ class CodebookLayer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("recent", torch.zeros(g, recent_size if dead_code_steps else 0, d))
         self.register_buffer("recent_filled", torch.zeros((), dtype=torch.int64))
+        # Not persistent: checkpoints written before this counter existed still load.
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.int64), persistent=False)
         # Host-side mirrors of small buffers so the hot path never syncs to read them.
         self._initialized = not kmeans_init
         self._recent_filled = 0
@@ -185,6 +248,7 @@ class CodebookLayer(nn.Module):
         """An active intervention (set by ``intervene``); ``None`` means plain top-k."""
         self.last_loss: Tensor | None = None
         """Loss of the latest forward pass (read by ``CodebookModel.codebook_loss``)."""
+        self._faiss: _FaissIndex | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -194,9 +258,9 @@ class CodebookLayer(nn.Module):
 
     # ----------------------------------------------------------------- search
     def _score_params(self) -> tuple[Tensor, Tensor | None]:
-        """Weights ``(groups, C, d)`` and bias ``(groups, C)`` so that ranking by
+        """Weights ``(groups, C, d)`` and bias ``(groups, C)`` (fp32) so that ranking by
         ``x @ w.T + b`` equals ranking by the chosen similarity."""
-        cb = self.codebook.detach()
+        cb = self.codebook.detach().float()
         if self.similarity == "cosine":
             # |x| is constant per token, so x.c/|c| ranks the same as cosine.
             return cb / cb.norm(dim=-1, keepdim=True).clamp_min(1e-12), None
@@ -211,26 +275,64 @@ class CodebookLayer(nn.Module):
     ) -> Tensor:
         """Top-k code ids for ``x`` of shape ``(tokens, groups, head_dim)`` -> ``(tokens, groups, k)``.
 
-        Scores ``chunk_size`` rows at a time; peak extra memory is ``chunk_size * num_codes``
-        floats whatever the number of tokens.
+        Scores ``chunk_size`` (token, group) rows at a time, in fp32 whatever the input dtype or
+        autocast state, into one reused buffer: peak extra memory is ``chunk_size * num_codes``
+        floats whatever the number of tokens. Uses the FAISS index instead when one was built
+        (``build_index``), the layer is in eval mode and no edit is active.
         """
         k = self.k if k is None else k
-        n_tok = x.shape[0]
+        n_tok, g, c = x.shape[0], self.groups, self.num_codes
         lead_shape = (n_tok,) if lead_shape is None else lead_shape
-        w, b = self._score_params()
-        wt = w.transpose(1, 2)  # (G, d, C)
-        out = torch.empty(n_tok, self.groups, k, dtype=torch.int64, device=x.device)
-        step = max(1, self.chunk_size // self.groups)
-        xt = x.transpose(0, 1)  # (G, tokens, d), a view
-        for start in range(0, n_tok, step):
-            rows = slice(start, min(start + step, n_tok))
-            xs = xt[:, rows].float() if x.dtype != w.dtype else xt[:, rows]
-            # (G, n, C) scores for this chunk only
-            scores = torch.bmm(xs, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xs, wt)
-            if self.edit is not None:
-                scores = self.edit.edit_scores(scores, rows, lead_shape)
-            out[rows] = scores.topk(k, dim=-1).indices.transpose(0, 1)
+        if self._faiss is not None and not self.training and self.edit is None and n_tok:
+            return self._faiss.search(self, x, k)
+        out = torch.empty(n_tok, g, k, dtype=torch.int64, device=x.device)
+        step = max(1, min(self.chunk_size // g, n_tok))
+        with torch.autocast(x.device.type, enabled=False):
+            w, b = self._score_params()
+            wt = w.transpose(1, 2)  # (G, d, C): a view; BLAS reads it transposed, no copy
+            bias = None if b is None else b.unsqueeze(1)  # (G, 1, C)
+            buf = torch.empty(g * step * c, dtype=torch.float32, device=x.device)
+            xt = x.transpose(0, 1)  # (G, tokens, d), a view
+            for start in range(0, n_tok, step):
+                rows = slice(start, min(start + step, n_tok))
+                xs = xt[:, rows].float()
+                n = xs.shape[1]
+                scores = buf[: g * n * c].view(g, n, c)  # (G, n, C) for this chunk only
+                if bias is None:
+                    torch.bmm(xs, wt, out=scores)
+                else:
+                    torch.baddbmm(bias, xs, wt, out=scores)
+                if self.edit is not None:
+                    scores = self.edit.edit_scores(scores, rows, lead_shape)
+                out[rows] = topk_indices(scores, k).transpose(0, 1)
         return out
+
+    # ------------------------------------------------------------------ faiss
+    def build_index(self, *, nlist: int = 0, nprobe: int = 8) -> None:
+        """Search with a FAISS index (``pip install faiss-cpu``) in eval mode.
+
+        ``nlist=0`` builds exact flat indexes (one per group): the same codes as ``search``,
+        computed by FAISS's blocked BLAS + heap top-k. ``nlist > 0`` builds IVF indexes with
+        ``nlist`` cells probed ``nprobe`` at a time: approximate, faster for very many codes.
+        The index follows codebook updates (it is rebuilt when the codes change); inputs on
+        a GPU are searched on the CPU. ``drop_index()`` returns to the exact torch search.
+        """
+        if (
+            isinstance(nlist, bool)
+            or not isinstance(nlist, int)
+            or not 0 <= nlist <= self.num_codes
+        ):
+            raise ValueError(
+                f"nlist={nlist!r} is invalid; it must be an integer in [0, {self.num_codes}] "
+                "(0 = exact flat index)"
+            )
+        if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
+            raise ValueError(f"nprobe={nprobe!r} is invalid; it must be an integer >= 1")
+        self._faiss = _FaissIndex(self, nlist, nprobe)
+
+    def drop_index(self) -> None:
+        """Forget the FAISS index; ``search`` goes back to exact chunked torch scoring."""
+        self._faiss = None
 
     # ---------------------------------------------------------------- decode
     def decode(self, codes: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -254,17 +356,32 @@ class CodebookLayer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> CodebookOutput:
-        """Quantize ``x`` of shape ``(..., dim)``; see ``CodebookOutput``."""
+        """Quantize ``x`` of shape ``(..., dim)``; see ``CodebookOutput``.
+
+        Autocast is off inside: codes are chosen on fp32 scores and the output is the exact
+        decoding of its codes, returned in the input's dtype.
+        """
         if x.shape[-1] != self.dim:
             raise ValueError(f"input width {x.shape[-1]} does not match dim={self.dim}")
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> CodebookOutput:
         lead = tuple(x.shape[:-1])
         in_dtype = x.dtype
         xg = x.reshape(-1, self.groups, self.head_dim).to(self.codebook.dtype)  # (N, G, d)
         if self.layer_norm:
             xg = F.layer_norm(xg, (self.head_dim,))
         xd = xg.detach()
+        bad: Tensor | None = None  # (N, G) slices holding NaN/inf, with nonfinite='skip'
+        if self.nonfinite == "raise":
+            self._check_finite(xd, lead)
+        else:
+            bad = ~torch.isfinite(xd).all(-1)
+            # Zeroed so that nothing below (scores, loss, stats, revival) ever sees NaN/inf.
+            xd = torch.where(bad.unsqueeze(-1), 0.0, xd)
         if self.training and not self._initialized:
-            self.init_kmeans(xd)
+            self.init_kmeans(xd if bad is None else xd[~bad.any(-1)])
 
         codes = self.search(xd, lead_shape=lead)  # (N, G, k)
         weights = None
@@ -272,46 +389,101 @@ class CodebookLayer(nn.Module):
             codes, weights = self.edit.edit_codes(codes, lead)
         q = self._decode_flat(codes, weights)  # (N, G, d)
 
+        # Reconstruction: gradient to the codes only; also feeds the mse statistic.
+        qr = q if self.recon_weight else q.detach()
+        if bad is None:
+            recon = F.mse_loss(qr, xd)
+        else:
+            keep = (~bad).unsqueeze(-1).to(q.dtype)  # (N, G, 1)
+            n_keep = keep.sum()
+            recon = ((qr - xd).pow(2) * keep).sum() / (n_keep * self.head_dim).clamp_min(1)
         loss = q.new_zeros(())
         if self.recon_weight:
-            loss = loss + self.recon_weight * F.mse_loss(q, xd)
+            loss = loss + self.recon_weight * recon
         if self.commitment_weight:
-            loss = loss + self.commitment_weight * F.mse_loss(xg, q.detach())
+            xc = xg if bad is None else torch.where(bad.unsqueeze(-1), 0.0, xg)
+            if bad is None:
+                loss = loss + self.commitment_weight * F.mse_loss(xc, q.detach())
+            else:
+                err = ((xc - q.detach()).pow(2) * keep).sum() / (n_keep * self.head_dim).clamp_min(
+                    1
+                )
+                loss = loss + self.commitment_weight * err
         self.last_loss = loss
-        self._update_stats(xd, q.detach(), codes)
+        self._update_stats(xd, codes, recon.detach(), bad)
 
         # Value is exactly q; gradient flows to both q (codes) and x (straight-through).
         out = q + (xg - xd)
+        if bad is not None:
+            # Skipped slices pass through; their codes get no gradient from the output.
+            out = torch.where(bad.unsqueeze(-1), xg, out)
+            codes = codes.masked_fill(bad.unsqueeze(-1), -1)
         out = out.reshape(*lead, self.dim).to(in_dtype)
         codes_out = codes.reshape(*lead, self.groups, codes.shape[-1])
         if not self.grouped:
             codes_out = codes_out.squeeze(-2)
         return CodebookOutput(out, codes_out, loss)
 
+    def _check_finite(self, x: Tensor, lead: tuple[int, ...]) -> None:
+        """Raise ``NonFiniteInputError`` if ``x`` holds NaN/inf (one cheap reduction).
+
+        A sum is finite whenever every element is (barring overflow, which then takes the
+        exact path); only the failing case pays for locating the bad tokens.
+        """
+        if x.numel() == 0 or bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()):
+            return
+        bad_tok = ~torch.isfinite(x).flatten(1).all(-1)  # (N,)
+        n_bad = int(bad_tok.sum())
+        first = int(bad_tok.nonzero()[0, 0])
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), lead)) if lead else ()
+        raise NonFiniteInputError(
+            f"CodebookLayer(dim={self.dim}, num_codes={self.num_codes}, groups={self.groups}): "
+            f"the input holds NaN/inf in {n_bad} of {x.shape[0]} tokens (first at position "
+            f"{pos} of shape {lead}); nothing was updated. Fix the activations upstream "
+            "(learning rate, fp16 overflow), or set nonfinite='skip' to pass such tokens "
+            "through unquantized"
+        )
+
     def _decode_flat(self, codes: Tensor, weights: Tensor | None) -> Tensor:
-        """``(N, G, k')`` ids -> ``(N, G, d)`` vectors, differentiable w.r.t. the codebook."""
-        offsets = torch.arange(self.groups, device=codes.device).view(1, -1, 1) * self.num_codes
-        table = self.codebook.reshape(self.groups * self.num_codes, self.head_dim)
-        vectors = F.embedding(codes + offsets, table)  # (N, G, k', d)
-        if weights is not None:
-            vectors = vectors * weights.unsqueeze(-1).to(vectors.dtype)
-        q = vectors.sum(-2)
+        """``(N, G, k')`` ids -> ``(N, G, d)`` vectors, differentiable w.r.t. the codebook.
+
+        One ``embedding_bag`` sums each token's codes without materialising ``(N, G, k', d)``.
+        """
+        n, g, kk = codes.shape
+        offsets = torch.arange(g, device=codes.device).view(1, -1, 1) * self.num_codes
+        table = self.codebook.reshape(g * self.num_codes, self.head_dim)
+        bags = (codes + offsets).reshape(n * g, kk)
+        psw = None if weights is None else weights.reshape(n * g, kk).to(table.dtype)
+        q = F.embedding_bag(bags, table, per_sample_weights=psw, mode="sum")
+        q = q.view(n, g, self.head_dim)
         return q if self.reduction == "sum" else q / self.k
 
     # ------------------------------------------------------------ statistics
     @torch.no_grad()
-    def _update_stats(self, x: Tensor, q: Tensor, codes: Tensor) -> None:
+    def _update_stats(self, x: Tensor, codes: Tensor, mse: Tensor, bad: Tensor | None) -> None:
+        """Count codes and accumulate the reconstruction error, all on device (no sync).
+
+        ``mse`` is the mean squared error per element over the kept (token, group) slices.
+        """
         codes = codes.clamp(0, self.num_codes - 1)
         offsets = torch.arange(self.groups, device=codes.device).view(1, -1, 1) * self.num_codes
         flat = (codes + offsets).reshape(-1)
-        ones = torch.ones_like(flat)
+        if bad is None:
+            ones = torch.ones_like(flat)
+            kept: Tensor | float = float(x.shape[0] * self.groups)
+        else:
+            keep = ~bad  # (N, G)
+            ones = keep.unsqueeze(-1).expand_as(codes).reshape(-1).to(flat.dtype)
+            kept = keep.sum()
+            self.skipped += bad.sum()
         self.counts.view(-1).index_add_(0, flat, ones)
         self.tokens_seen += x.shape[0]
-        self.mse_sum += (q - x).pow(2).mean(-1).sum(-1).sum().double() / self.groups
+        # mse_sum holds sum over tokens of the per-element error averaged over groups.
+        self.mse_sum += mse.double() * kept / self.groups
         if self.training:
             self.usage.view(-1).index_add_(0, flat, ones)
             if self.dead_code_steps:
-                self._remember(x)
+                self._remember(x if bad is None else _fill_bad_rows(x, bad))
 
     @torch.no_grad()
     def _remember(self, x: Tensor) -> None:
@@ -359,6 +531,7 @@ class CodebookLayer(nn.Module):
         self.counts.zero_()
         self.tokens_seen.zero_()
         self.mse_sum.zero_()
+        self.skipped.zero_()
 
     @torch.no_grad()
     def stats(self) -> LayerStats:
@@ -371,14 +544,17 @@ class CodebookLayer(nn.Module):
             dead = counts == 0
         p = counts.double() / counts.sum(-1, keepdim=True).clamp_min(1)
         ent = -(p * p.clamp_min(1e-300).log()).sum(-1).mean().item()
+        skipped = int(self.skipped)
+        kept = tokens * self.groups - skipped  # (token, group) slices that were quantized
         return LayerStats(
             counts=counts,
             tokens=tokens,
             dead_fraction=float(dead.double().mean()),
             entropy=ent,
             perplexity=math.exp(ent),
-            mse=float(self.mse_sum) / max(tokens, 1),
+            mse=float(self.mse_sum) * self.groups / max(kept, 1),
             revived=int(self.revived),
+            skipped=skipped,
         )
 
     # ---------------------------------------------------------------- k-means
@@ -427,3 +603,74 @@ def _refresh_mirrors(module: nn.Module, incompatible_keys: object) -> None:
     module._initialized = bool(module.initialized)
     module._recent_filled = int(module.recent_filled)
     module._recent_ptr = module._recent_filled % max(module.recent_size, 1)
+
+
+def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:
+    """``x`` ``(N, G, d)`` with each group's ``bad`` rows replaced by its first good row.
+
+    Keeps skipped (zeroed) slices out of the revival buffer without a host sync; a group with
+    no good row keeps its zeros.
+    """
+    n, g, d = x.shape
+    first_good = (~bad).to(torch.uint8).argmax(0)  # (G,): argmax returns the first maximum
+    rows = torch.arange(n, device=x.device).unsqueeze(1).expand(n, g)
+    src = torch.where(bad, first_good.unsqueeze(0), rows)  # (N, G)
+    return x.gather(0, src.unsqueeze(-1).expand(n, g, d))
+
+
+class _FaissIndex:
+    """FAISS indexes (one per group) mirroring a layer's scoring; see ``build_index``."""
+
+    def __init__(self, layer: CodebookLayer, nlist: int, nprobe: int) -> None:
+        try:
+            import faiss  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ImportError(
+                "build_index needs FAISS: pip install faiss-cpu (or codebook-lens[faiss])"
+            ) from e
+        self.faiss: Any = faiss
+        self.nlist, self.nprobe = nlist, nprobe
+        self.version = -1
+        self.indexes: list[Any] = []
+        self.refresh(layer)
+
+    def refresh(self, layer: CodebookLayer) -> None:
+        """(Re)build from the layer's current codes if they changed since the last build."""
+        version = layer.codebook._version
+        if version == self.version:
+            return
+        faiss = self.faiss
+        w, b = layer._score_params()
+        if b is not None:
+            # Euclidean: rank by -|x - c|^2, which is what an L2 index returns (ascending).
+            w = layer.codebook.detach().float()
+        metric = faiss.METRIC_L2 if b is not None else faiss.METRIC_INNER_PRODUCT
+        d = layer.head_dim
+        self.indexes = []
+        for vecs in w.cpu().contiguous().numpy():
+            if self.nlist:
+                quant = faiss.IndexFlat(d, metric)
+                index = faiss.IndexIVFFlat(quant, d, self.nlist, metric)
+                index.train(vecs)
+                index.nprobe = min(self.nprobe, self.nlist)
+            else:
+                index = faiss.IndexFlat(d, metric)
+            index.add(vecs)
+            self.indexes.append(index)
+        self.version = version
+
+    def search(self, layer: CodebookLayer, x: Tensor, k: int) -> Tensor:
+        """``(tokens, groups, d)`` -> ``(tokens, groups, k)`` ids, best first."""
+        self.refresh(layer)
+        xs = x.detach().float().cpu()
+        out = torch.empty(x.shape[0], layer.groups, k, dtype=torch.int64)
+        for g, index in enumerate(self.indexes):
+            _, ids = index.search(xs[:, g].contiguous().numpy(), k)
+            out[:, g] = torch.from_numpy(ids)
+        if bool((out < 0).any()):
+            # IVF probed too few cells to find k codes for some token.
+            raise ValueError(
+                f"FAISS IVF search found fewer than k={k} codes for some tokens; "
+                f"raise nprobe={self.nprobe} (nlist={self.nlist})"
+            )
+        return out.to(x.device)
