@@ -558,3 +558,21 @@ def test_config_and_request_validation() -> None:
 def test_missing_cache_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such cache folder"):
         create_app(AppConfig(str(tmp_path / "nothing")))
+
+
+@pytest.mark.slow
+def test_load_benchmark_runs_in_tiny_mode() -> None:
+    """The load check starts the real server, fires concurrent searches, checks every answer."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_app.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "correct: 10/10" in proc.stdout and "p95" in proc.stdout
