@@ -438,3 +438,19 @@ def test_cli_refuses_a_used_out_dir(
 ) -> None:
     assert main(["pretrain", "--data", str(corpus), "--out", str(pretrained)]) == 2
     assert "exists and is not empty; pass --resume" in capsys.readouterr().err
+
+
+def test_bench_train_tiny_runs() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_train.py"), "--tiny", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| base " in proc.stdout and "| codebook C=32 " in proc.stdout
+    assert "codebook/base throughput" in proc.stdout

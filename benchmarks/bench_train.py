@@ -1,0 +1,139 @@
+"""Training throughput: codebook model vs its base model, same settings, side by side.
+
+One training step = forward with labels, codebook loss, backward, gradient clipping, AdamW step
+and ``model.step()`` (dead-code clock), i.e. the inner loop of ``codebook_lens.train.train``
+without its logging. Contenders are timed round-robin in one run (median of repeats), on random
+token batches, for the default ``codebook-lens pretrain`` model (GPT-NeoX, 4 layers, width 256,
+4 heads, vocabulary 4096) with codebooks on every attention head.
+
+Target (issue 4): codebook model >= 0.6x the base model's tokens/s.
+
+    python benchmarks/bench_train.py            # block 128 x batch 16, C = 1024 and 4096, k = 8
+    python benchmarks/bench_train.py --tiny     # seconds; what the test runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, machine, print_table, save_section, time_interleaved
+
+from codebook_lens import CodebookConfig, attach_codebooks
+from codebook_lens.train import TrainConfig, build_optimizer
+
+
+def make_model(args: argparse.Namespace, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        num_hidden_layers=args.layers,
+        hidden_size=args.width,
+        num_attention_heads=args.heads,
+        intermediate_size=4 * args.width,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(args.block, 8),
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(cfg).to(device)
+
+
+def make_step(model: torch.nn.Module, ids: torch.Tensor, train_cfg: TrainConfig) -> Any:
+    opt = build_optimizer(model, train_cfg)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    codebook_loss = getattr(model, "codebook_loss", None)
+    step_fn = getattr(model, "step", None)
+    model.train()
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss + (codebook_loss() if codebook_loss is not None else 0.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if callable(step_fn):
+            step_fn()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--codes", default="1024,4096", help="codebook sizes C to compare")
+    ap.add_argument("--k", type=int, default=8, help="codes per head and token")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    if args.tiny:
+        args.layers, args.width, args.heads, args.vocab = 1, 32, 2, 64
+        args.block, args.batch, args.codes, args.k = 16, 2, "32", 2
+    repeats = args.repeats or (2 if args.tiny else 7)
+    torch.set_num_threads(args.threads)
+    sizes = [int(c) for c in args.codes.split(",") if c]
+
+    ids = torch.randint(
+        0, args.vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(0)
+    )
+    ids = ids.to(args.device)
+    train_cfg = TrainConfig(lr=1e-3, model_lr_factor=0.1, weight_decay=0.01)
+    steps: dict[str, Any] = {"base": make_step(make_model(args, args.device), ids, train_cfg)}
+    for c in sizes:
+        model = attach_codebooks(
+            make_model(args, args.device),
+            CodebookConfig(num_codes=c, k=args.k, placements=["attn_heads"], dead_code_steps=100),
+        )
+        steps[f"codebook C={c}"] = make_step(model, ids, train_cfg)
+    if sizes:  # codebooks only: the model is frozen, only codes learn
+        frozen = attach_codebooks(
+            make_model(args, args.device),
+            CodebookConfig(num_codes=sizes[-1], k=args.k, placements=["attn_heads"]),
+        )
+        steps[f"codebooks only C={sizes[-1]}"] = make_step(
+            frozen, ids, TrainConfig(lr=1e-3, model_lr_factor=0.0)
+        )
+
+    times = time_interleaved(steps, repeats, device=args.device)
+    tokens = args.batch * args.block
+    base_tps = tokens / times["base"]
+    rows, data = [], {}
+    for name, t in times.items():
+        tps = tokens / t
+        rows.append([name, f"{t * 1000:.1f}", f"{tps:,.0f}", f"{tps / base_tps:.2f}x"])
+        data[name] = {"step_s": t, "tokens_per_s": tps, "vs_base": tps / base_tps}
+    print_table(
+        ["model", "ms / step", "tokens / s", "vs base"],
+        rows,
+        title=(
+            f"training step, GPT-NeoX {args.layers} layers x {args.width} ({args.heads} heads), "
+            f"vocab {args.vocab}, batch {args.batch} x {args.block}, codebooks on all attention "
+            f"heads, k={args.k}, median of {repeats} (device {args.device}, "
+            f"{torch.get_num_threads()} threads)"
+        ),
+    )
+    worst = min(v["vs_base"] for k, v in data.items() if k.startswith("codebook C="))
+    print(f"\ncodebook/base throughput (worst joint-training C): {worst:.2f}x (target >= 0.6x)")
+    save_section(
+        None if args.tiny else args.results,
+        "bench_train",
+        {
+            "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items() if k != "results"},
+            "results": data,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
