@@ -186,6 +186,11 @@ def test_search_page_html_links_to_codes(client: TestClient) -> None:
     assert 'href="/code/layers.0.mlp_out/7"' in r.text
     assert "1.000" in r.text
     assert client.get("/search").status_code == 200  # the empty form
+    one = client.get(
+        "/search",
+        params={"q": r"\bthe\b", "codebook": "layers.1.mlp_out", "per_page": 5, "page": 2},
+    ).text
+    assert 'rel="next"' in one and "page=3" in one and 'rel="prev"' in one and "page=1" in one
 
 
 @pytest.mark.parametrize(
@@ -320,6 +325,13 @@ def test_overview_matches_library_health(client: TestClient, planted: Any) -> No
     png = client.get(data["codebooks"][0]["plot_url"])
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get("/plots/nothing.png").status_code == 404
+
+
+def test_steer_form_shows_errors_in_place(served: tuple[TestClient, Any]) -> None:
+    client, _ = served
+    r = client.get("/steer", params={"prompt": "In May", "codebook": "nope", "codes": "1"})
+    assert r.status_code == 400 and 'id="steer-error"' in r.text and "nope" in r.text
+    assert 'id="steer-form"' in r.text and "In May" in r.text  # the form keeps its input
 
 
 def test_steering_and_pasted_text_need_a_model(client: TestClient) -> None:
