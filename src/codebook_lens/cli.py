@@ -529,5 +529,63 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_eval)
 
 
+@command("experiment", "run a paper experiment end to end and write its report (topics)")
+def _experiment_setup(p: argparse.ArgumentParser) -> None:
+    from .experiments.topics import TopicsConfig
+
+    p.add_argument("name", choices=["topics"], help="topics: topic steering on BBC News")
+    p.add_argument(
+        "--prompt",
+        dest="prompt_list",
+        action="append",
+        default=None,
+        help="a neutral prompt (repeat the flag for several; default: 8 built-in prompts)",
+    )
+    add_dataclass_args(p, TopicsConfig, skip=("prompts",))
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from .experiments.topics import run_topics
+
+        cfg = dataclass_from_args(TopicsConfig, args)
+        if args.prompt_list:
+            cfg.prompts = list(args.prompt_list)
+            cfg.__post_init__()
+        metrics = run_topics(cfg)
+        print(f"{'topic':<15}{'unsteered':>10}{'steered':>10}{'samples':>9}")
+        for topic, m in metrics["topics"].items():
+            print(
+                f"{topic:<15}{m['baseline_rate']:>10.0%}{m['steered_rate']:>10.0%}{m['samples']:>9}"
+            )
+        print(
+            f"classifier held-out accuracy {metrics['classifier']['heldout_accuracy']:.1%}; "
+            f"report: {Path(cfg.out) / 'report.html'}"
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command("demo", "the finite-state-machine experiment end to end (what `make demo` runs)")
+def _demo_setup(p: argparse.ArgumentParser) -> None:
+    from .experiments.fsm import DemoConfig
+
+    p.add_argument("--out", default=None, help="output folder (default: runs/fsm-<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="a tiny run (about a minute) for tests")
+    add_dataclass_args(p, DemoConfig)
+
+    def run(args: argparse.Namespace) -> int:
+        from .experiments.fsm import run_demo, summary
+
+        base = DemoConfig.quick() if args.quick else DemoConfig()
+        cfg = dataclass_from_args(DemoConfig, args, base=base)
+        metrics = run_demo(cfg, args.out)
+        print(summary(metrics))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,17 +14,31 @@ Pipeline, on the BBC News corpus (5 topics):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
+import shutil
+import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..config import write_json_atomic
+from ..config import check_choice, check_range, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..attach import CodebookModel
+    from ..cache import CodeCache
+    from ..data import Document
+    from ..intervene import Generation, InterventionSpec
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -105,9 +119,12 @@ class TopicClassifier:
         scores = self._features(texts) @ self.log_probs.T
         return scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
 
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        """Most likely topic of each text (a text with no known word gets the first label)."""
-        return [self.labels[i] for i in self.log_posterior(texts).argmax(1)]
+    def predict(self, texts: Sequence[str]) -> list[str | None]:
+        """Most likely topic of each text; ``None`` for a text with no known word (judged
+        off every topic rather than given an arbitrary label)."""
+        known = self._features(texts).sum(1) > 0
+        best = self.log_posterior(texts).argmax(1)
+        return [self.labels[i] if k else None for i, k in zip(best, known, strict=True)]
 
     def accuracy(self, texts: Sequence[str], labels: Sequence[str]) -> float:
         if not texts:
@@ -150,3 +167,714 @@ class TopicClassifier:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{d}: no saved topic classifier ({e.filename})") from None
         return cls(list(meta["labels"]), list(meta["vocab"]), log_probs)
+
+
+# ------------------------------------------------------------------ config
+NEUTRAL_PROMPTS = (
+    "The",
+    "Yesterday",
+    "In a statement,",
+    "It was",
+    "On Monday",
+    "According to",
+    "A new",
+    "This week",
+)
+
+
+@dataclass
+class TopicsConfig:
+    """The topic steering experiment (``codebook-lens experiment topics``)."""
+
+    out: str = "runs/topics"
+    """Output folder: report.md, report.html, metrics.json, chart, model, cache, classifier."""
+
+    model: str | None = None
+    """A saved codebook model with its tokenizer to use; None trains one on the LM split
+    (reused from OUT/model on the next run when the settings match)."""
+
+    data: str = "bbc"
+    """Labelled corpus (documents with topic labels); the default is BBC News (5 topics)."""
+
+    heldout_fraction: float = 0.3
+    """Documents the LM never sees; the topic classifier is trained and tested on them."""
+
+    classifier_test_fraction: float = 0.3
+    """Part of the held-out documents used only to measure the classifier's accuracy."""
+
+    doc_limit: int | None = None
+    """Use at most this many documents (round-robin over topics); None = all."""
+
+    quick: bool = False
+    """Tiny model, few steps, few samples: end to end in seconds (for tests and smoke runs)."""
+
+    # model (when training one)
+    width: int = 128
+    """Hidden size of the LM trained from scratch."""
+    num_layers: int = 4
+    """Blocks of the LM trained from scratch."""
+    heads: int = 4
+    """Attention heads (one codebook per head)."""
+    tokenizer: str = "bpe:2048"
+    """Tokenizer of the LM trained from scratch: 'bpe:N', 'gpt2' or a folder."""
+    block_size: int = 128
+    """Training sequence length."""
+    pretrain_steps: int = 800
+    """Optimizer steps of LM pretraining."""
+    finetune_steps: int = 300
+    """Optimizer steps of codebook fine-tuning (codebooks on every attention head)."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (pretraining, and codebooks in fine-tuning)."""
+    num_codes: int = 1024
+    """Codes per head codebook."""
+    k: int = 8
+    """Codes chosen per token and head."""
+
+    # code search
+    cache_tokens: int = 200_000
+    """Tokens of the LM split run through the codebook model for the code cache."""
+    codes_per_topic: int = 24
+    """Topic codes forced at once (over all heads and layers)."""
+    max_codes_per_head: int = 2
+    """At most this many forced codes per head (they replace the lowest-ranked codes)."""
+    min_precision: float = 0.5
+    """A topic code's firings must land in that topic's documents at least this often."""
+    min_count: int = 20
+    """A topic code must fire on at least this many tokens of the cache."""
+
+    # steering
+    slot: Literal["replace-lowest", "append"] = "replace-lowest"
+    """Where forced codes go: 'replace-lowest' or 'append'."""
+    scale: float = 1.0
+    """Weight of the forced code vectors."""
+    prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
+    """Neutral prompts; each starts a new document (after the end-of-text token)."""
+    samples_per_prompt: int = 8
+    """Samples per prompt and condition (unsteered, each topic)."""
+    max_new_tokens: int = 48
+    """Tokens generated per sample."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int | None = 50
+    """Sample from the k likeliest tokens (None = full distribution)."""
+    seed: int = 0
+    """Seed of splits, training, sampling."""
+    device: str = "cpu"
+    """'cpu' or 'cuda'."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        check_range("heldout_fraction", self.heldout_fraction, 0.0, 0.9, low_open=True)
+        check_range(
+            "classifier_test_fraction", self.classifier_test_fraction, 0.0, 0.9, low_open=True
+        )
+        check_range("min_precision", self.min_precision, 0.0, 1.0)
+        check_range("scale", self.scale)
+        check_range("temperature", self.temperature, 0.0)
+        check_choice("slot", self.slot, ("replace-lowest", "append"))
+        for name in (
+            "width",
+            "num_layers",
+            "heads",
+            "block_size",
+            "pretrain_steps",
+            "finetune_steps",
+            "batch_size",
+            "num_codes",
+            "k",
+            "cache_tokens",
+            "codes_per_topic",
+            "max_codes_per_head",
+            "samples_per_prompt",
+            "max_new_tokens",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid; it must be an integer >= 1")
+        if self.slot == "replace-lowest" and self.max_codes_per_head > self.k:
+            raise ValueError(
+                f"max_codes_per_head={self.max_codes_per_head} is invalid with "
+                f"slot='replace-lowest': it must be <= k={self.k}"
+            )
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise ValueError(f"prompts={self.prompts!r} is invalid; give non-empty strings")
+        if self.quick:
+            self.apply_quick()
+
+    def apply_quick(self) -> None:
+        """Shrink everything so the pipeline runs end to end in seconds."""
+        self.doc_limit = min(self.doc_limit or 100, 100)
+        self.width, self.num_layers, self.heads = 32, 2, 2
+        self.tokenizer = "bpe:300" if self.tokenizer.startswith("bpe:") else self.tokenizer
+        self.block_size, self.batch_size = 32, 8
+        self.pretrain_steps, self.finetune_steps = 12, 8
+        self.num_codes, self.k = 32, 4
+        self.cache_tokens = 6_000
+        self.codes_per_topic, self.min_count = 4, 3
+        self.max_codes_per_head = min(self.max_codes_per_head, self.k)
+        self.prompts = self.prompts[:2]
+        self.samples_per_prompt, self.max_new_tokens = 2, 12
+
+    def model_key(self) -> dict[str, Any]:
+        """Settings that determine the trained model (a saved one is reused when equal)."""
+        keys = (
+            "data",
+            "heldout_fraction",
+            "doc_limit",
+            "width",
+            "num_layers",
+            "heads",
+            "tokenizer",
+            "block_size",
+            "pretrain_steps",
+            "finetune_steps",
+            "batch_size",
+            "lr",
+            "num_codes",
+            "k",
+            "seed",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+# -------------------------------------------------------------------- data
+def interleave(docs: Sequence[Document]) -> list[Document]:
+    """Documents round-robin over labels, so any prefix (a cache cut at ``max_tokens``)
+    covers every topic evenly."""
+    by: dict[str | None, list[Document]] = {}
+    for d in docs:
+        by.setdefault(d.label, []).append(d)
+    queues = [list(v) for _, v in sorted(by.items(), key=lambda kv: str(kv[0]))]
+    out: list[Document] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+@dataclass
+class Splits:
+    """Who sees which documents: the LM, the classifier, the classifier's test."""
+
+    lm: list[Document]
+    classifier_train: list[Document]
+    classifier_test: list[Document]
+
+
+def split_corpus(cfg: TopicsConfig) -> Splits:
+    from ..data import load_documents, split_documents
+
+    docs = load_documents(cfg.data, limit=cfg.doc_limit)
+    unlabelled = [d.id for d in docs if d.label is None]
+    if unlabelled:
+        raise ValueError(
+            f"data={cfg.data!r}: documents need topic labels (e.g. one sub-folder per topic); "
+            f"{len(unlabelled)} have none, e.g. {unlabelled[:3]}"
+        )
+    lm, held = split_documents(docs, cfg.heldout_fraction, seed=cfg.seed)
+    clf_train, clf_test = split_documents(held, cfg.classifier_test_fraction, seed=cfg.seed + 1)
+    return Splits(lm, clf_train, clf_test)
+
+
+# ------------------------------------------------------------------- model
+def prepare_model(
+    cfg: TopicsConfig, lm_docs: Sequence[Document], out: Path
+) -> tuple[CodebookModel, Any, nn.Module | None, str]:
+    """The codebook model, its tokenizer, the plain base LM (``None`` when a saved codebook
+    model is given: then the fluency check uses it with codebooks off), and where it came from.
+
+    Training: pretrain a small LM from scratch on ``lm_docs`` (``train.build_model`` +
+    ``train.train``), then attach codebooks to every attention head of a copy and fine-tune.
+    Both are saved under ``out`` and reused when ``cfg.model_key()`` matches.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..attach import CodebookModel, attach_codebooks
+    from ..config import CodebookConfig
+    from ..data import BatchStream, load_tokenizer, pack_tokens
+    from ..train import ModelConfig, TrainConfig, build_model, train
+
+    device = torch.device(cfg.device)
+    if cfg.model is not None:
+        model = CodebookModel.from_pretrained(cfg.model, device=cfg.device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        except Exception:
+            raise FileNotFoundError(
+                f"model={cfg.model!r}: no tokenizer saved with it; save the model with "
+                "save_pretrained(dir, tokenizer=...)"
+            ) from None
+        return model.eval(), tokenizer, None, str(cfg.model)
+
+    model_dir, base_dir, key_file = out / "model", out / "base", out / "model_key.json"
+    key = cfg.model_key()
+    if key_file.is_file() and read_json(key_file) == key and (model_dir / "config.json").is_file():
+        model = CodebookModel.from_pretrained(model_dir, device=cfg.device)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        loaded: nn.Module = AutoModelForCausalLM.from_pretrained(str(base_dir))
+        loaded.to(device)
+        return model.eval(), tokenizer, loaded.eval(), f"{model_dir} (reused)"
+
+    for stale in (model_dir, base_dir, key_file, out / "train_base", out / "train_codebooks"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    tokenizer = load_tokenizer(cfg.tokenizer, lm_docs)
+    mcfg = ModelConfig(
+        arch="gpt2",
+        num_layers=cfg.num_layers,
+        width=cfg.width,
+        heads=cfg.heads,
+        context=max(cfg.block_size, 256),
+        tokenizer=cfg.tokenizer,
+    )
+    torch.manual_seed(cfg.seed)
+    base = build_model(mcfg, tokenizer).to(device)
+    blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
+    common = {
+        "batch_size": cfg.batch_size,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "log_every": 50,
+        "seed": cfg.seed,
+        "progress": cfg.progress,
+    }
+    pre = TrainConfig(
+        steps=cfg.pretrain_steps,
+        lr=cfg.lr,
+        warmup_steps=min(100, cfg.pretrain_steps // 10),
+        **common,  # type: ignore[arg-type]
+    )
+    train(base, BatchStream(blocks, cfg.batch_size, seed=cfg.seed), pre, out / "train_base")
+    base.eval()
+    cb_cfg = CodebookConfig(
+        num_codes=cfg.num_codes,
+        k=cfg.k,
+        placements=["attn_heads"],
+        kmeans_init=True,
+        dead_code_steps=50,
+        seed=cfg.seed,
+    )
+    model = attach_codebooks(copy.deepcopy(base), cb_cfg)
+    fine = TrainConfig(
+        steps=cfg.finetune_steps,
+        lr=cfg.lr,
+        model_lr_factor=0.1,
+        warmup_steps=min(50, cfg.finetune_steps // 10),
+        **common,  # type: ignore[arg-type]
+    )
+    train(
+        model, BatchStream(blocks, cfg.batch_size, seed=cfg.seed + 1), fine, out / "train_codebooks"
+    )
+    model.eval()
+    model.save_pretrained(model_dir, tokenizer=tokenizer)
+    tmp = out / f".base.tmp-{os.getpid()}"
+    base.save_pretrained(tmp)  # type: ignore[operator]
+    os.replace(tmp, base_dir)
+    write_json_atomic(key_file, key)
+    return model, tokenizer, base, str(model_dir)
+
+
+# -------------------------------------------------------------- topic codes
+@dataclass
+class TopicCode:
+    """A code that marks one topic."""
+
+    codebook: str
+    head: int | None
+    code: int
+    precision: float
+    """Fraction of the code's firings inside the topic's documents."""
+    coverage: float
+    """Fraction of the topic's documents in which the code fires at least once."""
+    count: int
+    """Tokens on which the code fires (whole cache)."""
+
+    @property
+    def score(self) -> float:
+        return self.precision * self.coverage
+
+
+def find_topic_codes(
+    cache: CodeCache,
+    topic: str,
+    *,
+    n: int,
+    max_per_head: int,
+    min_precision: float,
+    min_count: int,
+    codebooks: list[str] | None = None,
+) -> list[TopicCode]:
+    """Codes that fire throughout ``topic``'s documents and rarely elsewhere.
+
+    Candidates come from ``search.search`` over the topic's documents (precision >=
+    ``min_precision``, firing >= ``min_count`` times); each is scored by precision x document
+    coverage, and the best ``n`` are kept with at most ``max_per_head`` per head.
+    """
+    from ..search import docs_pattern, search
+
+    pattern = docs_pattern(cache, topic)
+    found = search(
+        cache,
+        pattern,
+        codebooks=codebooks,
+        min_count=min_count,
+        min_precision=min_precision,
+        top=None,
+        sort_by="precision",
+    )
+    docs = cache.docs
+    topic_docs = np.array([d.label == topic for d in docs])
+    n_topic = max(int(topic_docs.sum()), 1)
+    doc_ids = np.asarray(cache.doc_ids)
+    scored = []
+    for m in found.matches:
+        fired = np.unique(doc_ids[cache.positions(m.codebook, m.code, m.head)])
+        coverage = float(topic_docs[fired].sum()) / n_topic
+        scored.append(TopicCode(m.codebook, m.head, m.code, m.precision, coverage, m.count))
+    scored.sort(key=lambda c: (-c.score, -c.count, c.codebook, c.head or 0, c.code))
+    chosen: list[TopicCode] = []
+    per_head: Counter[tuple[str, int | None]] = Counter()
+    for c in scored:
+        if len(chosen) >= n:
+            break
+        if per_head[(c.codebook, c.head)] < max_per_head:
+            chosen.append(c)
+            per_head[(c.codebook, c.head)] += 1
+    return chosen
+
+
+def steering_spec(
+    codes: Sequence[TopicCode], *, slot: str = "replace-lowest", scale: float = 1.0
+) -> InterventionSpec:
+    """Force ``codes`` at every position: one edit per (codebook, head)."""
+    from ..intervene import EditSpec, InterventionSpec
+
+    groups: dict[tuple[str, int | None], list[int]] = {}
+    for c in codes:
+        groups.setdefault((c.codebook, c.head), []).append(c.code)
+    return InterventionSpec(
+        [
+            EditSpec(cb, ids, positions="all", action="force", slot=slot, scale=scale, head=h)  # type: ignore[arg-type]
+            for (cb, h), ids in groups.items()
+        ]
+    )
+
+
+# ---------------------------------------------------------------- judging
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """End-of-text token (a document starts) followed by the prompt's tokens."""
+    from ..data import separator_id
+
+    return [separator_id(tokenizer), *tokenizer.encode(prompt, add_special_tokens=False)]
+
+
+def generation_nll(
+    model: nn.Module, prefix: list[int], gens: Sequence[Generation], device: torch.device
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of the generated tokens given ``prefix``, and
+    how many tokens that is, under ``model`` (a plain LM or a codebook model)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = [g.ids for g in gens if g.ids]
+    if not rows:
+        return 0.0, 0
+    width = len(prefix) + max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)  # tokens to score
+    for i, r in enumerate(rows):
+        seq = prefix + r
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, len(prefix) : len(seq)] = True
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        # Right padding never reaches a scored token in a causal model.
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    m = mask[:, 1:]
+    return float(nll[m].sum()), int(m.sum())
+
+
+# -------------------------------------------------------------- experiment
+def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
+    """Run the whole experiment; writes the report, returns ``metrics.json``'s content."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..cache import build_cache
+    from ..intervene import generate
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+
+    # 1. Data and the judge (trained on documents the LM never sees).
+    splits = split_corpus(cfg)
+    clf = TopicClassifier.fit(
+        [d.text for d in splits.classifier_train], [str(d.label) for d in splits.classifier_train]
+    )
+    clf.save(out / "classifier")
+    test_texts = [d.text for d in splits.classifier_test]
+    test_labels = [str(d.label) for d in splits.classifier_test]
+    heldout_acc = clf.accuracy(test_texts, test_labels)
+    # Generations are short: also measure the judge on article openings of similar length.
+    snippet_words = max(8, cfg.max_new_tokens * 3 // 4)
+    snippets = [" ".join(t.split()[:snippet_words]) for t in test_texts]
+    snippet_acc = clf.accuracy(snippets, test_labels)
+    topics = clf.labels
+
+    # 2. Model, code cache, topic codes.
+    model, tokenizer, base, model_source = prepare_model(cfg, splits.lm, out)
+    heads = [
+        n for n, s in zip(model.codebooks, model.sites, strict=True) if s.placement == "attn_heads"
+    ]
+    if not heads:
+        raise ValueError(
+            f"model={model_source}: has no attention-head codebooks (placement 'attn_heads'); "
+            f"its codebooks are {list(model.codebooks)}"
+        )
+    cache = build_cache(
+        model,
+        tokenizer,
+        interleave(splits.lm),
+        out / "cache",
+        max_tokens=cfg.cache_tokens,
+        seq_len=cfg.block_size,
+        overwrite=True,
+        progress=cfg.progress,
+        source=cfg.data,
+    )
+    topic_codes = {
+        t: find_topic_codes(
+            cache,
+            t,
+            n=cfg.codes_per_topic,
+            max_per_head=cfg.max_codes_per_head,
+            min_precision=cfg.min_precision,
+            min_count=cfg.min_count,
+            codebooks=heads,
+        )
+        for t in topics
+    }
+
+    # 3. Generate without and with steering; the same seed per prompt pairs the draws.
+    conditions: list[str | None] = [None, *topics]
+    gens: dict[str | None, list[tuple[int, Generation]]] = {c: [] for c in conditions}
+    nll: dict[str | None, list[float]] = {c: [0.0, 0.0] for c in conditions}
+    ppl_model: nn.Module = base if base is not None else model
+    bar = tqdm(total=len(conditions) * len(cfg.prompts), desc="generate", disable=not cfg.progress)
+    for cond in conditions:
+        spec = None
+        if cond is not None:
+            if not topic_codes[cond]:
+                bar.update(len(cfg.prompts))
+                continue
+            spec = steering_spec(topic_codes[cond], slot=cfg.slot, scale=cfg.scale)
+        for pi, prompt in enumerate(cfg.prompts):
+            ids = prompt_ids(tokenizer, prompt)
+            samples = generate(
+                model,
+                tokenizer,
+                ids,
+                spec,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                num_samples=cfg.samples_per_prompt,
+                seed=cfg.seed + pi,
+            )
+            gens[cond] += [(pi, g) for g in samples]
+            if base is None:
+                with model.disabled():
+                    s, n = generation_nll(model, ids, samples, device)
+            else:
+                s, n = generation_nll(ppl_model, ids, samples, device)
+            nll[cond][0] += s
+            nll[cond][1] += n
+            bar.update(1)
+    bar.close()
+
+    # 4. Judge.
+    def texts(cond: str | None) -> list[str]:
+        return [g.text or "" for _, g in gens[cond]]
+
+    baseline_pred = clf.predict(texts(None))
+
+    def ppl(cond: str | None) -> float | None:
+        s, n = nll[cond]
+        return math.exp(s / n) if n else None
+
+    metrics: dict[str, Any] = {
+        "classifier": {
+            "kind": "multinomial naive Bayes on lower-cased words, uniform prior",
+            "heldout_accuracy": heldout_acc,
+            "snippet_accuracy": snippet_acc,
+            "snippet_words": snippet_words,
+            "train_docs": len(splits.classifier_train),
+            "test_docs": len(splits.classifier_test),
+        },
+        "model": model_source,
+        "lm_docs": len(splits.lm),
+        "cache_tokens": cache.n_tokens,
+        "baseline": {
+            "samples": len(baseline_pred),
+            "perplexity": ppl(None),
+            "predicted": {t: baseline_pred.count(t) for t in topics},
+            "no_known_word": baseline_pred.count(None),
+        },
+        "topics": {},
+    }
+    for t in topics:
+        pred = clf.predict(texts(t))
+        steered = sum(p == t for p in pred) / len(pred) if pred else 0.0
+        base_rate = sum(p == t for p in baseline_pred) / len(baseline_pred)
+        metrics["topics"][t] = {
+            "baseline_rate": base_rate,
+            "steered_rate": steered,
+            "gain": steered - base_rate,
+            "samples": len(pred),
+            "baseline_samples": len(baseline_pred),
+            "steered_perplexity": ppl(t),
+            "codes": [asdict(c) for c in topic_codes[t]],
+        }
+    gains = [m["gain"] for m in metrics["topics"].values()]
+    metrics["target"] = {
+        "topics_with_gain_ge_30pts": sum(g >= 0.30 for g in gains),
+        "needed": 3,
+        "met": sum(g >= 0.30 for g in gains) >= 3,
+    }
+    metrics["config"] = asdict(cfg)
+    metrics["seconds"] = time.perf_counter() - started
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(
+        out / "generations.json",
+        {
+            str(c): [{"prompt": cfg.prompts[pi], "text": g.text} for pi, g in gens[c]]
+            for c in conditions
+        },
+    )
+    write_topics_report(cfg, metrics, clf, gens, out)
+    return metrics
+
+
+def write_topics_report(
+    cfg: TopicsConfig,
+    metrics: dict[str, Any],
+    clf: TopicClassifier,
+    gens: dict[str | None, list[tuple[int, Generation]]],
+    out: Path,
+) -> Path:
+    """report.md + report.html + topics_chart.png (via ``report.Report``)."""
+    import matplotlib.pyplot as plt
+
+    from ..report import Report
+
+    topics = list(metrics["topics"])
+    clf_m = metrics["classifier"]
+    rep = Report("Topic steering with codebook features")
+    rep.paragraph(
+        f"Model: {metrics['model']} (codebooks on every attention head), trained on "
+        f"{metrics['lm_docs']} {cfg.data} documents. Topic codes were searched in a code cache of "
+        f"{metrics['cache_tokens']:,} tokens of those documents: codes whose firings land in the "
+        f"topic's documents at least {cfg.min_precision:.0%} of the time, ranked by precision x "
+        f"the fraction of the topic's documents they fire in; the best {cfg.codes_per_topic} "
+        f"(at most {cfg.max_codes_per_head} per head) are forced at every position "
+        f"(slot '{cfg.slot}', scale {cfg.scale}) while sampling {cfg.max_new_tokens} tokens "
+        f"from each of {len(cfg.prompts)} neutral prompts x {cfg.samples_per_prompt} samples "
+        f"(temperature {cfg.temperature}, top-k {cfg.top_k}); the unsteered samples use the same "
+        "prompts and seeds."
+    )
+    rep.paragraph(
+        f"Judge: {clf_m['kind']}, trained on {clf_m['train_docs']} held-out articles the LM never "
+        f"saw; accuracy on {clf_m['test_docs']} other held-out articles: "
+        f"{clf_m['heldout_accuracy']:.1%} (whole articles), {clf_m['snippet_accuracy']:.1%} "
+        f"(first {clf_m['snippet_words']} words, about the length of a generation). A generation "
+        "is on-topic when the judge's most likely topic is the steered topic."
+    )
+    rows = []
+    for t in topics:
+        m = metrics["topics"][t]
+        rows.append(
+            {
+                "topic": t,
+                "codes": len(m["codes"]),
+                "unsteered on-topic": f"{m['baseline_rate']:.0%}",
+                "steered on-topic": f"{m['steered_rate']:.0%}",
+                "gain (points)": f"{100 * m['gain']:+.0f}",
+                "samples": m["samples"],
+                "perplexity (steered)": m["steered_perplexity"],
+            }
+        )
+    target = metrics["target"]
+    rep.table(rows, caption="On-topic rate without and with steering")
+    base_ppl = metrics["baseline"]["perplexity"]
+    rep.paragraph(
+        f"Fluency: perplexity of the generations under the base model without codebooks is "
+        f"{format_ppl(base_ppl)} for the unsteered samples ({metrics['baseline']['samples']} "
+        "samples); the last column gives it for each steered set. "
+        f"Target (>= 30 points gain for >= 3 of 5 topics): {target['topics_with_gain_ge_30pts']} "
+        f"topics reach it -> {'met' if target['met'] else 'NOT met'}."
+    )
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(topics))
+    ax.bar(x - 0.2, [metrics["topics"][t]["baseline_rate"] for t in topics], 0.4, label="unsteered")
+    ax.bar(x + 0.2, [metrics["topics"][t]["steered_rate"] for t in topics], 0.4, label="steered")
+    ax.set_xticks(x, topics)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("on-topic rate")
+    ax.legend()
+    rep.figure(fig, "topics_chart", caption="Fraction of generations judged on-topic")
+    rep.heading("Topic codes")
+    code_rows = []
+    for t in topics:
+        for c in metrics["topics"][t]["codes"][:5]:
+            head = "" if c["head"] is None else f" head {c['head']}"
+            code_rows.append(
+                {
+                    "topic": t,
+                    "code": f"{c['codebook']}{head} #{c['code']}",
+                    "precision": c["precision"],
+                    "doc coverage": c["coverage"],
+                    "fires on tokens": c["count"],
+                }
+            )
+    rep.table(code_rows, caption="Best 5 codes per topic")
+    rep.heading("Samples")
+    for cond in [None, *topics]:
+        shown = [g.text or "" for _, g in gens[cond][:3]]
+        label = "unsteered" if cond is None else f"steered to {cond}"
+        judged = clf.predict(shown)
+        lines = [
+            f"[{j or '-'}] {cfg.prompts[pi]}{g.text or ''}".replace("\n", " ")
+            for (pi, g), j in zip(gens[cond][:3], judged, strict=True)
+        ]
+        rep.heading(label, level=3)
+        rep.code("\n".join(textwrap_lines(lines)))
+    rep.paragraph(
+        "Judge's top words per topic: "
+        + "; ".join(f"{t}: {', '.join(clf.top_words(t, 6))}" for t in topics)
+        + "."
+    )
+    rep.paragraph(f"Run time: {metrics['seconds']:.0f} s. Full settings in metrics.json.")
+    return rep.write(out)
+
+
+def format_ppl(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def textwrap_lines(lines: list[str], width: int = 110) -> list[str]:
+    import textwrap
+
+    out: list[str] = []
+    for line in lines:
+        out += textwrap.wrap(line, width, subsequent_indent="    ") or [""]
+    return out
