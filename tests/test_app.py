@@ -300,6 +300,24 @@ def test_position_opens_its_page_and_is_marked(client: TestClient, planted: Any)
     assert "past the end" in error_of(client.get("/api/text?doc=1&page=99"), 404)
 
 
+def test_text_pages_are_bounded(tmp_path: Path) -> None:
+    big = synthetic_cache(
+        tmp_path / "c", n_tokens=4000, n_codebooks=3, num_codes=64, k=8, groups=8, doc_tokens=4000
+    )  # 3 x 8 heads x 8 = 192 codes per token
+    c = TestClient(create_app(AppConfig(str(big.path)), cache=big), base_url=BASE)
+    msg = error_of(c.get("/api/text", params={"doc": 0, "per_page": 2000}), 400)
+    assert "choose one codebook or show at most 520 tokens" in msg
+    one = ok(
+        c.get("/api/text", params={"doc": 0, "per_page": 1500, "codebook": "layers.0.attn_heads"})
+    )
+    assert len(one["tokens"]) == 1500 and len(one["tokens"][0]["codes"]) == 64
+    msg = error_of(
+        c.get("/api/text", params={"doc": 0, "per_page": 2000, "codebook": "layers.0.attn_heads"}),
+        400,
+    )
+    assert "show at most 1562 tokens" in msg and "choose one codebook" not in msg
+
+
 def test_document_list_paginates(client: TestClient, planted: Any) -> None:
     first = ok(client.get("/api/docs", params={"per_page": 10}))
     assert first["pagination"]["total"] == planted.n_docs

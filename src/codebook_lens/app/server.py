@@ -38,6 +38,8 @@ log = logging.getLogger("codebook_lens.app")
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_CODE_REFS = 100_000
+"""Most (token, code) pairs one text page lists (a page of a big model's codes is heavy)."""
 
 
 @dataclass
@@ -499,6 +501,19 @@ class Lens:
         self.cache.info(codebook)
         return codebook
 
+    def _check_size(self, codebook: str | None, n_tokens: int) -> None:
+        """Refuse pages listing more than ``MAX_CODE_REFS`` codes (big models, all codebooks)."""
+        names = list(self.cache.codebooks) if codebook is None else [codebook]
+        per_token = sum(self.cache.info(n).groups * self.cache.info(n).k for n in names)
+        if n_tokens * per_token > MAX_CODE_REFS:
+            fit = max(1, MAX_CODE_REFS // per_token)
+            raise ValueError(
+                f"{n_tokens} tokens x {per_token} codes each is too much for one page "
+                f"(at most {MAX_CODE_REFS} codes); "
+                + ("choose one codebook or " if codebook is None else "")
+                + f"show at most {fit} tokens per page (per_page)"
+            )
+
     def text_doc(
         self, doc: int, codebook: str | None, page: int | None, per_page: int, pos: int | None
     ) -> dict[str, Any]:
@@ -520,6 +535,7 @@ class Lens:
         p = paginate(n, page or 1, per_page)
         lo, hi = d.start + p["start"], d.start + p["stop"]
         cb = self._codebook_or_all(codebook)
+        self._check_size(cb, hi - lo)
         names = list(cache.codebooks) if cb is None else [cb]
         rows = {name: np.asarray(cache.codes(name)[lo:hi]) for name in names}
         offsets = np.asarray(cache.offsets[lo:hi]).tolist()
@@ -567,9 +583,10 @@ class Lens:
         if not ids:
             raise ValueError("text gives no tokens")
         offsets = [tuple(o) for o in enc["offset_mapping"][: len(ids)]]
+        cb = self._codebook_or_all(codebook)
+        self._check_size(cb, len(ids))
         with self.model_lock:
             result = run_with_codes(self.model, ids)
-        cb = self._codebook_or_all(codebook)
         rows = {}
         for name in list(self.cache.codebooks) if cb is None else [cb]:
             info = self.cache.info(name)
@@ -757,7 +774,6 @@ _SECURITY_HEADERS = {
         "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"
     ),
 }
-SEARCH_KINDS = ("regex", "token", "topic")
 
 
 def create_app(
