@@ -1,0 +1,130 @@
+"""FSM demo: state-code tables, patching, divergence, options, and the quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from codebook_lens import CodebookConfig, attach_codebooks
+from codebook_lens.cli import main
+from codebook_lens.experiments.fsm import (
+    DemoConfig,
+    _RowPatch,
+    js_divergence,
+    state_code_table,
+)
+
+REQUIRED_KEYS = [
+    "wall_seconds", "base.transition_accuracy", "codebook.transition_accuracy",
+    "base.first_transition_accuracy", "codebook.first_transition_accuracy", "base.loss",
+    "codebook.loss", "state_codes.fraction_pure", "neurons.fraction_pure",
+    *[f"interventions.{g}.success_rate" for g in ("none", "attn", "mlp", "all")],
+]  # fmt: skip
+
+
+def test_state_code_table_finds_a_planted_code() -> None:
+    labels = torch.randint(0, 5, (400,))
+    codes = (labels * 3 + 1).unsqueeze(1)  # state s fires code 3s+1, always and only
+    table = state_code_table("layers.0.mlp_out", codes, labels, 5, 20)
+    assert table.code.tolist() == [1, 4, 7, 10, 13]
+    assert (table.precision == 1).all() and (table.recall == 1).all()
+    assert table.fraction_pure(0.9) == 1.0
+
+
+def test_state_code_table_hand_computed() -> None:
+    # state 0: codes [2, 2, 3]; state 1: codes [2, 4]
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    codes = torch.tensor([[2], [2], [3], [2], [4]])
+    t = state_code_table("c", codes, labels, 2, 5)
+    assert t.code[0] == 2
+    assert t.precision[0] == pytest.approx(2 / 3) and t.recall[0] == pytest.approx(2 / 3)
+    # state 1: code 4 has precision 1, recall 1/2 (F1 2/3) vs code 2 (1/3, 1/2 -> 0.4)
+    assert t.code[1] == 4 and t.recall[1] == pytest.approx(0.5)
+    assert t.fraction_pure(0.9) == 0.0
+
+
+def test_js_divergence_bounds() -> None:
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-9)
+    q = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    assert float(js_divergence(p, q)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_row_patch_sets_codes_at_one_position() -> None:
+    model = attach_codebooks(
+        tiny_model("gpt2"), CodebookConfig(num_codes=16, k=1, placements=["attn_heads", "mlp_out"])
+    )
+    ids = torch.randint(1, 64, (3, 6))
+    targets = {"layers.0.mlp_out": torch.tensor([[[5]], [[6]], [[7]]]),
+               "layers.1.attn_heads": torch.full((3, 4, 1), 9)}  # fmt: skip
+    before = model.get_codes(ids)
+    for name, t in targets.items():
+        model.codebooks[name].edit = _RowPatch(t, position=4, rows_per_target=1)
+    try:
+        after = model.get_codes(ids)
+    finally:
+        for name in targets:
+            model.codebooks[name].edit = None
+    assert after["layers.0.mlp_out"][:, 4, 0].tolist() == [5, 6, 7]
+    assert (after["layers.1.attn_heads"][:, 4] == 9).all()
+    assert torch.equal(after["layers.0.mlp_out"][:, :4], before["layers.0.mlp_out"][:, :4])
+    assert torch.equal(model.get_codes(ids)["layers.0.mlp_out"], before["layers.0.mlp_out"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_states": 1}, "num_states=1 is invalid"),
+        ({"num_edges": 200}, "num_edges=200 is invalid"),
+        ({"base": 1}, "base=1 is invalid"),
+        ({"width": 130, "heads": 4}, "width=130 is invalid for heads=4"),
+        ({"k": 5, "num_codes": 4}, "k=5 is invalid"),
+    ],
+)
+def test_bad_options(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**kwargs)
+
+
+def test_cli_bad_option_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["demo", "--quick", "--num-edges", "50", "--out", str(tmp_path / "x")]) == 2
+    assert "num_edges=50 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "transition accuracy" in printed
+    expected = {
+        "report.html", "report.md", "metrics.json", "fsm.json", "demo_config.json",
+        "state_codes.json", "training_curves.png", "state_code_heatmap.png",
+        "codes_vs_neurons.png", "interventions.png", "base_model", "codebook_model",
+    }  # fmt: skip
+    assert expected <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert isinstance(metrics[key], float), key
+        assert key == "wall_seconds" or 0.0 <= metrics[key] <= 1.0 or key.endswith("loss"), key
+    # The saved models load and reproduce the reported codebook structure.
+    from transformers import AutoModelForCausalLM
+
+    from codebook_lens import CodebookModel
+
+    cb = CodebookModel.from_pretrained(out / "codebook_model")
+    assert {n for n in cb.codebooks if n.endswith("mlp_out")} == {
+        "layers.0.mlp_out",
+        "layers.1.mlp_out",
+    }
+    AutoModelForCausalLM.from_pretrained(out / "base_model", local_files_only=True)
+    fsm = json.loads((out / "fsm.json").read_text())
+    assert fsm["config"]["num_states"] == 12 and len(fsm["states"]) == 12
+    # A second run into the same non-empty folder is refused without touching it.
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
