@@ -1231,7 +1231,8 @@ def serve(config: AppConfig, *, log_level: str = "info") -> None:
     threading.Thread(target=warm, daemon=True).start()
     if _allowed_hosts(config.host) is None:
         log.warning("serving on %s: the app is reachable from the network", config.host)
-    print(f"codebook-lens: serving {config.cache_dir} on http://{config.host}:{config.port}/")
+    if config.port:  # with port 0 uvicorn reports the port it picked
+        print(f"codebook-lens: serving {config.cache_dir} on http://{config.host}:{config.port}/")
     try:
         uvicorn.run(
             app, host=config.host, port=config.port, log_level=log_level, server_header=False
