@@ -67,6 +67,24 @@ def test_chunked_two_stage_search_matches_dense_reference(similarity: str) -> No
     assert torch.equal(layer(x).codes, brute_force_codes(layer, x, 8))
 
 
+@pytest.mark.parametrize("similarity", ["cosine", "inner_product", "euclidean"])
+def test_eval_score_cache_follows_codebook_changes(similarity: str) -> None:
+    torch.manual_seed(0)
+    layer = CodebookLayer(16, 500, 4, similarity=similarity, seed=0).eval()
+    x = torch.randn(64, 16)
+    layer(x)  # fills the cache
+    with torch.no_grad():
+        layer.codebook.mul_(-1.5)  # optimizer-style in-place update
+    fresh = CodebookLayer(16, 500, 4, similarity=similarity).eval()
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x).codes, fresh(x).codes)
+    layer.load_state_dict(CodebookLayer(16, 500, 4, similarity=similarity, seed=9).state_dict())
+    assert torch.equal(layer(x).codes, brute_force_codes(layer, x, 4)[:, 0])
+    layer.codebook.data.copy_(torch.randn(1, 500, 16))  # .data writes: re-enter eval
+    layer.eval()
+    assert torch.equal(layer(x).codes, brute_force_codes(layer, x, 4)[:, 0])
+
+
 def test_search_with_no_tokens() -> None:
     layer = CodebookLayer(16, 2000, 4, seed=0)
     out = layer(torch.randn(0, 16))

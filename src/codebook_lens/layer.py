@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .config import NONFINITE_POLICIES, REDUCTIONS, SIMILARITIES, check_choice, check_range
 
 
@@ -249,6 +250,7 @@ class CodebookLayer(nn.Module):
         self.last_loss: Tensor | None = None
         """Loss of the latest forward pass (read by ``CodebookModel.codebook_loss``)."""
         self._faiss: _FaissIndex | None = None
+        self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -259,15 +261,34 @@ class CodebookLayer(nn.Module):
     # ----------------------------------------------------------------- search
     def _score_params(self) -> tuple[Tensor, Tensor | None]:
         """Weights ``(groups, C, d)`` and bias ``(groups, C)`` (fp32) so that ranking by
-        ``x @ w.T + b`` equals ranking by the chosen similarity."""
-        cb = self.codebook.detach().float()
+        ``x @ w.T + b`` equals ranking by the chosen similarity.
+
+        In eval mode they are cached until the codebook changes (in-place updates such as
+        ``copy_``/optimizer steps bump its version; writes through ``.data`` do not, so call
+        ``train()``/``eval()`` after those), so that generation, one token at a time, does not
+        renormalise every code on every call. Training recomputes them every forward.
+        """
+        cb = self.codebook.detach()
+        key = (cb.data_ptr(), cb._version, cb.device, cb.dtype, self.similarity)
+        cache = self._score_cache
+        if not self.training and cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        cb = cb.float()
+        bias = None
         if self.similarity == "cosine":
             # |x| is constant per token, so x.c/|c| ranks the same as cosine.
-            return cb / cb.norm(dim=-1, keepdim=True).clamp_min(1e-12), None
-        if self.similarity == "inner_product":
-            return cb, None
-        # -|x - c|^2 = 2 x.c - |c|^2 - |x|^2; drop the per-token constant and halve.
-        return cb, -0.5 * cb.pow(2).sum(-1)
+            w = cb / cb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            w = cb
+            if self.similarity == "euclidean":
+                # -|x - c|^2 = 2 x.c - |c|^2 - |x|^2; drop the per-token constant and halve.
+                bias = -0.5 * cb.pow(2).sum(-1)
+        self._score_cache = None if self.training else (key, w, bias)
+        return w, bias
+
+    def train(self, mode: bool = True) -> CodebookLayer:
+        self._score_cache = None
+        return super().train(mode)
 
     @torch.no_grad()
     def search(
@@ -381,7 +402,9 @@ class CodebookLayer(nn.Module):
             # Zeroed so that nothing below (scores, loss, stats, revival) ever sees NaN/inf.
             xd = torch.where(bad.unsqueeze(-1), 0.0, xd)
         if self.training and not self._initialized:
-            self.init_kmeans(xd if bad is None else xd[~bad.any(-1)])
+            # Under torch.distributed: k-means on the global batch, rank 0's result everywhere.
+            self.init_kmeans(distributed.all_gather_rows(xd if bad is None else xd[~bad.any(-1)]))
+            distributed.broadcast_(self.codebook.data)
 
         codes = self.search(xd, lead_shape=lead)  # (N, G, k)
         weights = None
@@ -488,12 +511,13 @@ class CodebookLayer(nn.Module):
     def _remember(self, x: Tensor) -> None:
         """Keep a ring buffer of recent inputs (per group) to revive dead codes from."""
         size = self.recent_size
-        n = x.shape[0]
+        # Under torch.distributed the buffer holds rows of the global batch, same on all ranks.
+        n = distributed.total_rows(x)
         if n >= size:
-            pick = torch.randint(0, n, (size,), device=x.device)
-            self.recent.copy_(x[pick].transpose(0, 1))
+            self.recent.copy_(distributed.sample_rows(x, size).transpose(0, 1))
             self._recent_ptr, self._recent_filled = 0, size
         else:
+            x = distributed.all_gather_rows(x)
             idx = (torch.arange(n, device=x.device) + self._recent_ptr) % size
             self.recent[:, idx] = x.transpose(0, 1)
             self._recent_ptr = (self._recent_ptr + n) % size
@@ -508,6 +532,7 @@ class CodebookLayer(nn.Module):
         ``dead_code_steps`` steps are replaced by random recent inputs plus small noise;
         used codes are left untouched. No host synchronisation.
         """
+        distributed.sync_usage(self)  # global usage before the dead-code decision
         used = self.usage > 0
         self.steps_unused.copy_(torch.where(used, 0, self.steps_unused + 1))
         self.usage.zero_()
@@ -519,6 +544,8 @@ class CodebookLayer(nn.Module):
         fresh = self.recent[:, : self._recent_filled].gather(1, pick.unsqueeze(-1).expand(g, c, d))
         scale = fresh.norm(dim=-1, keepdim=True) / math.sqrt(d)
         fresh = fresh + torch.randn_like(fresh) * self.revival_noise * scale
+        if distributed.active() and distributed.any_true(dead):
+            distributed.broadcast_(fresh)  # rank 0 chooses the replacement vectors
         self.codebook.copy_(torch.where(dead.unsqueeze(-1), fresh, self.codebook))
         self.revived += dead.sum()
         self.steps_unused.masked_fill_(dead, 0)
