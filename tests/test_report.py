@@ -43,3 +43,5 @@ def test_format_value() -> None:
     assert format_value(12345.678) == "1.235e+04"
     assert format_value(True) == "True"
     assert format_value(float("nan")) == "nan"
+    assert format_value(0.0) == "0"
+    assert format_value(0.5) == "0.5"

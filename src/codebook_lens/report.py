@@ -44,7 +44,9 @@ def format_value(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if value != value:
             return "nan"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** (-digits)):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5 or abs(value) < 10 ** (-digits):
             return f"{value:.3e}"
         return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits}f}".rstrip("0")
     return str(value)

@@ -445,8 +445,8 @@ def intervention_experiment(
 
 
 # ------------------------------------------------------------------- report
-def _plots(rep: Any, base_hist: list[dict[str, Any]], cb_hist: list[dict[str, Any]], tables: list[StateCodeTable],
-           neurons: list[dict[str, np.ndarray]], inter: dict[str, Any], floor: float, cfg: DemoConfig) -> None:  # fmt: skip
+def _plot_curves(rep: Any, base_hist: list[dict[str, Any]], cb_hist: list[dict[str, Any]], floor: float,
+                 cfg: DemoConfig) -> None:  # fmt: skip
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -462,6 +462,11 @@ def _plots(rep: Any, base_hist: list[dict[str, Any]], cb_hist: list[dict[str, An
     rep.figure(
         fig, "training_curves", caption="Training loss; the codebook model starts from the base"
     )
+
+
+def _plot_states(rep: Any, tables: list[StateCodeTable], neurons: list[dict[str, np.ndarray]],
+                 cfg: DemoConfig) -> None:  # fmt: skip
+    import matplotlib.pyplot as plt
 
     best = max(tables, key=lambda t: t.fraction_pure(cfg.purity_threshold))
     order = np.argsort(best.code, kind="stable")
@@ -486,6 +491,10 @@ def _plots(rep: Any, base_hist: list[dict[str, Any]], cb_hist: list[dict[str, An
     ax.legend()
     rep.figure(fig, "codes_vs_neurons", caption="Per-state F1 of the best code vs the best neuron")
 
+
+def _plot_interventions(rep: Any, inter: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.4))
     rates = [inter[g]["success_rate"] for g in PATCH_GROUPS]
     ax.bar(list(PATCH_GROUPS), rates, color=["#999", "#4c72b0", "#dd8452", "#55a868"])
@@ -509,8 +518,7 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
         f"{metrics['wall_seconds']:.0f} s."
     )
     rep.heading("Training")
-    _plots(rep, base_hist, cb_hist, tables, neurons, metrics["interventions"], floor, cfg)
-    # Figures were queued in _plots in display order; tables go after the curves.
+    _plot_curves(rep, base_hist, cb_hist, floor, cfg)
     rep.heading("Metrics: base vs codebook model")
     keys = [
         "loss",
@@ -546,6 +554,7 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
         f"pure code; the best single neurons of the base model give "
         f"{metrics['neurons']['fraction_pure']:.0%}."
     )
+    _plot_states(rep, tables, neurons, cfg)
     rep.heading("Claim 2: patching codes moves the state")
     inter = metrics["interventions"]
     rep.table(
@@ -561,7 +570,7 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
         ],  # fmt: skip
         caption=f"{inter['pairs']} random pairs; success = {inter['criterion']}",
     )
-    # Move figures after their sections: simplest is to leave them in order of creation.
+    _plot_interventions(rep, inter)
     return rep.write(out)
 
 
