@@ -320,6 +320,13 @@ def test_promoted_tokens_direct_logit_effect(model_cache) -> None:  # type: igno
     heads, _ = promoted_tokens(model, cache, "layers.0.attn_heads", 2, head=1, top=4)
     assert heads is not None and len(heads) == 4
     assert heads[0].logit >= heads[-1].logit
+    # The head's code vector goes through the output projection unquantized: the codebook's
+    # own pre-hook on that projection must not touch it (same answer with codebooks off).
+    with model.disabled():
+        plain, _ = promoted_tokens(model, cache, "layers.0.attn_heads", 2, head=1, top=4)
+    assert plain is not None
+    assert [t.token_id for t in heads] == [t.token_id for t in plain]
+    assert heads[0].logit == pytest.approx(plain[0].logit, rel=1e-5)
 
 
 def test_cache_from_other_model_is_rejected(model_cache) -> None:  # type: ignore[no-untyped-def]

@@ -423,7 +423,10 @@ def promoted_tokens(
             x = torch.zeros(layer.dim, dtype=vec.dtype, device=vec.device)
             x[h * layer.head_dim : (h + 1) * layer.head_dim] = vec
             p_dtype = next(proj.parameters()).dtype
-            vec = (proj(x[None].to(p_dtype)) - proj(torch.zeros_like(x)[None].to(p_dtype)))[0]
+            # .forward skips the module's hooks: the codebook's own pre-hook (and any active
+            # intervention) must not quantize the vector we are projecting.
+            fwd = proj.forward
+            vec = (fwd(x[None].to(p_dtype)) - fwd(torch.zeros_like(x)[None].to(p_dtype)))[0]
             vec = vec.float()
         elif cb.placement not in ("mlp_out", "attn_out", "residual"):
             return None, f"not computed for placement {cb.placement!r} (not the residual width)"

@@ -119,7 +119,12 @@ def _file_stem(name: str, taken: set[str]) -> str:
 def model_identity(model: CodebookModel) -> dict[str, Any]:
     """What makes a model's codes comparable: its config, codebook names and code vectors."""
     base_cfg = getattr(model.base, "config", None)
-    cfg_json = json.dumps(model.config.to_dict(), sort_keys=True)
+    # Only the fields that decide which codes a token gets: new config fields with defaults
+    # (training options, say) must not make every existing cache look foreign.
+    code_fields = ("num_codes", "k", "similarity", "reduction", "layer_norm", "placements",
+                   "layers", "modules")  # fmt: skip
+    full = model.config.to_dict()
+    cfg_json = json.dumps({f: full.get(f) for f in code_fields}, sort_keys=True)
     h = hashlib.sha256()
     for name, layer in model.codebooks.items():
         h.update(name.encode())

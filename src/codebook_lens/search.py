@@ -80,7 +80,7 @@ def regex_pattern(
             if left <= 0:
                 raise TimeoutError
             b = int(base[i])
-            for m in rx.finditer(doc.text, timeout=left):
+            for m in rx.finditer(doc.text, timeout=left, concurrent=True):
                 ms, me = m.span()
                 if me > ms:  # empty matches select no characters
                     match_s.append(b + ms)
