@@ -1,0 +1,97 @@
+"""Every benchmark of issue 8 runs in its tiny mode and writes its section (so none rots)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_layer_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    res = load("bench_layer").main(["--tiny", "--results", str(out)])
+    saved = json.loads(out.read_text())["layer"]
+    for key in ("ratio_to_matmul_floor", "speedup_vs_dense", "memory_ratio_vs_dense"):
+        assert saved[key] == pytest.approx(res[key]) and saved[key] > 0
+    case = saved["cases"][0]
+    assert set(case["seconds"]) >= {"floor", "ours", "dense", "ours_k1"}
+    # The chunked layer never holds the whole score matrix; the dense formulation does.
+    n, c = case["tokens"], case["num_codes"]
+    assert case["peak_bytes"]["dense"] >= n * c * 4
+    assert saved["issue2"]["grouped_8_heads"]["groups"] == 8
+    if saved["faiss"] is not None:
+        assert saved["faiss"]["flat_equals_exact"] is True
+
+
+def test_bench_groups_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"other": {"kept": True}}))
+    res = load("bench_groups").main(["--tiny", "--results", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["other"] == {"kept": True}, "other sections must survive"
+    assert saved["groups"]["speedup_vs_loop"] == pytest.approx(res["speedup_vs_loop"])
+    assert all(c["same_codes"] for c in saved["groups"]["cases"])
+
+
+@pytest.mark.slow
+def test_bench_generate_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    res = load("bench_generate").main(["--tiny", "--results", str(out)])
+    saved = json.loads(out.read_text())["generate"]
+    assert saved["codebook_vs_base_throughput"] == pytest.approx(res["codebook_vs_base_throughput"])
+    case = saved["cases"][0]
+    assert case["base_tokens_per_s"] > 0 and case["codebook_tokens_per_s"] > 0
+
+
+def test_run_all_tiny_runs_scripts_and_prints_headline(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run_all.py"),
+            "--tiny",
+            "--only",
+            "groups",
+            "--results",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "groups.speedup_vs_loop" in proc.stdout
+    assert re.search(r"layer\.ratio_to_matmul_floor +missing", proc.stdout)
+    assert not re.search(r"groups\.speedup_vs_loop +missing", proc.stdout)
+    assert "groups" in json.loads(out.read_text())
+
+
+def test_peak_memory_counts_tensor_bytes() -> None:
+    import torch
+
+    common = load("common")
+
+    def alloc() -> None:
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 4 MB more while a is alive
+        del a, b
+
+    peak = common.peak_extra_bytes(alloc)
+    assert 8_000_000 <= peak < 8_100_000
