@@ -608,6 +608,16 @@ def _vocab_size(model: CodebookModel) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, torch.nn.Embedding) else None
 
 
+def _context_length(model: CodebookModel) -> int | None:
+    """Longest sequence the model can take (learned positions), or None if unbounded/unknown."""
+    cfg = getattr(model.base, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _eos_ids(model: CodebookModel, tokenizer: Any) -> set[int]:
     eos: Any = getattr(getattr(model.base, "config", None), "eos_token_id", None)
     if eos is None and tokenizer is not None:
@@ -689,6 +699,12 @@ def generate(
             f"prompt token ids {prompt_ids} are invalid; ids must be in 0 .. {vocab - 1}"
         )
     plen = len(prompt_ids)
+    context = _context_length(model)
+    if context is not None and plen + max_new_tokens > context:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is invalid for a {plen}-token prompt: the model's "
+            f"context is {context} tokens, so it must be <= {max(context - plen, 0)}"
+        )
     eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
