@@ -27,7 +27,7 @@ def brute_force_codes(layer: CodebookLayer, x: torch.Tensor, k: int) -> torch.Te
     return torch.stack(out, dim=1)  # (N, G, k)
 
 
-@pytest.mark.parametrize("num_codes", [300, 1000, 4096, 10_007])
+@pytest.mark.parametrize("num_codes", [300, 1000, 4096, 10_007, 50_000])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_topk_indices_equals_torch_topk(num_codes: int, k: int) -> None:
     torch.manual_seed(num_codes + k)
@@ -42,6 +42,7 @@ def test_topk_indices_equals_torch_topk(num_codes: int, k: int) -> None:
 
 def test_topk_indices_uses_two_stages_for_large_codebooks() -> None:
     assert _block_size(100, 8) == 0  # small: plain torch.topk
+    assert _block_size(1000, 8) == 0 and _block_size(1000, 1) > 1
     b = _block_size(10_000, 8)
     assert b > 1 and 10_000 % b == 0
     assert _block_size(10_007, 8) > 1  # prime: a ragged tail, still two-stage
