@@ -458,7 +458,7 @@ class CodebookLayer(nn.Module):
         A sum is finite whenever every element is (barring overflow, which then takes the
         exact path); only the failing case pays for locating the bad tokens.
         """
-        if x.numel() == 0 or bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()):
+        if x.numel() == 0 or math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all()):
             return
         bad_tok = ~torch.isfinite(x).flatten(1).all(-1)  # (N,)
         n_bad = int(bad_tok.sum())
@@ -482,7 +482,13 @@ class CodebookLayer(nn.Module):
         table = self.codebook.reshape(g * self.num_codes, self.head_dim)
         bags = (codes + offsets).reshape(n * g, kk)
         psw = None if weights is None else weights.reshape(n * g, kk).to(table.dtype)
-        q = _BagSum.apply(table, bags, psw).view(n, g, self.head_dim)
+        if torch.is_grad_enabled() and (
+            table.requires_grad or (psw is not None and psw.requires_grad)
+        ):
+            q = _BagSum.apply(table, bags, psw)
+        else:  # inference: skip the autograd.Function overhead (it matters per generated token)
+            q = F.embedding_bag(bags, table, per_sample_weights=psw, mode="sum")
+        q = q.view(n, g, self.head_dim)
         return q if self.reduction == "sum" else q / self.k
 
     # ------------------------------------------------------------ statistics
