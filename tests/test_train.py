@@ -176,12 +176,19 @@ def test_resume_after_interrupt_equals_uninterrupted(arch: str, tmp_path: Path) 
     assert steps == ref_steps
 
 
-def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_old_ones(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
-        train(codebook_model("gpt2"), BatchStream(BLOCKS, 4), config(), tmp_path, resume=True)
-    train(codebook_model("gpt2"), BatchStream(BLOCKS, 4), config(steps=3), tmp_path)
+def test_resume_without_checkpoint_starts_over_and_fresh_runs_refuse_old_ones(
+    tmp_path: Path,
+) -> None:
+    ref = codebook_model("gpt2")
+    train(ref, BatchStream(BLOCKS, 4), config(steps=3), tmp_path / "a")
+    # killed before its first checkpoint: --resume trains from step 0 like the first attempt
+    again = codebook_model("gpt2")
+    res = train(again, BatchStream(BLOCKS, 4), config(steps=3), tmp_path / "b", resume=True)
+    assert res.step == 3
+    a, b = weights(ref), weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        train(codebook_model("gpt2"), BatchStream(BLOCKS, 4), config(steps=3), tmp_path)
+        train(codebook_model("gpt2"), BatchStream(BLOCKS, 4), config(steps=3), tmp_path / "a")
 
 
 # -------------------------------------------------------------- checkpoints
@@ -454,3 +461,120 @@ def test_bench_train_tiny_runs() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| base " in proc.stdout and "| codebook C=32 " in proc.stdout
     assert "codebook/base throughput" in proc.stdout
+
+
+# ------------------------------------------------------------- crash safety
+@pytest.fixture(scope="module")
+def crash_base(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny saved base model with its own BPE tokenizer."""
+    from codebook_lens.data import load_documents, load_tokenizer
+
+    tok = load_tokenizer("bpe:300", load_documents(str(corpus)))
+    out = tmp_path_factory.mktemp("crash") / "base"
+    tiny_model("gpt2", vocab=300, layers=1, width=32, heads=2).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _wait_for(proc: Any, cond: Any, timeout: float = 120.0) -> bool:
+    """Poll ``cond()`` every millisecond or so; False if the process ended first."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+@pytest.mark.slow  # four interpreter start-ups: ~30-60 s on 2 cores
+def test_sigkill_at_random_moments_then_resume_gives_the_same_weights(
+    crash_base: Path, corpus: Path, tmp_path: Path
+) -> None:
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(root / "src"),
+    }
+    base_cmd = [
+        sys.executable, "-m", "codebook_lens.cli", "train", "--base", str(crash_base),
+        "--data", str(corpus), "--num-codes", "16", "--k", "2", "--dead-code-steps", "2",
+        "--steps", "16", "--checkpoint-every", "2", "--eval-every", "0", *TINY,
+    ]  # fmt: skip
+    ref = tmp_path / "ref"  # uninterrupted reference, in this process with the same 1 thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*base_cmd[3:], "--out", str(ref)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "crash"
+    ckpts = out / "checkpoints"
+    rng = random.Random(0)
+
+    def writing(min_step: int) -> Any:
+        def cond() -> bool:
+            return any(int(p.name[10:18]) >= min_step for p in ckpts.glob(".tmp-step-*"))
+
+        return cond
+
+    def reached(min_step: int) -> Any:
+        def cond() -> bool:
+            found = list_checkpoints(out)
+            return bool(found) and int(found[-1].name[5:]) >= min_step
+
+        return cond
+
+    # kill 1: during the very first checkpoint write (nothing complete yet: resume restarts);
+    # kill 2: at a random moment after step 6; kill 3: during a later checkpoint write.
+    plan = [writing(2), reached(6), writing(10)]
+    killed_mid_write = 0
+    for attempt, cond in enumerate(plan):
+        log = open(tmp_path / f"attempt{attempt}.log", "w")  # noqa: SIM115
+        cmd = [*base_cmd, "--out", str(out), *(["--resume"] if attempt else [])]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert _wait_for(proc, cond), (tmp_path / f"attempt{attempt}.log").read_text()[-2000:]
+            if attempt == 1:
+                time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        assert proc.returncode == -signal.SIGKILL
+        killed_mid_write += any(ckpts.glob(".tmp-step-*"))
+    final = subprocess.run(
+        [*base_cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True
+    )
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert killed_mid_write >= 1, "no kill landed inside a checkpoint write"
+
+    for name in ("model.safetensors", "codebooks.safetensors"):
+        a = load_file(str(ref / "model" / name))
+        b = load_file(str(out / "model" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs after kills and resumes"
+
+    def steps(run: Path) -> list[int]:
+        return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps(out) == steps(ref)  # each record once, as if never killed

@@ -641,8 +641,8 @@ def train(
 
     ``batches`` yields ``(batch, seq)`` input ids and has ``state_dict``/``load_state_dict``
     (``data.BatchStream``). ``eval_batches`` is re-iterated at every evaluation (a list).
-    With ``resume=True`` the newest checkpoint in ``out_dir`` is restored first; without it,
-    ``out_dir`` must not hold checkpoints already.
+    With ``resume=True`` the newest checkpoint in ``out_dir`` is restored first (none yet: the
+    run starts from step 0, as it first did); without it, ``out_dir`` must not hold checkpoints.
     """
     from tqdm import tqdm
 
@@ -658,10 +658,11 @@ def train(
     trainable_before = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
     step, tokens, resume_step = 0, 0, None
-    if resume:
-        found = list_checkpoints(out)
-        if not found:
-            raise FileNotFoundError(f"{out / 'checkpoints'}: no checkpoint to resume from")
+    found = list_checkpoints(out) if resume else []
+    if resume and not found and main:
+        # Killed before its first checkpoint: the run restarts from step 0, as it began.
+        print(f"{out}: no checkpoint yet; starting from step 0", file=sys.stderr)
+    if found:
         state = load_checkpoint(found[-1], model, optimizer, batches)
         step, tokens, resume_step = state["step"], state["tokens"], state["step"]
         saved = state.get("train_config", {})
@@ -673,7 +674,7 @@ def train(
         if changed and main:
             print(f"warning: resuming with changed settings {changed}", file=sys.stderr)
     else:
-        if list_checkpoints(out):
+        if not resume and list_checkpoints(out):
             raise ValueError(
                 f"{out}: already holds checkpoints of a training run; resume it or choose "
                 "another output directory"
@@ -823,10 +824,10 @@ class ModelConfig:
     arch: ModelArch = "gpt_neox"
     """Architecture: 'gpt_neox', 'llama' or 'gpt2' (random init from a transformers config)."""
 
-    num_layers: int = 4
+    num_layers: int = 2
     """Transformer blocks."""
 
-    width: int = 256
+    width: int = 128
     """Hidden size (d_model)."""
 
     heads: int = 4
@@ -841,7 +842,7 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout probability in attention and MLP (where the architecture has it)."""
 
-    tokenizer: str = "bpe:4096"
+    tokenizer: str = "bpe:2048"
     """'bpe:N' (byte-level BPE trained on the training split), 'gpt2', or a folder / hub id."""
 
     def __post_init__(self) -> None:
@@ -986,8 +987,6 @@ def _check_out_dir(out: Path, resume: bool) -> None:
     if resume:
         if not (out / RUN_CONFIG).is_file():
             raise FileNotFoundError(f"--out {out}: no {RUN_CONFIG} here, so nothing to resume")
-        if not list_checkpoints(out):
-            raise FileNotFoundError(f"--out {out}: no complete checkpoint to resume from")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
             f"--out {out}: exists and is not empty; pass --resume to continue that run or "
@@ -1096,6 +1095,8 @@ def _run(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / RUN_CONFIG, run_config)
+        for junk in out.glob(".tokenizer.tmp-*"):  # left by a run killed while saving it
+            shutil.rmtree(junk, ignore_errors=True)
         if not (out / "tokenizer").exists():
             tmp = out / f".tokenizer.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
