@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     print_table,
     save_section,
     time_interleaved,
+    time_wall_cpu,
 )
 
 from codebook_lens import CodebookLayer  # noqa: E402
@@ -168,8 +169,13 @@ def run_case(
                 torch.autograd.backward((quantized[0], loss.sum()), (case1.g, case1.one))
 
             fns["vq_k1"] = vq_step
-    secs = time_interleaved(fns, repeats, device=device)
+    secs, cpu = time_wall_cpu(fns, repeats, device=device)
     mem = {name: peak_extra_bytes(fn, device) for name, fn in fns.items()}
+    print(
+        f"  {tokens:,} x {num_codes:,} x {dim} (groups={groups}, k={k}): "
+        + ", ".join(f"{n} {secs[n]:.3f} s" for n in fns),
+        flush=True,
+    )
     return {
         "tokens": tokens,
         "num_codes": num_codes,
@@ -177,12 +183,13 @@ def run_case(
         "k": k,
         "groups": groups,
         "seconds": secs,
+        "cpu_seconds": cpu,
         "peak_bytes": mem,
     }
 
 
 def case_row(r: dict[str, Any]) -> list[str]:
-    s, m = r["seconds"], r["peak_bytes"]
+    s, m, cpu = r["seconds"], r["peak_bytes"], r["cpu_seconds"]
     shape = f"{r['tokens']:,} x {r['num_codes']:,} x {r['dim']}" + (
         f" ({r['groups']} heads)" if r["groups"] > 1 else ""
     )
@@ -197,6 +204,8 @@ def case_row(r: dict[str, Any]) -> list[str]:
         fmt_bytes(m["ours"]),
         fmt_bytes(m["dense"]),
         f"{m['ours'] / max(m['dense'], 1):.3f}",
+        f"{cpu['ours'] / cpu['floor']:.2f}",
+        f"{cpu['dense'] / cpu['ours']:.2f}x",
         f"{s['ours_k1']:.3f}" if "ours_k1" in s else "-",
         f"{s['vq_k1']:.3f}" if "vq_k1" in s else "-",
         vq,
@@ -214,6 +223,8 @@ HEADER = [
     "ours mem",
     "dense mem",
     "mem ratio",
+    "cpu ours/floor",
+    "cpu vs dense",
     "ours k=1 s",
     "vq k=1 s",
     "vq/ours k=1",
@@ -349,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (r for r in cases if (r["tokens"], r["num_codes"], r["dim"]) == issue2), None
     ) or run_case(tok, c, d, 8, 1, repeats, device, peers=False)
     grouped = run_case(tok, c, d * 8, 8, 8, repeats, device, peers=False)
-    print_table(HEADER[:9], [case_row(single)[:9], case_row(grouped)[:9]], "Issue 2 case")
+    print_table(HEADER[:11], [case_row(single)[:11], case_row(grouped)[:11]], "Issue 2 case")
 
     sizes = [64, 256] if args.tiny else [512, 1024, 2048, 4096, 8192]
     sweep = chunk_sweep(
@@ -413,12 +424,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch.compile(layer), 16,384 tokens",
         )
 
-    ks, km = key_case["seconds"], key_case["peak_bytes"]
+    ks, km, kc = key_case["seconds"], key_case["peak_bytes"], key_case["cpu_seconds"]
     result: dict[str, Any] = {
         "key_case": key,
         "ratio_to_matmul_floor": ks["ours"] / ks["floor"],
         "speedup_vs_dense": ks["dense"] / ks["ours"],
         "memory_ratio_vs_dense": km["ours"] / max(km["dense"], 1),
+        "cpu_time_ratio_to_matmul_floor": kc["ours"] / kc["floor"],
+        "cpu_time_speedup_vs_dense": kc["dense"] / kc["ours"],
         "vq_k1_over_ours_k1_time": (ks["vq_k1"] / ks["ours_k1"]) if "vq_k1" in ks else None,
         "issue2": {"single": single, "grouped_8_heads": grouped},
         "cases": cases,

@@ -44,19 +44,40 @@ def time_interleaved(
     Interleaving (A B C A B C ...) spreads load from other processes on a shared machine
     over every contender instead of penalising whichever ran during a busy spell.
     """
+    return time_wall_cpu(fns, repeats, warmup=warmup, device=device)[0]
+
+
+def time_wall_cpu(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Like ``time_interleaved``, also returning median process CPU seconds per function.
+
+    CPU time (all threads of this process) barely moves when other processes compete for
+    the cores, so on a loaded machine its ratios are the steadier cross-check; wall time is
+    what a user waits for.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()
             sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return (
+        {name: statistics.median(ts) for name, ts in wall.items()},
+        {name: statistics.median(ts) for name, ts in cpu.items()},
+    )
 
 
 # ------------------------------------------------------------------------------ memory
