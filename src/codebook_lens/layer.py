@@ -15,7 +15,9 @@ This module has no Hugging Face imports; ``attach.py`` puts layers into models.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -646,9 +648,10 @@ class _BagSum(torch.autograd.Function):
     """``out[m] = sum_j w[m, j] * table[bags[m, j]]``: ``(R, d)``, ``(M, k)`` -> ``(M, d)``.
 
     Forward is one ``embedding_bag``. Backward scatters the output gradient into the table
-    with one ``index_add_`` per slot ``j``: on CPU about 2x faster than ``embedding_bag``'s
-    sort-based backward and 4x faster than differentiating ``embedding(...).sum()``, with no
-    ``(M, k, d)`` temporary.
+    with one ``index_add_`` per slot ``j``, with no ``(M, k, d)`` temporary. On CPU it runs
+    on one thread: single-threaded it is 2-3x faster than ``embedding_bag``'s sort-based
+    backward, while torch's 2-thread row scatter splits each row between threads that then
+    fight over the same cache lines (measured 50-100x slower; benchmarks/README.md).
     """
 
     @staticmethod
@@ -663,12 +666,27 @@ class _BagSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_table = torch.zeros_like(table)
             g = grad.to(table.dtype)
-            for j in range(bags.shape[1]):
-                src = g if weights is None else g * weights[:, j : j + 1]
-                grad_table.index_add_(0, bags[:, j], src)
+            with _one_cpu_thread(table.device):
+                for j in range(bags.shape[1]):
+                    src = g if weights is None else g * weights[:, j : j + 1]
+                    grad_table.index_add_(0, bags[:, j], src)
         if weights is not None and ctx.needs_input_grad[2]:
             grad_weights = (grad.unsqueeze(1) * F.embedding(bags, table)).sum(-1)
         return grad_table, None, grad_weights
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread (no-op off the CPU or when already 1)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:
