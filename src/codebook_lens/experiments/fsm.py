@@ -60,21 +60,21 @@ class DemoConfig:
 
     arch: Literal["gpt2", "gpt_neox", "llama"] = "gpt2"
     """Hugging Face architecture of the transformer, built from a config."""
-    layers: int = 4
+    layers: int = 2
     """Transformer blocks."""
-    width: int = 128
-    """Residual width."""
+    width: int = 64
+    """Residual width (fewer dimensions than FSM states: the superposition regime)."""
     heads: int = 4
     """Attention heads."""
-    mlp_width: int = 512
+    mlp_width: int = 256
     """MLP hidden width."""
 
-    base_steps: int = 600
+    base_steps: int = 1500
     """Optimizer steps for the base model."""
     base_lr: float = 3e-3
     """Peak learning rate of the base model."""
-    batch_size: int = 64
-    """Sequences per step."""
+    batch_size: int = 32
+    """Sequences per step (small batches: this task is limited by the number of updates)."""
     warmup_steps: int = 30
     """Linear warmup steps (both stages)."""
 
@@ -82,7 +82,7 @@ class DemoConfig:
     """Codes per codebook C (per head for attention codebooks)."""
     k: int = 1
     """Codes per token (and head)."""
-    codebook_steps: int = 400
+    codebook_steps: int = 600
     """Fine-tuning steps of the codebook model (initialised from the base model)."""
     codebook_lr: float = 3e-3
     """Peak learning rate of the codebooks."""
