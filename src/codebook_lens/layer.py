@@ -511,12 +511,12 @@ class CodebookLayer(nn.Module):
             ones = keep.unsqueeze(-1).expand_as(codes).reshape(-1).to(flat.dtype)
             kept = keep.sum()
             self.skipped += bad.sum()
-        self.counts.view(-1).index_add_(0, flat, ones)
+        self.counts.view(-1).scatter_add_(0, flat, ones)
         self.tokens_seen += x.shape[0]
         # mse_sum holds sum over tokens of the per-element error averaged over groups.
         self.mse_sum += mse.double() * kept / self.groups
         if self.training:
-            self.usage.view(-1).index_add_(0, flat, ones)
+            self.usage.view(-1).scatter_add_(0, flat, ones)
             if self.dead_code_steps:
                 self._remember(x if bad is None else _fill_bad_rows(x, bad))
 
