@@ -3,12 +3,13 @@
 One training step = forward with labels, codebook loss, backward, gradient clipping, AdamW step
 and ``model.step()`` (dead-code clock), i.e. the inner loop of ``codebook_lens.train.train``
 without its logging. Contenders are timed round-robin in one run (median of repeats), on random
-token batches, for the default ``codebook-lens pretrain`` model (GPT-NeoX, 4 layers, width 256,
-4 heads, vocabulary 4096) with codebooks on every attention head.
+token batches, for the default ``codebook-lens pretrain`` model (GPT-NeoX, 2 layers, width 128,
+4 heads, BPE vocabulary 2048) with codebooks on every attention head (k-means init, mean of k).
 
 Target (issue 4): codebook model >= 0.6x the base model's tokens/s.
 
     python benchmarks/bench_train.py            # block 128 x batch 16, C = 1024 and 4096, k = 8
+    python benchmarks/bench_train.py --layers 4 --width 256 --vocab 4096   # a larger model
     python benchmarks/bench_train.py --tiny     # seconds; what the test runs
 """
 
@@ -69,10 +70,10 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--codes", default="1024,4096", help="codebook sizes C to compare")
     ap.add_argument("--k", type=int, default=8, help="codes per head and token")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
@@ -92,13 +93,21 @@ def main() -> None:
     for c in sizes:
         model = attach_codebooks(
             make_model(args, args.device),
-            CodebookConfig(num_codes=c, k=args.k, placements=["attn_heads"], dead_code_steps=100),
+            CodebookConfig(
+                num_codes=c,
+                k=args.k,
+                reduction="mean",
+                placements=["attn_heads"],
+                dead_code_steps=100,
+            ),
         )
         steps[f"codebook C={c}"] = make_step(model, ids, train_cfg)
     if sizes:  # codebooks only: the model is frozen, only codes learn
         frozen = attach_codebooks(
             make_model(args, args.device),
-            CodebookConfig(num_codes=sizes[-1], k=args.k, placements=["attn_heads"]),
+            CodebookConfig(
+                num_codes=sizes[-1], k=args.k, reduction="mean", placements=["attn_heads"]
+            ),
         )
         steps[f"codebooks only C={sizes[-1]}"] = make_step(
             frozen, ids, TrainConfig(lr=1e-3, model_lr_factor=0.0)

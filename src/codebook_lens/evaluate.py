@@ -193,6 +193,7 @@ def run_eval(args: Any) -> int:
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .attach import CONFIG_NAME
     from .cli import dataclass_from_args
@@ -208,6 +209,7 @@ def run_eval(args: Any) -> int:
     )
     from .train import RUN_CONFIG, resolve_model_path
 
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(args.model)
     p = Path(path)
     saved = read_json(p / RUN_CONFIG) if (p / RUN_CONFIG).is_file() else {}

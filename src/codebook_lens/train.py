@@ -687,14 +687,18 @@ def train(
 
     wrapped: nn.Module = model
     if world > 1:
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # Codebook buffers (usage counts, recent inputs) are synchronised by the codebook
         # layers themselves; DDP must not overwrite them with rank 0's every forward.
+        newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        no_buffer_sync: dict[str, Any] = {
+            "forward_sync_buffers" if newer else "broadcast_buffers": False
+        }
         wrapped = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
         )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     autocast = (
@@ -1050,9 +1054,12 @@ def _run(
 ) -> int:
     """Shared body of ``pretrain`` and ``train``; ``build(configs, train_docs, device)`` returns
     the model and run-config extras (and the tokenizer under ``"_tokenizer"``)."""
+    from transformers.utils import logging as hf_logging
+
     from .data import BatchStream, fixed_batches, load_documents, split_documents
     from .evaluate import evaluate, format_table
 
+    hf_logging.disable_progress_bar()  # our own bars only; no "Loading weights" per load
     out = Path(args.out).expanduser()
     _check_out_dir(out, args.resume)
     saved: dict[str, Any] = read_json(out / RUN_CONFIG) if args.resume else {}
