@@ -271,6 +271,8 @@ class TokFSM:
                     raise ValueError("tokens are not a walk of this machine")
                 counts = torch.where(impossible, torch.ones_like(counts), counts)
                 probs[:, sel] = counts / counts.sum(-1, keepdim=True)
+        if strict and bool((probs.gather(-1, digits[..., None]) == 0).any()):
+            raise ValueError("tokens are not a walk of this machine")
         return probs
 
     # ----------------------------------------------------------------- serialisation
