@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     save_section,
     time_interleaved,
     time_wall_cpu,
+    update_section,
 )
 
 from codebook_lens import CodebookLayer  # noqa: E402
@@ -321,11 +322,29 @@ def compiled(
     return {"seconds": secs, "compile_seconds": compile_s}
 
 
+def print_compile(comp: dict[str, Any], tokens: int) -> None:
+    s = comp["seconds"]
+    print_table(
+        ["torch.compile", "s"],
+        [
+            ["eager", f"{s['eager']:.3f}"],
+            ["compiled", f"{s['compiled']:.3f}"],
+            ["compile time (first call)", f"{comp['compile_seconds']:.1f}"],
+        ],
+        f"torch.compile(layer), forward + backward, {tokens:,} tokens",
+    )
+
+
 # ------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(layer)")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only the torch.compile comparison, merged into the saved layer section",
+    )
     ap.add_argument("--no-peers", action="store_true", help="skip vector-quantize-pytorch")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -336,6 +355,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = {"tokens": 512, "num_codes": 1000, "dim": 32, "k": 8}
     issue2 = (512, 1000, 32) if args.tiny else (16_384, 10_000, 64)
     print(f"bench_layer on {machine()}", flush=True)
+    if args.compile_only:
+        tokens = key["tokens"] if args.tiny else 16_384
+        comp = compiled(tokens, key["num_codes"], key["dim"], 8, repeats, device)
+        print_compile(comp, tokens)
+        update_section(args.results, "layer", {"compile": comp})
+        return {"compile": comp}
 
     cases = []
     for tokens, c, d in grid(args.full, args.tiny):
@@ -413,16 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     comp = None
     if args.compile:
         comp = compiled(16_384, key["num_codes"], key["dim"], 8, repeats, device)
-        s = comp["seconds"]
-        print_table(
-            ["torch.compile", "s"],
-            [
-                ["eager", f"{s['eager']:.3f}"],
-                ["compiled", f"{s['compiled']:.3f}"],
-                ["compile time", f"{comp['compile_seconds']:.1f}"],
-            ],
-            "torch.compile(layer), 16,384 tokens",
-        )
+        print_compile(comp, 16_384)
 
     ks, km, kc = key_case["seconds"], key_case["peak_bytes"], key_case["cpu_seconds"]
     result: dict[str, Any] = {

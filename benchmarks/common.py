@@ -217,6 +217,20 @@ def save_section(path: str | os.PathLike[str] | None, section: str, data: dict[s
             tmp.unlink()
 
 
+def update_section(path: str | os.PathLike[str] | None, section: str, data: dict[str, Any]) -> None:
+    """Merge ``data``'s keys into an existing section (creating it if needed)."""
+    if not path:
+        return
+    current: dict[str, Any] = {}
+    if Path(path).is_file():
+        try:
+            loaded = json.loads(Path(path).read_text(encoding="utf-8")).get(section)
+            current = loaded if isinstance(loaded, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            current = {}
+    save_section(path, section, {**current, **data})
+
+
 def add_common_args(ap: Any) -> None:
     """The flags every benchmark script shares."""
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: seconds (used by the tests)")
