@@ -1135,7 +1135,7 @@ def _run(
     return 0
 
 
-def _tokenizer_for_run(spec: str, train_docs: Any, resume_dir: Path | None) -> Any:
+def _tokenizer_for_run(spec: str, train_docs: Any, resume_dir: Path | None, output_dir: str) -> Any:
     """The run's tokenizer: the saved one on resume (a retrained BPE could differ), else
     ``load_tokenizer(spec)``. Under torchrun rank 0 builds it and the others load its copy."""
     from transformers import AutoTokenizer
@@ -1147,12 +1147,12 @@ def _tokenizer_for_run(spec: str, train_docs: Any, resume_dir: Path | None) -> A
     rank, world = dist_info()
     if world == 1 or not spec.startswith("bpe:"):
         return load_tokenizer(spec, train_docs)
-    import tempfile
-
     import torch.distributed as dist
 
-    # Byte-level BPE training is not guaranteed identical across processes: share rank 0's.
-    shared = Path(tempfile.gettempdir()) / f"codebook-lens-tok-{os.environ.get('MASTER_PORT', '0')}"
+    # Byte-level BPE training is not guaranteed identical across processes: share rank 0's,
+    # beside the run folder (which every node must see anyway, to resume).
+    out = Path(output_dir)
+    shared = out.parent / f".{out.name}.tokenizer-{os.environ.get('MASTER_PORT', '0')}"
     if rank == 0:
         tok = load_tokenizer(spec, train_docs)
         tok.save_pretrained(shared)
@@ -1176,7 +1176,7 @@ def run_pretrain(args: Any) -> int:
                 f"block_size={dcfg.block_size} is invalid: the model's context is "
                 f"{mcfg.context} tokens; use --block-size <= {mcfg.context} or raise --context"
             )
-        tokenizer = _tokenizer_for_run(mcfg.tokenizer, train_docs, resume_dir)
+        tokenizer = _tokenizer_for_run(mcfg.tokenizer, train_docs, resume_dir, args.out)
         return build_model(mcfg, tokenizer), {"_tokenizer": tokenizer}
 
     return _run(
