@@ -168,6 +168,13 @@ def test_quick_experiment_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     for name in ("report.md", "report.html", "topics_chart.png", "generations.json"):
         assert (out / name).is_file(), name
+    from codebook_lens.intervene import InterventionSpec
+
+    for topic, m in topics.items():
+        if m["codes"]:  # the saved spec forces exactly the reported codes
+            spec = InterventionSpec.load(out / "specs" / f"{topic}.yaml")
+            forced = sorted((e.codebook, e.head, c) for e in spec.edits for c in e.code_list)
+            assert forced == sorted((c["codebook"], c["head"], c["code"]) for c in m["codes"])
     report = (out / "report.md").read_text()
     assert "| topic | codes | unsteered on-topic | steered on-topic |" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()

@@ -678,6 +678,9 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
                 bar.update(len(cfg.prompts))
                 continue
             spec = steering_spec(topic_codes[cond], slot=cfg.slot, scale=cfg.scale)
+            # Saved so the steering replays from the shell: codebook-lens generate ... --intervene
+            (out / "specs").mkdir(exist_ok=True)
+            spec.save(out / "specs" / f"{cond}.yaml")
         for pi, prompt in enumerate(cfg.prompts):
             ids = prompt_ids(tokenizer, prompt)
             samples = generate(
@@ -862,6 +865,11 @@ def write_topics_report(
         "Judge's top words per topic: "
         + "; ".join(f"{t}: {', '.join(clf.top_words(t, 6))}" for t in topics)
         + "."
+    )
+    rep.paragraph(
+        "Replay a topic's steering from the shell: codebook-lens generate "
+        f'{metrics["model"].removesuffix(" (reused)")} "The" --intervene '
+        f"{out / 'specs' / (topics[0] + '.yaml')} --n 5 (one spec per topic in specs/)."
     )
     rep.paragraph(f"Run time: {metrics['seconds']:.0f} s. Full settings in metrics.json.")
     return rep.write(out)
