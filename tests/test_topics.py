@@ -135,7 +135,7 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="slot='first' is invalid"):
         TopicsConfig(slot="first")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_codes_per_head=9 is invalid"):
-        TopicsConfig(max_codes_per_head=9, k=8)
+        TopicsConfig(max_codes_per_head=9, k=8, slot="replace-lowest")
     with pytest.raises(ValueError, match="codes_per_topic=0 is invalid"):
         TopicsConfig(codes_per_topic=0)
     with pytest.raises(ValueError, match="prompts=.* is invalid"):

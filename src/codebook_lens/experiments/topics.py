@@ -235,19 +235,19 @@ class TopicsConfig:
     # code search
     cache_tokens: int = 200_000
     """Tokens of the LM split run through the codebook model for the code cache."""
-    codes_per_topic: int = 24
+    codes_per_topic: int = 64
     """Topic codes forced at once (over all heads and layers)."""
-    max_codes_per_head: int = 2
-    """At most this many forced codes per head (they replace the lowest-ranked codes)."""
+    max_codes_per_head: int = 4
+    """At most this many forced codes per head (<= k with slot='replace-lowest')."""
     min_precision: float = 0.5
     """A topic code's firings must land in that topic's documents at least this often."""
     min_count: int = 20
     """A topic code must fire on at least this many tokens of the cache."""
 
     # steering
-    slot: Literal["replace-lowest", "append"] = "replace-lowest"
+    slot: Literal["replace-lowest", "append"] = "append"
     """Where forced codes go: 'replace-lowest' or 'append'."""
-    scale: float = 1.0
+    scale: float = 2.0
     """Weight of the forced code vectors."""
     prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
     """Neutral prompts; each starts a new document (after the end-of-text token)."""
@@ -608,7 +608,7 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from ..cache import build_cache
+    from ..cache import build_cache, load_cache
     from ..intervene import generate
 
     started = time.perf_counter()
@@ -641,17 +641,34 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
             f"model={model_source}: has no attention-head codebooks (placement 'attn_heads'); "
             f"its codebooks are {list(model.codebooks)}"
         )
-    cache = build_cache(
-        model,
-        tokenizer,
-        interleave(splits.lm),
-        out / "cache",
-        max_tokens=cfg.cache_tokens,
-        seq_len=cfg.block_size,
-        overwrite=True,
-        progress=cfg.progress,
-        source=cfg.data,
-    )
+    # The cache is a pure function of the model and these settings: reuse it when they match.
+    cache_key = {
+        "model": cfg.model_key() if cfg.model is None else cfg.model,
+        "cache_tokens": cfg.cache_tokens,
+        "block_size": cfg.block_size,
+    }
+    key_file = out / "cache_key.json"
+    if (
+        model_source.endswith("(reused)")
+        and key_file.is_file()
+        and read_json(key_file) == cache_key
+        and (out / "cache" / "manifest.json").is_file()
+    ):
+        cache = load_cache(out / "cache")
+    else:
+        key_file.unlink(missing_ok=True)
+        cache = build_cache(
+            model,
+            tokenizer,
+            interleave(splits.lm),
+            out / "cache",
+            max_tokens=cfg.cache_tokens,
+            seq_len=cfg.block_size,
+            overwrite=True,
+            progress=cfg.progress,
+            source=cfg.data,
+        )
+        write_json_atomic(key_file, cache_key)
     topic_codes = {
         t: find_topic_codes(
             cache,
