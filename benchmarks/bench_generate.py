@@ -54,7 +54,10 @@ def build(layers: int, width: int, heads: int, vocab: int) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(ap)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    # Decoding runs tiny ops; on a shared 2-core machine two OpenMP threads spin against other
+    # processes (measured 13x slower than one thread for the base model alone).
+    ap.set_defaults(threads=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         layers, width, heads, vocab, prompt, new = 4, 512, 8, 4096, 16, args.new_tokens
         batches, setups = [1, 8], dict(SETUPS)
-    repeats = args.repeats or (1 if args.tiny else 5)
+    repeats = args.repeats or (1 if args.tiny else 3)
     print(f"bench_generate on {machine()}", flush=True)
 
     results = []

@@ -258,6 +258,7 @@ class CodebookLayer(nn.Module):
         """Loss of the latest forward pass (read by ``CodebookModel.codebook_loss``)."""
         self._faiss: _FaissIndex | None = None
         self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
+        self._offsets: Tensor | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -427,9 +428,7 @@ class CodebookLayer(nn.Module):
             keep = (~bad).unsqueeze(-1).to(q.dtype)  # (N, G, 1)
             n_keep = keep.sum()
             recon = ((qr - xd).pow(2) * keep).sum() / (n_keep * self.head_dim).clamp_min(1)
-        loss = q.new_zeros(())
-        if self.recon_weight:
-            loss = loss + self.recon_weight * recon
+        loss = self.recon_weight * recon if self.recon_weight else q.new_zeros(())
         if self.commitment_weight:
             xc = xg if bad is None else torch.where(bad.unsqueeze(-1), 0.0, xg)
             if bad is None:
@@ -443,7 +442,7 @@ class CodebookLayer(nn.Module):
         self._update_stats(xd, codes, recon.detach(), bad)
 
         # Value is exactly q; gradient flows to both q (codes) and x (straight-through).
-        out = q + (xg - xd)
+        out = q + (xg - xd) if torch.is_grad_enabled() else q
         if bad is not None:
             # Skipped slices pass through; their codes get no gradient from the output.
             out = torch.where(bad.unsqueeze(-1), xg, out)
@@ -474,13 +473,21 @@ class CodebookLayer(nn.Module):
             "through unquantized"
         )
 
+    def _group_offsets(self, device: torch.device) -> Tensor:
+        """``(1, G, 1)`` offsets ``g * num_codes`` into the flattened ``(G * C, d)`` table."""
+        cached = self._offsets
+        if cached is None or cached.device != device:
+            cached = torch.arange(self.groups, device=device).view(1, -1, 1) * self.num_codes
+            self._offsets = cached
+        return cached
+
     def _decode_flat(self, codes: Tensor, weights: Tensor | None) -> Tensor:
         """``(N, G, k')`` ids -> ``(N, G, d)`` vectors, differentiable w.r.t. the codebook.
 
         Sums each token's codes without materialising ``(N, G, k', d)`` (see ``_BagSum``).
         """
         n, g, kk = codes.shape
-        offsets = torch.arange(g, device=codes.device).view(1, -1, 1) * self.num_codes
+        offsets = self._group_offsets(codes.device)
         table = self.codebook.reshape(g * self.num_codes, self.head_dim)
         bags = (codes + offsets).reshape(n * g, kk)
         psw = None if weights is None else weights.reshape(n * g, kk).to(table.dtype)
@@ -501,7 +508,7 @@ class CodebookLayer(nn.Module):
         ``mse`` is the mean squared error per element over the kept (token, group) slices.
         """
         codes = codes.clamp(0, self.num_codes - 1)
-        offsets = torch.arange(self.groups, device=codes.device).view(1, -1, 1) * self.num_codes
+        offsets = self._group_offsets(codes.device)
         flat = (codes + offsets).reshape(-1)
         if bad is None:
             ones = torch.ones_like(flat)
@@ -514,7 +521,7 @@ class CodebookLayer(nn.Module):
         self.counts.view(-1).scatter_add_(0, flat, ones)
         self.tokens_seen += x.shape[0]
         # mse_sum holds sum over tokens of the per-element error averaged over groups.
-        self.mse_sum += mse.double() * kept / self.groups
+        self.mse_sum.add_(mse.double() * kept, alpha=1 / self.groups)
         if self.training:
             self.usage.view(-1).scatter_add_(0, flat, ones)
             if self.dead_code_steps:
