@@ -30,8 +30,18 @@ SETUPS = {
     "lm": {"placements": ["attn_heads"], "num_codes": 10_000, "k": 8},
     "fsm": {"placements": ["attn_heads", "mlp_out"], "num_codes": 1000, "k": 1},
 }
+IVF = {"nlist": 100, "nprobe": 8}
+"""The ``lm+ivf`` row: the LM setup searching approximate FAISS IVF indexes (eval only)."""
 KEY = ("lm", 8)
 """results.json's headline: the LM setup at batch 8."""
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def build(layers: int, width: int, heads: int, vocab: int) -> torch.nn.Module:
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         layers, width, heads, vocab, prompt, new = 4, 512, 8, 4096, 16, args.new_tokens
         batches, setups = [1, 8], dict(SETUPS)
+        if device.type == "cpu" and _has_faiss():
+            setups["lm+ivf"] = dict(SETUPS["lm"])
     repeats = args.repeats or (1 if args.tiny else 3)
     print(f"bench_generate on {machine()}", flush=True)
 
@@ -77,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             CodebookConfig(**setup),  # type: ignore[arg-type]
         ).to(device)
         model.eval()
+        if name.endswith("+ivf"):
+            for layer in model.codebooks.values():
+                layer.build_index(**IVF)
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
             ids = torch.randint(1, vocab, (batch, prompt), generator=gen).to(device)
@@ -114,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     rows = [
         [
-            f"{r['setup']} ({'+'.join(r['placements'])}, C={r['num_codes']:,}, k={r['k']})",
+            f"{r['setup']} ({'+'.join(r['placements'])}, C={r['num_codes']:,}, k={r['k']})"
+            + (f", IVF nlist={IVF['nlist']} nprobe={IVF['nprobe']}" if "ivf" in r["setup"] else ""),
             str(r["batch"]),
             f"{r['base_tokens_per_s']:.1f}",
             f"{r['codebook_tokens_per_s']:.1f}",

@@ -742,6 +742,7 @@ class _FaissIndex:
             if self.nlist:
                 quant = faiss.IndexFlat(d, metric)
                 index = faiss.IndexIVFFlat(quant, d, self.nlist, metric)
+                index.cp.min_points_per_centroid = 1  # the codes are all there is to cluster
                 index.train(vecs)
                 index.nprobe = min(self.nprobe, self.nlist)
             else:
