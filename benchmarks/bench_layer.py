@@ -319,7 +319,9 @@ def compiled(
     run_comp()
     compile_s = time.perf_counter() - t0
     secs = time_interleaved({"eager": case.ours, "compiled": run_comp}, repeats)
-    return {"seconds": secs, "compile_seconds": compile_s}
+    with torch.no_grad():
+        same = bool(torch.equal(comp(case.x).codes, layer(case.x).codes))
+    return {"seconds": secs, "compile_seconds": compile_s, "same_codes": same}
 
 
 def print_compile(comp: dict[str, Any], tokens: int) -> None:
@@ -330,6 +332,7 @@ def print_compile(comp: dict[str, Any], tokens: int) -> None:
             ["eager", f"{s['eager']:.3f}"],
             ["compiled", f"{s['compiled']:.3f}"],
             ["compile time (first call)", f"{comp['compile_seconds']:.1f}"],
+            ["same codes as eager", str(comp["same_codes"])],
         ],
         f"torch.compile(layer), forward + backward, {tokens:,} tokens",
     )
