@@ -509,6 +509,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_weights(
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(root / "src"),
+        # Each checkpoint write stays open 0.4 s, so polling sees it even on a fast machine.
+        "CODEBOOK_LENS_CHECKPOINT_WRITE_DELAY": "0.4",
     }
     base_cmd = [
         sys.executable, "-m", "codebook_lens.cli", "train", "--base", str(crash_base),

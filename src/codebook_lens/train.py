@@ -443,6 +443,11 @@ def save_checkpoint(
         write_json_atomic(tmp / "optimizer.json", opt_tree)
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        # Fault-injection aid: crash tests widen the write window so a kill lands inside it
+        # however fast the machine is.
+        delay = float(os.environ.get("CODEBOOK_LENS_CHECKPOINT_WRITE_DELAY", "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
         # Written last: its presence marks the folder complete.
         write_json_atomic(
             tmp / "trainer_state.json",
