@@ -93,3 +93,14 @@ def test_flatten_and_table() -> None:
 def test_no_batches_is_an_error() -> None:
     with pytest.raises(ValueError, match="no evaluation batches"):
         evaluate(tiny_model("gpt2"), [])
+
+
+def test_mixed_module_modes_are_restored_module_by_module() -> None:
+    model = attach_codebooks(tiny_model("gpt2"), CodebookConfig(num_codes=16, k=2))
+    model.train()
+    model.base.eval()  # e.g. a frozen base under trainable codebooks
+    before = {name: mod.training for name, mod in model.named_modules()}
+    evaluate(model, BATCHES)
+    after = {name: mod.training for name, mod in model.named_modules()}
+    assert after == before
+    assert not model.base.training and all(cb.training for cb in model.codebooks.values())

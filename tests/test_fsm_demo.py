@@ -76,6 +76,22 @@ def test_row_patch_sets_codes_at_one_position() -> None:
     assert torch.equal(model.get_codes(ids)["layers.0.mlp_out"], before["layers.0.mlp_out"])
 
 
+def test_row_patch_sets_a_span_of_positions_per_row() -> None:
+    model = attach_codebooks(
+        tiny_model("gpt2"), CodebookConfig(num_codes=16, k=1, placements=["attn_heads", "mlp_out"])
+    )
+    ids = torch.randint(1, 64, (4, 7))
+    span = torch.tensor([[3, 4], [5, 6]]).view(2, 2, 1, 1)  # (B, P, G, k), 2 rows per target
+    before = model.get_codes(ids)["layers.1.mlp_out"]
+    model.codebooks["layers.1.mlp_out"].edit = _RowPatch(span, position=2, rows_per_target=2)
+    try:
+        after = model.get_codes(ids)["layers.1.mlp_out"]
+    finally:
+        model.codebooks["layers.1.mlp_out"].edit = None
+    assert after[:, 2:4, 0].tolist() == [[3, 4], [3, 4], [5, 6], [5, 6]]
+    assert torch.equal(after[:, :2], before[:, :2])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

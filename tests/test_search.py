@@ -16,6 +16,7 @@ from test_cache import TEXTS, docs, small_model, small_tokenizer
 
 from codebook_lens.analysis import (
     best_neuron,
+    best_neurons,
     codebook_health,
     neuron_baseline,
     plot_health,
@@ -269,6 +270,16 @@ def test_best_neuron_equals_brute_force() -> None:
     assert r.count == fires.sum() and r.hits == (fires & lab).sum()
     with pytest.raises(ValueError, match="no positive token"):
         best_neuron(acts, np.zeros(60, dtype=bool))
+
+
+def test_best_neurons_equals_one_label_at_a_time() -> None:
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(80, 6)).round(1)  # some ties
+    labels = [rng.random(80) < p for p in (0.1, 0.3, 0.6)]
+    many = best_neurons(acts, labels, chunk_elems=200)
+    assert many == [best_neuron(acts, lab) for lab in labels]
+    with pytest.raises(ValueError, match="acts must be"):
+        best_neurons(acts, [labels[0][:10]])
 
 
 # ---------------------------------------------------- a tiny model end to end

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,15 +211,27 @@ def best_neuron(
     Sorting each column once gives, for every cut, true positives by a cumulative sum, so all
     thresholds of all neurons are scored together; only cuts between distinct values count.
     """
+    return best_neurons(acts, [labels], chunk_elems=chunk_elems)[0]
+
+
+def best_neurons(
+    acts: np.ndarray, labels: Sequence[np.ndarray], *, chunk_elems: int = 1 << 24
+) -> list[NeuronResult]:
+    """``best_neuron`` for several boolean labels over the same activations.
+
+    The columns are sorted once and reused for every label, so many labels (e.g. one per FSM
+    state) cost one sort plus a cumulative sum each.
+    """
     acts = np.asarray(acts)
-    lab = np.asarray(labels, dtype=bool)
-    if acts.ndim != 2 or lab.shape != (acts.shape[0],):
-        raise ValueError(f"acts must be (N, D) and labels (N,); got {acts.shape} and {lab.shape}")
+    labs = [np.asarray(lab, dtype=bool) for lab in labels]
+    if acts.ndim != 2 or any(lab.shape != (acts.shape[0],) for lab in labs):
+        shapes = sorted({lab.shape for lab in labs})
+        raise ValueError(f"acts must be (N, D) and labels (N,); got {acts.shape} and {shapes}")
     n, d = acts.shape
-    n_pos = int(lab.sum())
-    if n_pos == 0:
+    n_pos = [int(lab.sum()) for lab in labs]
+    if any(p == 0 for p in n_pos):
         raise ValueError("labels has no positive token; the pattern does not occur in the tokens")
-    best = (-1.0, 0, 1, 0)  # f1, neuron, sign, cut index
+    best = [(-1.0, 0, 1, 0)] * len(labs)  # per label: f1, neuron, sign, cut index
     cols = max(1, chunk_elems // max(1, n))
     rank = np.arange(1, n + 1, dtype=np.float64)[:, None]
     for sign in (1, -1):
@@ -227,31 +239,36 @@ def best_neuron(
             x = sign * acts[:, c0 : c0 + cols].astype(np.float64)
             order = np.argsort(-x, axis=0, kind="stable")
             xs = np.take_along_axis(x, order, axis=0)
-            tp = np.cumsum(lab[order], axis=0)
-            f1 = 2 * tp / (rank + n_pos)
-            valid = np.ones_like(xs, dtype=bool)
-            valid[:-1] = xs[:-1] > xs[1:]  # a threshold can only cut between distinct values
-            f1 = np.where(valid, f1, -1.0)
-            flat = int(np.argmax(f1))
-            i, j = divmod(flat, f1.shape[1])
-            if f1[i, j] > best[0]:
-                best = (float(f1[i, j]), c0 + j, sign, i)
-    f1v, j, sign, i = best
-    col = sign * acts[:, j].astype(np.float64)
-    thr = float(np.sort(col)[::-1][i])
-    fires = col >= thr
-    hits = int((fires & lab).sum())
-    count = int(fires.sum())
-    return NeuronResult(
-        neuron=int(j),
-        sign=int(sign),
-        threshold=float(sign * thr),
-        precision=hits / count,
-        recall=hits / n_pos,
-        f1=f1v,
-        count=count,
-        hits=hits,
-    )
+            invalid = np.zeros_like(xs, dtype=bool)
+            invalid[:-1] = xs[:-1] <= xs[1:]  # a threshold can only cut between distinct values
+            for li, lab in enumerate(labs):
+                tp = np.cumsum(lab[order], axis=0)
+                f1 = 2 * tp / (rank + n_pos[li])
+                f1[invalid] = -1.0
+                flat = int(np.argmax(f1))
+                i, j = divmod(flat, f1.shape[1])
+                if f1[i, j] > best[li][0]:
+                    best[li] = (float(f1[i, j]), c0 + j, sign, i)
+    out = []
+    for li, (f1v, j, sign, i) in enumerate(best):
+        col = sign * acts[:, j].astype(np.float64)
+        thr = float(np.sort(col)[::-1][i])
+        fires = col >= thr
+        hits = int((fires & labs[li]).sum())
+        count = int(fires.sum())
+        out.append(
+            NeuronResult(
+                neuron=int(j),
+                sign=int(sign),
+                threshold=float(sign * thr),
+                precision=hits / count,
+                recall=hits / n_pos[li],
+                f1=f1v,
+                count=count,
+                hits=hits,
+            )  # fmt: skip
+        )
+    return out
 
 
 def _batches(cache: CodeCache, limit: int, batch_size: int) -> Iterator[list[tuple[int, int]]]:

@@ -70,7 +70,8 @@ def evaluate(
 
     device = next(model.parameters()).device
     is_cb = isinstance(model, CodebookModel)
-    was_training = model.training
+    # Each module's own mode, not one flag: a frozen base kept in eval mode stays there.
+    modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()
     saved: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     if is_cb:
@@ -135,7 +136,8 @@ def evaluate(
                 layer.counts.copy_(counts)
                 layer.tokens_seen.copy_(tokens_seen)
                 layer.mse_sum.copy_(mse_sum)
-        model.train(was_training)
+        for mod, mode in modes:
+            mod.training = mode
     return result
 
 
