@@ -21,6 +21,7 @@ per-code loop. The loop's hits are checked against the vectorised ones.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, save_section  # noqa: E402
 
 from codebook_lens.cache import CodeCache, synthetic_cache
 from codebook_lens.search import Pattern, code_hits, make_pattern, search
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="best of N for the fast paths")
     ap.add_argument("--cache", type=Path, default=None, help="reuse / keep the cache here")
     ap.add_argument("--tiny", action="store_true", help="20k tokens, 64 codes: runs in seconds")
+    ap.add_argument("--results", default="", help="merge the 'search' section into this JSON")
     args = ap.parse_args(argv)
     if args.tiny:
         args.tokens, args.codebooks, args.num_codes, args.loop_codes = 20_000, 3, 64, 16
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             ("docs", "sport"),
         ]
         rows = []
+        records = []
         ok = True
         for kind, q in queries:
             kw = (
@@ -163,6 +169,20 @@ def main(argv: list[str] | None = None) -> int:
             total = t_pat + t_rank
             speed = t_loop / total
             ok &= total < 2.0 and speed >= 10
+            records.append(
+                {
+                    "kind": kind,
+                    "query": q,
+                    "pattern_tokens": int(pattern.size),
+                    "regex_seconds": t_pat,
+                    "rank_seconds": t_rank,
+                    "seconds": total,
+                    "loop_seconds": t_loop,
+                    "loop_codes_timed": n_timed,
+                    "speedup_vs_loop": speed,
+                    "index_loop_seconds": t_index,
+                }  # fmt: skip
+            )
             rows.append(
                 (
                     f"{kind} {q[:24]}",
@@ -204,6 +224,24 @@ def main(argv: list[str] | None = None) -> int:
             else "\n* loop timed over every code"
         )
         print(f"targets (total < 2 s, >= 10x vs loop): {'PASS' if ok else 'FAIL'}")
+        save_section(
+            args.results,
+            "search",
+            {
+                # Headlines are the worst case over the queries.
+                "seconds_1m_tokens": max(r["seconds"] for r in records),
+                "speedup_vs_loop": min(r["speedup_vs_loop"] for r in records),
+                "speedup_vs_index_loop": min(
+                    r["index_loop_seconds"] / r["seconds"] for r in records
+                ),
+                "tokens": cache.n_tokens,
+                "codebooks": len(cache.codebooks),
+                "k": cb0.k,
+                "num_codes": cb0.num_codes,
+                "queries": records,
+                "machine": machine(),
+            },
+        )
         return 0
     finally:
         if tmp is not None:

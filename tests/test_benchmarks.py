@@ -60,6 +60,15 @@ def test_bench_generate_tiny(tmp_path: Path) -> None:
     assert case["base_tokens_per_s"] > 0 and case["codebook_tokens_per_s"] > 0
 
 
+def test_bench_search_tiny_writes_its_headline(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    assert load("bench_search").main(["--tiny", "--results", str(out)]) == 0
+    saved = json.loads(out.read_text())["search"]
+    assert saved["tokens"] == 20_000 and len(saved["queries"]) == 4
+    assert saved["seconds_1m_tokens"] == max(q["seconds"] for q in saved["queries"]) > 0
+    assert saved["speedup_vs_loop"] == min(q["speedup_vs_loop"] for q in saved["queries"]) > 0
+
+
 def test_run_all_tiny_runs_scripts_and_prints_headline(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attach import CodebookModel, attach_codebooks
@@ -360,17 +361,19 @@ def _patched_next_state_probs(
     sources: Tensor,
     groups: dict[str, list[str]],
     scope: PatchScope,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Next-state distributions of ``prefixes`` ``(B, L)`` with codes taken from ``sources``.
 
     For each group of codebooks, the codes at the last prefix position are replaced by those
     ``sources`` (sequences ending in other states) produce there; with ``scope="transition"``
     also the codes at every position of the next state written so far, taken from the source
     sequence continued with the same digits. The probability of a next state is the product of
-    its digit probabilities (exact, no sampling). Returns group -> ``(B, N)``.
+    its digit probabilities (exact, no sampling). Returns group -> ``(B, N)`` next-state
+    probabilities, and group -> ``(B, V)`` next-token probabilities at the last prefix position.
     """
     bsz, length = prefixes.shape
     logp = {g: torch.zeros(bsz, fsm.num_states) for g in groups}
+    first: dict[str, Tensor] = {}
     for j in range(fsm.num_digits):
         heads, index = np.unique(fsm.digit_table[:, :j], axis=0, return_inverse=True)
         n_heads = heads.shape[0]
@@ -397,7 +400,9 @@ def _patched_next_state_probs(
                     layers[name].edit = None
             lp = torch.log_softmax(logits.float(), dim=-1).unflatten(0, (bsz, n_heads))
             logp[group] += lp[:, idx, digit]
-    return {g: v.exp() for g, v in logp.items()}
+            if j == 0:
+                first[group] = lp[:, 0].exp()
+    return {g: v.exp() for g, v in logp.items()}, first
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -437,7 +442,14 @@ def intervention_experiment(
     mlp = [n for n in model.codebooks if n.endswith("mlp_out")]
     groups = {"none": [], "attn": attn, "mlp": mlp, "all": attn + mlp}
 
-    def score(p: Tensor) -> dict[str, float]:
+    # The true distribution of the next token (the next state's first digit) after each state.
+    first_digit = (adj / adj.sum(-1, keepdim=True)) @ F.one_hot(
+        torch.from_numpy(fsm.digit_table[:, 0]).long(), fsm.vocab_size
+    ).float()
+
+    def score(p: Tensor, p_first: Tensor) -> dict[str, float]:
+        tv_b = 0.5 * (p_first - first_digit[b]).abs().sum(-1)
+        tv_a = 0.5 * (p_first - first_digit[a]).abs().sum(-1)
         top = p.topk(fsm.num_edges, dim=-1).indices
         hit_b = adj[b.unsqueeze(1), top].mean(-1)  # share of top-E that are b's successors
         hit_a = adj[a.unsqueeze(1), top].mean(-1)
@@ -448,6 +460,8 @@ def intervention_experiment(
             "js_to_target": float(js_divergence(p, adj[b]).mean()),
             "js_to_source": float(js_divergence(p, adj[a]).mean()),
             "mass_on_target_successors": float((p * adj[b]).sum(-1).mean()),
+            "next_token_tv_to_target": float(tv_b.mean()),
+            "next_token_tv_to_source": float(tv_a.mean()),
         }
 
     was = model.training
@@ -457,13 +471,15 @@ def intervention_experiment(
         with torch.no_grad():
             for scope in ("transition", "last"):
                 probs: dict[str, list[Tensor]] = {g: [] for g in groups}
+                firsts: dict[str, list[Tensor]] = {g: [] for g in groups}
                 for s in range(0, len(b), batch):
-                    out = _patched_next_state_probs(
+                    out, first = _patched_next_state_probs(
                         model, fsm, tok_a[s : s + batch], tok_b[s : s + batch], groups, scope
                     )
-                    for g, p in out.items():
-                        probs[g].append(p)
-                scored = {g: score(torch.cat(v)) for g, v in probs.items()}
+                    for g in groups:
+                        probs[g].append(out[g])
+                        firsts[g].append(first[g])
+                scored = {g: score(torch.cat(probs[g]), torch.cat(firsts[g])) for g in groups}
                 if scope == "transition":
                     results.update(scored)
                 else:
@@ -611,8 +627,18 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
     last = inter.get("last_position")
     if last:
         rep.table(
-            [{"patched": g, **{k: last[g][k] for k in cols}} for g in PATCH_GROUPS],
-            caption="The same pairs, codes patched at the last position only",
+            [
+                {
+                    "patched": g,
+                    **{k: last[g][k] for k in cols},
+                    "next_token_tv_to_target": last[g]["next_token_tv_to_target"],
+                    "next_token_tv_to_source": last[g]["next_token_tv_to_source"],
+                }
+                for g in PATCH_GROUPS
+            ],
+            caption="The same pairs, codes patched at the last position only; next_token_tv = "
+            "total variation between the predicted next token (the first digit) and the true "
+            "first-digit distribution after b (target) or a (source)",
         )
     _plot_interventions(rep, inter)
     return rep.write(out)
