@@ -548,11 +548,19 @@ def _plot_interventions(rep: Any, inter: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    rates = [inter[g]["success_rate"] for g in PATCH_GROUPS]
-    ax.bar(list(PATCH_GROUPS), rates, color=["#999", "#4c72b0", "#dd8452", "#55a868"])
+    x = np.arange(len(PATCH_GROUPS))
+    scopes = [("codes along the transition", inter)]
+    if "last_position" in inter:
+        scopes.append(("last position only", inter["last_position"]))
+    width = 0.8 / len(scopes)
+    for i, (label, res) in enumerate(scopes):
+        rates = [res[g]["success_rate"] for g in PATCH_GROUPS]
+        ax.bar(x + (i - (len(scopes) - 1) / 2) * width, rates, width, label=label)
+    ax.set_xticks(x, list(PATCH_GROUPS))
     ax.set_ylim(0, 1)
     ax.set_ylabel("success rate")
-    ax.set_xlabel("codes patched at the last position")
+    ax.set_xlabel("codes patched")
+    ax.legend()
     rep.figure(fig, "interventions", caption="Patching codes of state b into a sequence in state a")
 
 
