@@ -4,7 +4,9 @@ Both sides do the same work (forward + backward, k codes per head from C codes o
 ``head_dim``): ``batched`` is one ``CodebookLayer(groups=heads)``, ``loop`` is ``heads``
 separate ``CodebookLayer``s called on each head's slice in a Python loop, outputs concatenated.
 Cases run from decode-sized batches (where per-call overhead dominates) to 32k-token training
-batches (where the similarity matmul dominates and batching can only save overhead).
+batches (where the similarity matmul dominates and batching can only save overhead). ``floor``
+is the bare similarity matmul of all heads (forward only): when the loop itself runs within
+``loop/floor`` of it, no batched version can beat the loop by more than that ratio.
 
     python benchmarks/bench_groups.py           # default cases
     python benchmarks/bench_groups.py --tiny    # seconds; what tests/test_benchmarks.py runs
@@ -85,14 +87,27 @@ def run(case: dict[str, int], repeats: int, device: torch.device) -> dict[str, A
         torch.autograd.backward((out, loss), (g, one))
         return torch.stack(codes, dim=1)
 
+    def floor() -> torch.Tensor:
+        # The bare similarity matmul of all heads (forward only), as bench_layer's floor: what
+        # any implementation, batched or looped, must at least spend.
+        with torch.no_grad():
+            xg = x.detach().view(n, h, d).transpose(0, 1)
+            return torch.bmm(xg, batched.codebook.detach().transpose(1, 2))
+
     same = bool(torch.equal(run_batched(), run_loop()))
-    fns: dict[str, Callable[[], object]] = {"batched": run_batched, "loop": run_loop}
+    fns: dict[str, Callable[[], object]] = {
+        "floor": floor,
+        "batched": run_batched,
+        "loop": run_loop,
+    }
     secs, cpu = time_wall_cpu(fns, repeats, device=device)
     return {
         **case,
         "seconds": secs,
         "cpu_seconds": cpu,
         "speedup": secs["loop"] / secs["batched"],
+        "batched_over_floor": secs["batched"] / secs["floor"],
+        "loop_over_floor": secs["loop"] / secs["floor"],
         "cpu_speedup": cpu["loop"] / cpu["batched"],
         "same_codes": same,
     }
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['heads']} x {r['tokens']:,} x {r['num_codes']:,} x {r['head_dim']}, k={r['k']}",
             f"{r['seconds']['batched'] * 1e3:.1f}",
             f"{r['seconds']['loop'] * 1e3:.1f}",
+            f"{r['seconds']['floor'] * 1e3:.1f}",
+            f"{r['loop_over_floor']:.2f}",
             f"{r['speedup']:.2f}x",
             f"{r['cpu_speedup']:.2f}x",
             str(r["same_codes"]),
@@ -126,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "heads x tokens x C x head_dim",
             "batched ms",
             "loop ms",
+            "floor ms",
+            "loop/floor",
             "speedup",
             "cpu-time speedup",
             "same codes",

@@ -64,7 +64,7 @@ def derive(results: dict[str, Any]) -> None:
     joint-training codebook configuration.
     """
     train = results.get("bench_train")
-    if "train" not in results and isinstance(train, dict):
+    if isinstance(train, dict):  # always re-derived, so a fresh bench_train run is reflected
         ratios = [
             v["vs_base"]
             for k, v in train.get("results", {}).items()
