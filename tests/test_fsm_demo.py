@@ -14,10 +14,13 @@ from codebook_lens import CodebookConfig, attach_codebooks
 from codebook_lens.cli import main
 from codebook_lens.experiments.fsm import (
     DemoConfig,
+    _patched_next_state_probs,
     _RowPatch,
+    build_base_model,
     js_divergence,
     state_code_table,
 )
+from codebook_lens.experiments.fsm_data import TokFSM
 
 REQUIRED_KEYS = [
     "wall_seconds", "base.transition_accuracy", "codebook.transition_accuracy",
@@ -90,6 +93,28 @@ def test_row_patch_sets_a_span_of_positions_per_row() -> None:
         model.codebooks["layers.1.mlp_out"].edit = None
     assert after[:, 2:4, 0].tolist() == [[3, 4], [3, 4], [5, 6], [5, 6]]
     assert torch.equal(after[:, :2], before[:, :2])
+
+
+@pytest.mark.parametrize("scope", ["last", "transition"])
+def test_patching_codes_from_the_same_sequence_changes_nothing(scope: str) -> None:
+    cfg = DemoConfig.quick(num_codes=32)
+    fsm = TokFSM(cfg.fsm_config())
+    model = attach_codebooks(build_base_model(cfg, fsm), cfg.codebook_config()).eval()
+    model.codebooks["layers.0.mlp_out"].init_kmeans(torch.randn(64, cfg.width))
+    tokens, _ = fsm.sample_with_states(5, torch.Generator().manual_seed(0), 1 + 3 * fsm.num_digits)
+    names = list(model.codebooks)
+    groups = {"none": [], "attn": names[::2], "all": names}
+    with torch.no_grad():
+        probs, first = _patched_next_state_probs(model, fsm, tokens, tokens, groups, scope)  # type: ignore[arg-type]
+    assert probs["none"].shape == (5, fsm.num_states) and first["none"].shape == (5, fsm.vocab_size)
+    assert (probs["none"] > 0).all() and (probs["none"].sum(-1) <= 1 + 1e-5).all()
+    for g in ("attn", "all"):  # a sequence's own codes patched into itself: nothing moves
+        assert torch.allclose(probs[g], probs["none"], atol=1e-6)
+    # Codes from other sequences do move the prediction.
+    other, _ = fsm.sample_with_states(5, torch.Generator().manual_seed(1), tokens.shape[1])
+    with torch.no_grad():
+        moved, _ = _patched_next_state_probs(model, fsm, tokens, other, groups, scope)  # type: ignore[arg-type]
+    assert not torch.allclose(moved["all"], probs["none"], atol=1e-4)
 
 
 @pytest.mark.parametrize(
