@@ -125,6 +125,8 @@ def test_patching_codes_from_the_same_sequence_changes_nothing(scope: str) -> No
         ({"base": 1}, "base=1 is invalid"),
         ({"width": 130, "heads": 4}, "width=130 is invalid for heads=4"),
         ({"k": 5, "num_codes": 4}, "k=5 is invalid"),
+        ({"codebook_warmup_steps": 1500}, "codebook_warmup_steps=1500 is invalid"),
+        ({"commitment_weight": -1.0}, "commitment_weight=-1.0 is invalid"),
     ],
 )
 def test_bad_options(kwargs: dict, message: str) -> None:

@@ -85,7 +85,13 @@ class DemoConfig:
     k: int = 1
     """Codes per token (and head)."""
     codebook_steps: int = 1500
-    """Fine-tuning steps of the codebook model (initialised from the base model)."""
+    """Fine-tuning steps of the codebook model (initialised from the base model), warm-up
+    included."""
+    codebook_warmup_steps: int = 0
+    """Train the codebooks only (model frozen, constant LR) for this many of the fine-tuning
+    steps before joint training. Off by default: measured at seeds 0 and 1 it did not help
+    (seed 0: 92% -> 80% pure states at the same accuracy; seed 1: 92.5% -> 91.6% transition
+    accuracy), though one separate fine-tune of a longer-trained base gained from it."""
     codebook_lr: float = 3e-3
     """Peak learning rate of the codebooks."""
     model_lr_factor: float = 0.1
@@ -128,6 +134,11 @@ class DemoConfig:
             raise ValueError(
                 f"width={self.width} is invalid for heads={self.heads}: it must divide evenly"
             )
+        if not 0 <= self.codebook_warmup_steps < self.codebook_steps:
+            raise ValueError(
+                f"codebook_warmup_steps={self.codebook_warmup_steps} is invalid; it must be an "
+                f"integer in [0, codebook_steps={self.codebook_steps})"
+            )
         if self.k > self.num_codes:
             raise ValueError(f"k={self.k} is invalid; it must be <= num_codes={self.num_codes}")
         if not 0 < self.purity_threshold <= 1:
@@ -141,7 +152,7 @@ class DemoConfig:
             num_states=12, num_edges=3, seq_len=33, layers=2, width=64, heads=4, mlp_width=128,
             base_steps=40, batch_size=32, warmup_steps=5, num_codes=64, codebook_steps=30,
             eval_sequences=48, transition_samples=24, intervention_pairs=24,
-            intervention_prefix_states=4, dead_code_steps=10,
+            intervention_prefix_states=4, dead_code_steps=10, codebook_warmup_steps=10,
         )  # fmt: skip
         values.update(overrides)
         return cls(**values)
@@ -717,12 +728,26 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
     cb_base = build_base_model(cfg, fsm)
     cb_base.load_state_dict(base.state_dict())
     model = attach_codebooks(cb_base, cfg.codebook_config())
+    warm = cfg.codebook_warmup_steps
     cb_cfg = dataclasses.replace(
-        base_cfg, steps=cfg.codebook_steps, lr=cfg.codebook_lr, model_lr_factor=cfg.model_lr_factor,
-        log_every=max(1, cfg.codebook_steps // 60), seed=cfg.seed + 1,
+        base_cfg, steps=cfg.codebook_steps - warm, lr=cfg.codebook_lr,
+        model_lr_factor=cfg.model_lr_factor, log_every=max(1, cfg.codebook_steps // 60),
+        seed=cfg.seed + 1,
     )  # fmt: skip
+    warm_hist: list[dict[str, Any]] = []
+    warm_seconds, warm_tokens = 0.0, 0
+    if warm:
+        warm_cfg = dataclasses.replace(cb_cfg, steps=warm, model_lr_factor=0.0, min_lr_ratio=1.0,
+                                       seed=cfg.seed + 2)  # fmt: skip
+        warm_res = train(model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 2), warm_cfg,
+                         out / "codebook_warmup", eval_batches=eval_batches)  # fmt: skip
+        warm_hist, warm_seconds = warm_res.history, warm_res.seconds
+        warm_tokens = warm_res.tokens
     cb_res = train(model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 1), cb_cfg, out / "codebook_training",
                    eval_batches=eval_batches)  # fmt: skip
+    cb_res.seconds += warm_seconds
+    cb_res.tokens += warm_tokens
+    cb_res.history = warm_hist + [{**r, "step": r["step"] + warm} for r in cb_res.history]
     model.save_pretrained(out / "codebook_model")
     _log(f"codebook model trained in {cb_res.seconds:.0f} s; evaluating", progress)
     model.eval()
