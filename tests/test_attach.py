@@ -210,3 +210,16 @@ def test_failed_save_writes_nothing(tmp_path: Path) -> None:
         model.save_pretrained(tmp_path / "m", tokenizer=BadTokenizer())
     assert (good / "codebooks.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_eval_mode_restores_each_modules_own_mode_even_on_error() -> None:
+    from codebook_lens.attach import eval_mode
+
+    model = attach_codebooks(tiny_model("gpt2"), CodebookConfig(num_codes=16, k=2))
+    model.train()
+    model.base.eval()  # a frozen base under trainable codebooks
+    before = {name: mod.training for name, mod in model.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        assert not any(mod.training for mod in model.modules())
+        raise RuntimeError("boom")
+    assert {name: mod.training for name, mod in model.named_modules()} == before

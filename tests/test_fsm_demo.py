@@ -105,7 +105,8 @@ def test_patching_codes_from_the_same_sequence_changes_nothing(scope: str) -> No
     names = list(model.codebooks)
     groups = {"none": [], "attn": names[::2], "all": names}
     with torch.no_grad():
-        probs, first = _patched_next_state_probs(model, fsm, tokens, tokens, groups, scope)  # type: ignore[arg-type]
+        out, first = _patched_next_state_probs(model, fsm, tokens, tokens, groups, [scope])  # type: ignore[list-item]
+    probs = out[scope]
     assert probs["none"].shape == (5, fsm.num_states) and first["none"].shape == (5, fsm.vocab_size)
     assert (probs["none"] > 0).all() and (probs["none"].sum(-1) <= 1 + 1e-5).all()
     for g in ("attn", "all"):  # a sequence's own codes patched into itself: nothing moves
@@ -113,8 +114,8 @@ def test_patching_codes_from_the_same_sequence_changes_nothing(scope: str) -> No
     # Codes from other sequences do move the prediction.
     other, _ = fsm.sample_with_states(5, torch.Generator().manual_seed(1), tokens.shape[1])
     with torch.no_grad():
-        moved, _ = _patched_next_state_probs(model, fsm, tokens, other, groups, scope)  # type: ignore[arg-type]
-    assert not torch.allclose(moved["all"], probs["none"], atol=1e-4)
+        moved, _ = _patched_next_state_probs(model, fsm, tokens, other, groups, [scope])  # type: ignore[list-item]
+    assert not torch.allclose(moved[scope]["all"], probs["none"], atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -297,6 +297,8 @@ def site_activations(
     """
     import torch
 
+    from .attach import eval_mode
+
     check_identity(cache, model)
     cache.info(codebook)
     layer = model.codebooks[codebook]
@@ -308,28 +310,25 @@ def site_activations(
         captured.append(args[0].detach())
 
     device = next(model.parameters()).device
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     handle = layer.register_forward_pre_hook(grab)
     tokens = np.asarray(cache.tokens)
     try:
-        for batch in _batches(cache, n, batch_size):
-            width = max(e - s for s, e in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (s, e) in enumerate(batch):
-                ids[i, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
-                mask[i, : e - s] = 1
-            captured.clear()
-            with torch.no_grad():
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            x = captured[0].float().cpu().numpy()
-            for i, (s, e) in enumerate(batch):
-                out[s:e] = x[i, : e - s]
+        with eval_mode(model):  # each module's own mode comes back afterwards
+            for batch in _batches(cache, n, batch_size):
+                width = max(e - s for s, e in batch)
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, (s, e) in enumerate(batch):
+                    ids[i, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
+                    mask[i, : e - s] = 1
+                captured.clear()
+                with torch.no_grad():
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                x = captured[0].float().cpu().numpy()
+                for i, (s, e) in enumerate(batch):
+                    out[s:e] = x[i, : e - s]
     finally:
         handle.remove()
-        for m, mode in modes:
-            m.training = mode
     return out
 
 

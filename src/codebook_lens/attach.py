@@ -65,6 +65,21 @@ def _natural_key(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; afterwards every module gets its own mode back.
+
+    One flag is not enough: a wrapper in train mode may hold a frozen base in eval mode.
+    """
+    modes = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for mod, mode in modes:
+            mod.training = mode
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The transformer block list: the longest ``ModuleList`` of same-typed modules."""
     best: tuple[str, nn.ModuleList] | None = None

@@ -683,6 +683,8 @@ def build_cache(
     import torch
     from tqdm.auto import tqdm
 
+    from .attach import eval_mode
+
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens!r} is invalid; it must be an integer >= 1")
     if not getattr(tokenizer, "is_fast", False):
@@ -703,9 +705,6 @@ def build_cache(
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len={seq_len!r} is invalid; it must be an integer >= 1")
     device = next(model.parameters()).device
-    # Remember each module's mode: a wrapper in train mode may hold a base in eval mode.
-    modes = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
     vectors = {
         name: layer.codebook.detach().float().cpu().numpy()
         for name, layer in model.codebooks.items()
@@ -753,38 +752,37 @@ def build_cache(
         queue.clear()
         windows.clear()
 
-    try:
-        with writer:
-            total = 0
-            for doc in documents:
-                if total >= max_tokens:
-                    break
-                enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-                toks = np.asarray(enc["input_ids"], dtype=np.int32)[: max_tokens - total]
-                if not len(toks):
-                    continue
-                offs = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)
-                offs = offs[: len(toks)]
-                queue.append(("doc", doc.id, doc.text, getattr(doc, "label", None)))
-                for s in range(0, len(toks), seq_len):
-                    queue.append(
-                        ("win", len(windows), toks[s : s + seq_len], offs[s : s + seq_len])
+    with eval_mode(model):  # each module's own mode comes back afterwards
+        try:
+            with writer:
+                total = 0
+                for doc in documents:
+                    if total >= max_tokens:
+                        break
+                    enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+                    toks = np.asarray(enc["input_ids"], dtype=np.int32)[: max_tokens - total]
+                    if not len(toks):
+                        continue
+                    offs = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)
+                    offs = offs[: len(toks)]
+                    queue.append(("doc", doc.id, doc.text, getattr(doc, "label", None)))
+                    for s in range(0, len(toks), seq_len):
+                        queue.append(
+                            ("win", len(windows), toks[s : s + seq_len], offs[s : s + seq_len])
+                        )
+                        windows.append(toks[s : s + seq_len])
+                        if len(windows) >= batch_size:
+                            flush()
+                    total += len(toks)
+                flush()
+                if writer.n_tokens == 0:
+                    raise ValueError(
+                        f"documents from {source or 'the data'} gave no tokens; nothing to cache"
                     )
-                    windows.append(toks[s : s + seq_len])
-                    if len(windows) >= batch_size:
-                        flush()
-                total += len(toks)
-            flush()
-            if writer.n_tokens == 0:
-                raise ValueError(
-                    f"documents from {source or 'the data'} gave no tokens; nothing to cache"
-                )
+                bar.close()
+                return writer.finish(progress=progress)
+        finally:
             bar.close()
-            return writer.finish(progress=progress)
-    finally:
-        bar.close()
-        for mod, mode in modes:
-            mod.training = mode
 
 
 # ----------------------------------------------------------------- synthetic

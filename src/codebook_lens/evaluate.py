@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attach import CodebookModel
+from .attach import CodebookModel, eval_mode
 
 
 class _Totals:
@@ -70,74 +70,74 @@ def evaluate(
 
     device = next(model.parameters()).device
     is_cb = isinstance(model, CodebookModel)
-    # Each module's own mode, not one flag: a frozen base kept in eval mode stays there.
-    modes = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
-    saved: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    if is_cb:
-        assert isinstance(model, CodebookModel)
-        for name, layer in model.codebooks.items():
-            saved[name] = (layer.counts.clone(), layer.tokens_seen.clone(), layer.mse_sum.clone())
-        model.reset_stats()
-    base, quant = _Totals(), _Totals()
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
-    result: dict[str, Any] = {}
-    try:
-        n = 0
-        for ids in tqdm(batches, desc="eval", disable=not progress, total=max_batches):
-            if max_batches is not None and n >= max_batches:
-                break
-            n += 1
-            ids = ids.to(device)
-            if ids.dim() != 2 or ids.shape[1] < 2:
-                raise ValueError(
-                    f"evaluation batches must be (batch, seq>=2), got {tuple(ids.shape)}"
+    with eval_mode(model):  # a frozen base kept in eval mode stays there
+        saved: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        if is_cb:
+            assert isinstance(model, CodebookModel)
+            for name, layer in model.codebooks.items():
+                saved[name] = (
+                    layer.counts.clone(),
+                    layer.tokens_seen.clone(),
+                    layer.mse_sum.clone(),
                 )
-            with autocast:
-                if is_cb:
-                    assert isinstance(model, CodebookModel)
-                    with model.disabled():
+            model.reset_stats()
+        base, quant = _Totals(), _Totals()
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        )
+        result: dict[str, Any] = {}
+        try:
+            n = 0
+            for ids in tqdm(batches, desc="eval", disable=not progress, total=max_batches):
+                if max_batches is not None and n >= max_batches:
+                    break
+                n += 1
+                ids = ids.to(device)
+                if ids.dim() != 2 or ids.shape[1] < 2:
+                    raise ValueError(
+                        f"evaluation batches must be (batch, seq>=2), got {tuple(ids.shape)}"
+                    )
+                with autocast:
+                    if is_cb:
+                        assert isinstance(model, CodebookModel)
+                        with model.disabled():
+                            base.add(model(input_ids=ids).logits, ids)
+                        quant.add(model(input_ids=ids).logits, ids)
+                    else:
                         base.add(model(input_ids=ids).logits, ids)
-                    quant.add(model(input_ids=ids).logits, ids)
-                else:
-                    base.add(model(input_ids=ids).logits, ids)
-        if n == 0:
-            raise ValueError("no evaluation batches: the held-out split is empty")
-        result = {"tokens": base.count, "base": base.summary()}
-        if is_cb:
-            assert isinstance(model, CodebookModel)
-            books: dict[str, dict[str, float]] = {}
-            for name, layer in model.codebooks.items():
-                st = layer.stats()
-                books[name] = {
-                    "mse": st.mse,
-                    "dead_fraction": float((st.counts == 0).double().mean()),
-                    "entropy": st.entropy,
-                    "perplexity": st.perplexity,
-                    "num_codes": layer.num_codes,
-                    "groups": layer.groups,
-                }
-            q = quant.summary()
-            q["mse"] = sum(b["mse"] for b in books.values()) / max(len(books), 1)
-            q["dead_fraction"] = sum(b["dead_fraction"] for b in books.values()) / max(
-                len(books), 1
-            )
-            result["codebook"] = q
-            result["loss_increase"] = q["loss"] - result["base"]["loss"]
-            result["loss_ratio"] = q["loss"] / max(result["base"]["loss"], 1e-12)
-            result["codebooks"] = books
-    finally:
-        if is_cb:
-            assert isinstance(model, CodebookModel)
-            for name, layer in model.codebooks.items():
-                counts, tokens_seen, mse_sum = saved[name]
-                layer.counts.copy_(counts)
-                layer.tokens_seen.copy_(tokens_seen)
-                layer.mse_sum.copy_(mse_sum)
-        for mod, mode in modes:
-            mod.training = mode
+            if n == 0:
+                raise ValueError("no evaluation batches: the held-out split is empty")
+            result = {"tokens": base.count, "base": base.summary()}
+            if is_cb:
+                assert isinstance(model, CodebookModel)
+                books: dict[str, dict[str, float]] = {}
+                for name, layer in model.codebooks.items():
+                    st = layer.stats()
+                    books[name] = {
+                        "mse": st.mse,
+                        "dead_fraction": float((st.counts == 0).double().mean()),
+                        "entropy": st.entropy,
+                        "perplexity": st.perplexity,
+                        "num_codes": layer.num_codes,
+                        "groups": layer.groups,
+                    }
+                q = quant.summary()
+                q["mse"] = sum(b["mse"] for b in books.values()) / max(len(books), 1)
+                q["dead_fraction"] = sum(b["dead_fraction"] for b in books.values()) / max(
+                    len(books), 1
+                )
+                result["codebook"] = q
+                result["loss_increase"] = q["loss"] - result["base"]["loss"]
+                result["loss_ratio"] = q["loss"] / max(result["base"]["loss"], 1e-12)
+                result["codebooks"] = books
+        finally:
+            if is_cb:
+                assert isinstance(model, CodebookModel)
+                for name, layer in model.codebooks.items():
+                    counts, tokens_seen, mse_sum = saved[name]
+                    layer.counts.copy_(counts)
+                    layer.tokens_seen.copy_(tokens_seen)
+                    layer.mse_sum.copy_(mse_sum)
     return result
 
 

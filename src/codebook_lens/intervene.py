@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from .attach import CodebookModel
+from .attach import CodebookModel, eval_mode
 from .config import check_choice, check_range, config_from_dict
 from .layer import CodebookLayer
 
@@ -711,31 +711,27 @@ def generate(
     new = torch.empty(num_samples, 0, dtype=torch.long, device=device)
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
-    # Restore each module's own mode afterwards (a wrapper's flag may differ from its base's).
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with intervene(model, spec, prompt_length=plen, length=plen + max_new_tokens - 1):
-            past: Any = None
-            step_ids = ids
-            for _ in range(max_new_tokens):
-                out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1].float()
-                if temperature == 0:
-                    nxt = logits.argmax(-1)
-                else:
-                    logits = _filter_logits(logits / temperature, top_k, top_p)
-                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
-                new = torch.cat([new, nxt[:, None]], dim=1)
-                if eos:
-                    done |= torch.isin(nxt, eos_t)
-                    if bool(done.all()):
-                        break
-                step_ids = nxt[:, None]
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with (
+        eval_mode(model),  # each module's own mode comes back afterwards
+        intervene(model, spec, prompt_length=plen, length=plen + max_new_tokens - 1),
+    ):
+        past: Any = None
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = _filter_logits(logits / temperature, top_k, top_p)
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+            new = torch.cat([new, nxt[:, None]], dim=1)
+            if eos:
+                done |= torch.isin(nxt, eos_t)
+                if bool(done.all()):
+                    break
+            step_ids = nxt[:, None]
     results = []
     for row in new.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attach import CodebookModel, attach_codebooks
+from ..attach import CodebookModel, attach_codebooks, eval_mode
 from ..config import CodebookConfig, check_choice, write_json_atomic
 from ..train import TrainConfig, train
 from .fsm_data import (
@@ -311,10 +312,8 @@ def mlp_neuron_activations(base: nn.Module, tokens: Tensor, layers: int) -> list
 
         handles.append(out_proj.register_forward_pre_hook(grab))
     try:
-        was = base.training
-        base.eval()
-        base(input_ids=tokens)
-        base.train(was)
+        with eval_mode(base):
+            base(input_ids=tokens)
     finally:
         for h in handles:
             h.remove()
@@ -371,19 +370,20 @@ def _patched_next_state_probs(
     prefixes: Tensor,
     sources: Tensor,
     groups: dict[str, list[str]],
-    scope: PatchScope,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    scopes: Sequence[PatchScope],
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Next-state distributions of ``prefixes`` ``(B, L)`` with codes taken from ``sources``.
 
     For each group of codebooks, the codes at the last prefix position are replaced by those
     ``sources`` (sequences ending in other states) produce there; with ``scope="transition"``
     also the codes at every position of the next state written so far, taken from the source
     sequence continued with the same digits. The probability of a next state is the product of
-    its digit probabilities (exact, no sampling). Returns group -> ``(B, N)`` next-state
-    probabilities, and group -> ``(B, V)`` next-token probabilities at the last prefix position.
+    its digit probabilities (exact, no sampling). Returns scope -> group -> ``(B, N)``
+    next-state probabilities, and group -> ``(B, V)`` next-token probabilities at the last
+    prefix position (the same for every scope: there both patch one position).
     """
     bsz, length = prefixes.shape
-    logp = {g: torch.zeros(bsz, fsm.num_states) for g in groups}
+    logp = {sc: {g: torch.zeros(bsz, fsm.num_states) for g in groups} for sc in scopes}
     first: dict[str, Tensor] = {}
     for j in range(fsm.num_digits):
         heads, index = np.unique(fsm.digit_table[:, :j], axis=0, return_inverse=True)
@@ -395,25 +395,30 @@ def _patched_next_state_probs(
             return torch.cat([x[:, None, :].expand(-1, n_heads, -1), tails], dim=2).flatten(0, 1)
 
         inputs = extend(prefixes)
-        span = 1 if scope == "last" else 1 + j
         src = model.get_codes(extend(sources)) if any(groups.values()) else {}
         idx = torch.from_numpy(np.asarray(index).reshape(-1)).long()
         digit = torch.from_numpy(fsm.digit_table[:, j]).long()
-        for group, names in groups.items():
-            layers = model.codebooks
-            try:
-                for name in names:
-                    target = _codes_4d(src[name])[:, length - 1 : length - 1 + span]
-                    layers[name].edit = _RowPatch(target, length - 1, 1)
-                logits = model(input_ids=inputs).logits[:, -1]
-            finally:
-                for name in names:
-                    layers[name].edit = None
-            lp = torch.log_softmax(logits.float(), dim=-1).unflatten(0, (bsz, n_heads))
-            logp[group] += lp[:, idx, digit]
-            if j == 0:
-                first[group] = lp[:, 0].exp()
-    return {g: v.exp() for g, v in logp.items()}, first
+        runs: dict[tuple[str, int], Tensor] = {}  # (group, patched span) -> log-probs
+        for scope in scopes:
+            for group, names in groups.items():
+                # Scopes that patch the same span (all at j = 0; "none" always) share one pass.
+                span = 0 if not names else 1 if scope == "last" else 1 + j
+                if (group, span) not in runs:
+                    layers = model.codebooks
+                    try:
+                        for name in names:
+                            target = _codes_4d(src[name])[:, length - 1 : length - 1 + span]
+                            layers[name].edit = _RowPatch(target, length - 1, 1)
+                        logits = model(input_ids=inputs).logits[:, -1]
+                    finally:
+                        for name in names:
+                            layers[name].edit = None
+                    lp = torch.log_softmax(logits.float(), dim=-1).unflatten(0, (bsz, n_heads))
+                    runs[group, span] = lp
+                    if j == 0:
+                        first[group] = lp[:, 0].exp()
+                logp[scope][group] += runs[group, span][:, idx, digit]
+    return {sc: {g: v.exp() for g, v in lp_sc.items()} for sc, lp_sc in logp.items()}, first
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -475,28 +480,25 @@ def intervention_experiment(
             "next_token_tv_to_source": float(tv_a.mean()),
         }
 
-    was = model.training
-    model.eval()
     results: dict[str, Any] = {}
-    try:
-        with torch.no_grad():
-            for scope in ("transition", "last"):
-                probs: dict[str, list[Tensor]] = {g: [] for g in groups}
-                firsts: dict[str, list[Tensor]] = {g: [] for g in groups}
-                for s in range(0, len(b), batch):
-                    out, first = _patched_next_state_probs(
-                        model, fsm, tok_a[s : s + batch], tok_b[s : s + batch], groups, scope
-                    )
-                    for g in groups:
-                        probs[g].append(out[g])
-                        firsts[g].append(first[g])
-                scored = {g: score(torch.cat(probs[g]), torch.cat(firsts[g])) for g in groups}
-                if scope == "transition":
-                    results.update(scored)
-                else:
-                    results["last_position"] = scored
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        scopes: tuple[PatchScope, ...] = ("transition", "last")
+        probs: dict[str, dict[str, list[Tensor]]] = {sc: {g: [] for g in groups} for sc in scopes}
+        firsts: dict[str, list[Tensor]] = {g: [] for g in groups}
+        for s in range(0, len(b), batch):
+            out, first = _patched_next_state_probs(
+                model, fsm, tok_a[s : s + batch], tok_b[s : s + batch], groups, scopes
+            )
+            for g in groups:
+                firsts[g].append(first[g])
+                for sc in scopes:
+                    probs[sc][g].append(out[sc][g])
+        p_first = {g: torch.cat(v) for g, v in firsts.items()}
+        scored = {
+            sc: {g: score(torch.cat(probs[sc][g]), p_first[g]) for g in groups} for sc in scopes
+        }
+        results.update(scored["transition"])
+        results["last_position"] = scored["last"]
     results["pairs"] = int(len(b))
     results["criterion"] = "top-E next states at least 80% successors of the target state b"
     results["scope"] = (
