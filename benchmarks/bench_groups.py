@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_args, machine, print_table, save_section, time_wall_cpu  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    machine,
+    print_table,
+    save_section,
+    similarity_floor,
+    time_wall_cpu,
+)
 
 from codebook_lens import CodebookLayer  # noqa: E402
 
@@ -87,12 +94,8 @@ def run(case: dict[str, int], repeats: int, device: torch.device) -> dict[str, A
         torch.autograd.backward((out, loss), (g, one))
         return torch.stack(codes, dim=1)
 
-    def floor() -> torch.Tensor:
-        # The bare similarity matmul of all heads (forward only), as bench_layer's floor: what
-        # any implementation, batched or looped, must at least spend.
-        with torch.no_grad():
-            xg = x.detach().view(n, h, d).transpose(0, 1)
-            return torch.bmm(xg, batched.codebook.detach().transpose(1, 2))
+    def floor() -> torch.Tensor:  # what any implementation, batched or looped, must spend
+        return similarity_floor(x, batched.codebook)
 
     same = bool(torch.equal(run_batched(), run_loop()))
     fns: dict[str, Callable[[], object]] = {

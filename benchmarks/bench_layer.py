@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     peak_extra_bytes,
     print_table,
     save_section,
+    similarity_floor,
     time_interleaved,
     time_wall_cpu,
     update_section,
@@ -98,9 +99,7 @@ class Case:
 
     def floor(self) -> torch.Tensor:
         """The bare similarity matmul (all groups): the score matrix, nothing else."""
-        with torch.no_grad():
-            xg = self.x.detach().view(-1, self.groups, self.head_dim).transpose(0, 1)
-            return torch.bmm(xg, self.layer.codebook.detach().transpose(1, 2))
+        return similarity_floor(self.x, self.layer.codebook)
 
     def ours(self) -> None:
         self.layer.codebook.grad = None

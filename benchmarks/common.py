@@ -80,6 +80,15 @@ def time_wall_cpu(
     )
 
 
+def similarity_floor(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The bare similarity matmul of ``x`` ``(N, G * d)`` with every group's codes
+    ``(G, C, d)``: the score matrix and nothing else, the cost any codebook layer must pay."""
+    g, _, d = codebook.shape
+    with torch.no_grad():
+        xg = x.detach().reshape(-1, g, d).transpose(0, 1)
+        return torch.bmm(xg, codebook.detach().transpose(1, 2))
+
+
 # ------------------------------------------------------------------------------ memory
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak bytes of tensors allocated by ``fn`` above what was live when it started.
