@@ -52,6 +52,7 @@ import yaml
 from torch import Tensor
 
 from .attach import CodebookModel, eval_mode
+from .compat import cache_kwargs, find_cache_length, output_cache
 from .config import check_choice, check_range, config_from_dict
 from .layer import CodebookLayer
 
@@ -502,7 +503,7 @@ def intervene(
     cursor = _Cursor(prompt_length)
 
     def track(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cursor.offset = _cache_length(kwargs.get("past_key_values"))
+        cursor.offset = find_cache_length(args, kwargs)
         if cursor.offset == 0 and not cursor.fixed_prompt:
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")
@@ -528,17 +529,6 @@ def intervene(
         handle.remove()
         for layer in installed:
             layer.edit = None
-
-
-def _cache_length(cache: Any) -> int:
-    """Tokens already in a KV cache (0 for none)."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, tuple | list) and cache and isinstance(cache[0], tuple | list):
-        return int(cache[0][0].shape[-2])  # legacy ((key, value), ...) tuples
-    return 0
 
 
 # ------------------------------------------------------------------- APIs
@@ -718,8 +708,8 @@ def generate(
         past: Any = None
         step_ids = ids
         for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_ids, **cache_kwargs(model, past))
+            past = output_cache(out)
             logits = out.logits[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compat import cache_kwargs, output_cache
+
 ModelLike = Callable[..., Any]
 """A callable ``model(input_ids) -> logits`` or ``-> output with .logits`` (HF causal LM)."""
 
@@ -392,7 +394,7 @@ def sample_sequences(
 ) -> torch.Tensor:
     """Sample ``(num_samples, seq_len)`` tokens from ``model`` starting from BOS.
 
-    Hugging Face models (anything whose call accepts ``past_key_values``/``use_cache``) are
+    Hugging Face models (``PreTrainedModel``s, whose call takes a KV cache) are
     sampled with a KV cache; other callables are re-run on the whole prefix at each step.
     """
     if temperature <= 0:
@@ -409,8 +411,8 @@ def sample_sequences(
             for _ in range(length - 1):
                 if use_cache:
                     inp = seq if past is None else seq[:, -1:]
-                    out = model(inp, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = model(inp, **cache_kwargs(model, past))
+                    past = output_cache(out)
                     logits = out.logits[:, -1].float()
                 else:
                     logits = _logits(model, seq)[:, -1]
