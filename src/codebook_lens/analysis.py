@@ -7,7 +7,8 @@
 - ``neuron_baseline``: reruns the model over the cache's first tokens, captures the input of a
   codebook (the pre-quantization activation at the same site) and compares its best neuron with
   the best code on the same tokens.
-- ``promoted_tokens``: the output tokens a code's vector pushes up most (direct logit effect).
+- ``promoted_tokens`` (from ``direct_effect``): the output tokens a code's vector pushes up
+  most (direct logit effect).
 """
 
 from __future__ import annotations
@@ -21,12 +22,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import CodeCache, check_identity
-from .search import CodeMatch, Pattern, PromotedToken, code_hits
+from .direct_effect import PROMOTED_NOTE, PromotedToken, promoted_tokens
+from .search import CodeMatch, Pattern, code_hits
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .attach import CodebookModel
+
+__all__ = [
+    "PROMOTED_NOTE",
+    "CodebookHealth",
+    "NeuronBaseline",
+    "NeuronResult",
+    "PromotedToken",
+    "best_neuron",
+    "best_neurons",
+    "codebook_health",
+    "format_health",
+    "neuron_baseline",
+    "plot_health",
+    "promoted_tokens",
+    "site_activations",
+]
 
 
 # -------------------------------------------------------------------- health
@@ -381,88 +399,3 @@ def neuron_baseline(
             hits=int(hits[i]),
         )
     return NeuronBaseline(codebook, n, len(pos), neuron, best)
-
-
-# ------------------------------------------------------- direct logit effect
-PROMOTED_NOTE = (
-    "direct logit effect: the code vector (for a head, after the attention output projection) "
-    "passed through the final norm as if it were the whole residual stream (centred for "
-    "LayerNorm, scaled to unit RMS, times the norm's gain, bias dropped), then unembedded; "
-    "later layers are ignored"
-)
-
-
-def _final_norm(base: nn.Module) -> nn.Module | None:
-    from .attach import find_blocks
-
-    prefix, _ = find_blocks(base)
-    found = None
-    for name, mod in base.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if name.startswith(prefix + ".") or not name:
-            continue
-        if leaf in ("ln_f", "final_layer_norm", "norm", "final_norm", "norm_f"):
-            found = mod
-    return found
-
-
-def promoted_tokens(
-    model: CodebookModel,
-    cache: CodeCache,
-    codebook: str,
-    code: int,
-    head: int | None = None,
-    *,
-    top: int = 20,
-) -> tuple[list[PromotedToken] | None, str]:
-    """Tokens whose logits the code's vector raises most (see ``PROMOTED_NOTE``).
-
-    Returns ``(None, reason)`` where it cannot be computed (module-glob codebooks, no
-    unembedding); ``ValueError`` if the cache was built with another model.
-    """
-    import torch
-
-    check_identity(cache, model)
-    h = cache.check_code(codebook, code, head)
-    cb = cache.info(codebook)
-    layer = model.codebooks[codebook]
-    base = model.base
-    get_out = getattr(base, "get_output_embeddings", None)
-    unembed = get_out() if callable(get_out) else None
-    if not isinstance(unembed, torch.nn.Module) or not hasattr(unembed, "weight"):
-        return None, "no output embedding found on the model"
-    site = next(s for s in model.sites if s.name == codebook)
-    with torch.no_grad():
-        vec = layer.codebook[h, code].detach().float()
-        if cb.placement == "attn_heads":
-            proj: nn.Module = dict(base.named_modules())[site.module]
-            x = torch.zeros(layer.dim, dtype=vec.dtype, device=vec.device)
-            x[h * layer.head_dim : (h + 1) * layer.head_dim] = vec
-            p_dtype = next(proj.parameters()).dtype
-            # .forward skips the module's hooks: the codebook's own pre-hook (and any active
-            # intervention) must not quantize the vector we are projecting.
-            fwd = proj.forward
-            vec = (fwd(x[None].to(p_dtype)) - fwd(torch.zeros_like(x)[None].to(p_dtype)))[0]
-            vec = vec.float()
-        elif cb.placement not in ("mlp_out", "attn_out", "residual"):
-            return None, f"not computed for placement {cb.placement!r} (not the residual width)"
-        norm = _final_norm(base)
-        if norm is not None and (hasattr(norm, "bias") or isinstance(norm, torch.nn.LayerNorm)):
-            vec = vec - vec.mean()
-        vec = vec / vec.pow(2).mean().sqrt().clamp_min(1e-12)
-        gain = getattr(norm, "weight", None) if norm is not None else None
-        if isinstance(gain, torch.Tensor) and gain.shape == vec.shape:
-            vec = vec * gain.float()
-        weight = unembed.weight
-        assert isinstance(weight, torch.Tensor)
-        w = weight.float()
-        if w.shape[1] != vec.shape[0]:
-            return (
-                None,
-                f"code width {vec.shape[0]} does not match the unembedding {tuple(w.shape)}",
-            )
-        logits = (w @ vec).cpu().numpy()
-    order = np.argsort(-logits, kind="stable")[:top]
-    return [
-        PromotedToken(int(t), cache.token_str(int(t)), float(logits[t])) for t in order
-    ], PROMOTED_NOTE

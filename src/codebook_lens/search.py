@@ -30,6 +30,7 @@ import regex
 
 from .cache import CodeCache
 from .config import check_choice
+from .direct_effect import PromotedToken, promoted_tokens
 
 PatternKind = Literal["regex", "token", "docs"]
 SortKey = Literal["f1", "precision", "recall", "count"]
@@ -514,14 +515,6 @@ class SimilarCode:
 
 
 @dataclass
-class PromotedToken:
-    token_id: int
-    text: str
-    logit: float
-    """Direct logit effect (see ``analysis.promoted_tokens`` for the approximation)."""
-
-
-@dataclass
 class CodeProfile:
     """Everything about one code: how often, where, on what, and what it writes."""
 
@@ -584,8 +577,6 @@ def code_profile(
     count = int(counts[code])
     promoted, note = None, ""
     if model is not None:
-        from .analysis import promoted_tokens
-
         promoted, note = promoted_tokens(model, cache, codebook, code, h, top=n_promoted)
     return CodeProfile(
         codebook=codebook,
