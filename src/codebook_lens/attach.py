@@ -404,7 +404,13 @@ class CodebookModel(nn.Module):
             layer.reset_stats()
 
     def codebook_parameters(self) -> list[nn.Parameter]:
-        return [layer.codebook for layer in self.codebooks.values()]
+        """Each codebook's code vectors, and its input LayerNorm's weight and bias if affine."""
+        return [
+            p
+            for layer in self.codebooks.values()
+            for p in (layer.codebook, layer.ln_weight, layer.ln_bias)
+            if p is not None
+        ]
 
     def base_parameters(self) -> list[nn.Parameter]:
         return list(self.base.parameters())

@@ -87,6 +87,10 @@ class CodebookConfig:
     layer_norm: bool = False
     """LayerNorm the input before scoring; the output then stays in the normalised space."""
 
+    layer_norm_affine: bool = False
+    """Give that LayerNorm a learned weight and bias per codebook (the reference code's; saved
+    with the codebooks); needs layer_norm."""
+
     kmeans_init: bool = False
     """Initialise each codebook by k-means on the first training batch it sees."""
 
@@ -144,6 +148,11 @@ class CodebookConfig:
         _check_int("chunk_size", self.chunk_size, 1)
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_int("seed", self.seed, 0)
+        if self.layer_norm_affine and not self.layer_norm:
+            raise ValueError(
+                "layer_norm_affine=True is invalid with layer_norm=False; the affine weight and "
+                "bias belong to the input LayerNorm, so set layer_norm=True too"
+            )
         if not isinstance(self.placements, list) or not all(
             isinstance(p, str) for p in self.placements
         ):
@@ -175,6 +184,7 @@ class CodebookConfig:
             "recon_weight": self.recon_weight,
             "commitment_weight": self.commitment_weight,
             "layer_norm": self.layer_norm,
+            "layer_norm_affine": self.layer_norm_affine,
             "kmeans_init": self.kmeans_init,
             "kmeans_iters": self.kmeans_iters,
             "dead_code_steps": self.dead_code_steps,

@@ -147,6 +147,9 @@ class CodebookLayer(nn.Module):
         recon_weight: weight of ``mse(output, sg(input))`` (gradient to codes only).
         commitment_weight: weight of ``mse(input, sg(output))`` (gradient to input only).
         layer_norm: LayerNorm (no affine) each group's slice before scoring; output stays normed.
+        layer_norm_affine: give that LayerNorm a learned weight and bias per group, parameters
+            ``ln_weight``/``ln_bias`` of shape ``(groups, head_dim)`` (the reference code's
+            LayerNorm); needs ``layer_norm``.
         kmeans_init: run k-means on the first training batch to initialise the codes.
         kmeans_iters: Lloyd iterations for k-means.
         dead_code_steps: revive codes unused for this many ``step()`` calls (0 = off).
@@ -183,6 +186,7 @@ class CodebookLayer(nn.Module):
         recon_weight: float = 1.0,
         commitment_weight: float = 0.0,
         layer_norm: bool = False,
+        layer_norm_affine: bool = False,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_steps: int = 0,
@@ -218,6 +222,11 @@ class CodebookLayer(nn.Module):
                 raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
         if dead_code_steps < 0 or kmeans_iters < 0:
             raise ValueError("dead_code_steps and kmeans_iters must be >= 0")
+        if layer_norm_affine and not layer_norm:
+            raise ValueError(
+                "layer_norm_affine=True is invalid with layer_norm=False; the affine weight and "
+                "bias belong to the input LayerNorm, so set layer_norm=True too"
+            )
 
         self.dim, self.num_codes, self.k, self.groups = dim, num_codes, k, groups
         self.head_dim = dim // groups
@@ -233,6 +242,11 @@ class CodebookLayer(nn.Module):
         init = torch.randn(groups, num_codes, self.head_dim, generator=gen)
         # Unit-variance inputs have norm ~sqrt(head_dim); start codes at that scale.
         self.codebook = nn.Parameter(init)
+        self.ln_weight: nn.Parameter | None = None
+        self.ln_bias: nn.Parameter | None = None
+        if layer_norm_affine:  # only then in the state dict: older checkpoints still load
+            self.ln_weight = nn.Parameter(torch.ones(groups, self.head_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(groups, self.head_dim))
 
         g, c, d = groups, num_codes, self.head_dim
         self.register_buffer("counts", torch.zeros(g, c, dtype=torch.int64))
@@ -401,6 +415,8 @@ class CodebookLayer(nn.Module):
         xg = x.reshape(-1, self.groups, self.head_dim).to(self.codebook.dtype)  # (N, G, d)
         if self.layer_norm:
             xg = F.layer_norm(xg, (self.head_dim,))
+            if self.ln_weight is not None and self.ln_bias is not None:
+                xg = xg * self.ln_weight + self.ln_bias  # (N, G, d) * (G, d): per-group affine
         xd = xg.detach()
         bad: Tensor | None = None  # (N, G) slices holding NaN/inf, with nonfinite='skip'
         if self.nonfinite == "raise":
