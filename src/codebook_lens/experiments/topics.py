@@ -387,7 +387,7 @@ def prepare_model(
     """The codebook model, its tokenizer, the plain base LM (``None`` when a saved codebook
     model is given: then the fluency check uses it with codebooks off), and where it came from.
 
-    Training: pretrain a small LM from scratch on ``lm_docs`` (``train.build_model`` +
+    Training: pretrain a small LM from scratch on ``lm_docs`` (``models.build_model`` +
     ``train.train``), then attach codebooks to every attention head of a copy and fine-tune.
     Both are saved under ``out`` and reused when ``cfg.model_key()`` matches.
     """
@@ -397,7 +397,8 @@ def prepare_model(
     from ..attach import CodebookModel, attach_codebooks
     from ..config import CodebookConfig
     from ..data import BatchStream, load_tokenizer, pack_tokens
-    from ..train import ModelConfig, TrainConfig, build_model, train
+    from ..models import ModelConfig, build_model
+    from ..train import TrainConfig, train
 
     device = torch.device(cfg.device)
     if cfg.model is not None:
@@ -479,6 +480,44 @@ def prepare_model(
     os.replace(tmp, base_dir)
     write_json_atomic(key_file, key)
     return model, tokenizer, base, str(model_dir)
+
+
+def prepare_model_and_cache(
+    cfg: TopicsConfig, lm_docs: Sequence[Document], out: Path
+) -> tuple[CodebookModel, Any, nn.Module | None, str, CodeCache]:
+    """``prepare_model`` plus the code cache of ``cfg.cache_tokens`` tokens of ``lm_docs``
+    (round-robin over topics) in ``out/cache``; the cache is a pure function of the model and
+    these settings, so it is reused when they match (``experiment concepts`` shares it)."""
+    from ..cache import build_cache, load_cache
+
+    model, tokenizer, base, model_source = prepare_model(cfg, lm_docs, out)
+    cache_key = {
+        "model": cfg.model_key() if cfg.model is None else cfg.model,
+        "cache_tokens": cfg.cache_tokens,
+        "block_size": cfg.block_size,
+    }
+    key_file = out / "cache_key.json"
+    if (
+        model_source.endswith("(reused)")
+        and key_file.is_file()
+        and read_json(key_file) == cache_key
+        and (out / "cache" / "manifest.json").is_file()
+    ):
+        return model, tokenizer, base, model_source, load_cache(out / "cache")
+    key_file.unlink(missing_ok=True)
+    cache = build_cache(
+        model,
+        tokenizer,
+        interleave(lm_docs),
+        out / "cache",
+        max_tokens=cfg.cache_tokens,
+        seq_len=cfg.block_size,
+        overwrite=True,
+        progress=cfg.progress,
+        source=cfg.data,
+    )
+    write_json_atomic(key_file, cache_key)
+    return model, tokenizer, base, model_source, cache
 
 
 # -------------------------------------------------------------- topic codes
@@ -608,7 +647,6 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from ..cache import build_cache, load_cache
     from ..intervene import generate
 
     started = time.perf_counter()
@@ -632,7 +670,7 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
     topics = clf.labels
 
     # 2. Model, code cache, topic codes.
-    model, tokenizer, base, model_source = prepare_model(cfg, splits.lm, out)
+    model, tokenizer, base, model_source, cache = prepare_model_and_cache(cfg, splits.lm, out)
     heads = [
         n for n, s in zip(model.codebooks, model.sites, strict=True) if s.placement == "attn_heads"
     ]
@@ -641,34 +679,6 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
             f"model={model_source}: has no attention-head codebooks (placement 'attn_heads'); "
             f"its codebooks are {list(model.codebooks)}"
         )
-    # The cache is a pure function of the model and these settings: reuse it when they match.
-    cache_key = {
-        "model": cfg.model_key() if cfg.model is None else cfg.model,
-        "cache_tokens": cfg.cache_tokens,
-        "block_size": cfg.block_size,
-    }
-    key_file = out / "cache_key.json"
-    if (
-        model_source.endswith("(reused)")
-        and key_file.is_file()
-        and read_json(key_file) == cache_key
-        and (out / "cache" / "manifest.json").is_file()
-    ):
-        cache = load_cache(out / "cache")
-    else:
-        key_file.unlink(missing_ok=True)
-        cache = build_cache(
-            model,
-            tokenizer,
-            interleave(splits.lm),
-            out / "cache",
-            max_tokens=cfg.cache_tokens,
-            seq_len=cfg.block_size,
-            overwrite=True,
-            progress=cfg.progress,
-            source=cfg.data,
-        )
-        write_json_atomic(key_file, cache_key)
     topic_codes = {
         t: find_topic_codes(
             cache,
