@@ -1,20 +1,19 @@
 """The ``codebook-lens`` command: one subcommand per stage, each a thin call into a module.
 
-Dataclass configs are turned into flags (``--num-codes 1000``), so a config's field docstrings
-are the ``--help`` text. Every user error exits with code 2 and one clear line on stderr.
+Dataclass configs are turned into flags (``--num-codes 1000``, see ``flags.py``), so a config's
+field docstrings are the ``--help`` text. Every user error exits with code 2 and one clear line
+on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
 import json
 import sys
-import typing
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
+
+from .flags import add_dataclass_args, dataclass_from_args
 
 EXIT_USAGE = 2
 
@@ -33,96 +32,6 @@ def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser
         return setup
 
     return wrap
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under dataclass fields (sparsify style)."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _parse_list(text: str) -> list[Any]:
-    text = text.strip()
-    if text.startswith("["):
-        value = json.loads(text)
-        if not isinstance(value, list):
-            raise argparse.ArgumentTypeError(f"expected a list, got {text!r}")
-        return value
-    out: list[Any] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            out.append(part)
-    return out
-
-
-def add_dataclass_args(
-    parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: Sequence[str] = ()
-) -> None:
-    """Add one ``--flag`` per field of dataclass ``cls`` (defaults left as ``None`` = unset)."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp = hints[f.name]
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else f.default_factory()  # type: ignore[misc]
-            if f.default_factory is not dataclasses.MISSING
-            else None
-        )
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "help": help_text}
-        origin = get_origin(tp)
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is Literal:
-            kwargs["choices"] = list(get_args(tp))
-        elif origin is list or any(get_origin(a) is list for a in args):
-            kwargs["type"] = _parse_list
-            kwargs["metavar"] = "A,B,..."
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        elif args and all(a in (int, float, str) for a in args):
-            kwargs["type"] = args[0]
-        else:
-            kwargs["type"] = str
-        group.add_argument(flag, **kwargs)
-
-
-def dataclass_from_args(
-    cls: type, args: argparse.Namespace, *, prefix: str = "", base: Any = None
-) -> Any:
-    """Build ``cls`` from parsed flags; unset flags keep ``base``'s (or the default) values."""
-    values = dataclasses.asdict(base) if base is not None else {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, prefix + f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return cls(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,39 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------- commands
 # Each stage registers one subcommand below: a setup function that adds flags and sets
 # ``func``; the work itself lives in the stage's module.
-
-
-@command("convert", "convert a checkpoint of the paper's reference code into a codebook-lens model")
-def _convert_setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="reference checkpoint: folder or hub id (model_type 'codebook')")
-    p.add_argument("out", help="model folder to write (safetensors + JSON)")
-    p.add_argument(
-        "--base",
-        default=None,
-        help="folder or hub id whose config.json describes the base model (weights: from SRC)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer to carry: 'digits' (TokFSM), 'gpt2' (TinyStories), a folder or hub id",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
-
-    def run(args: argparse.Namespace) -> int:
-        from .reference import convert_reference
-
-        model = convert_reference(
-            args.src, args.out, args.base, tokenizer=args.tokenizer, overwrite=args.overwrite
-        )
-        names = list(model.codebooks)
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        print(
-            f"wrote {args.out}: {len(names)} codebooks ({shown}); their reference keys are "
-            "under 'origin' in codebook_config.json"
-        )
-        return 0
-
-    p.set_defaults(func=run)
 
 
 @command("generate", "sample from a codebook model, with and without an intervention spec")

@@ -198,7 +198,6 @@ def run_eval(args: Any) -> int:
     from transformers.utils import logging as hf_logging
 
     from .attach import CONFIG_NAME
-    from .cli import dataclass_from_args
     from .config import config_from_dict, read_json
     from .data import (
         DataConfig,
@@ -209,6 +208,7 @@ def run_eval(args: Any) -> int:
         pack_tokens,
         split_documents,
     )
+    from .flags import dataclass_from_args
     from .train import RUN_CONFIG, resolve_model_path
 
     hf_logging.disable_progress_bar()

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from .attach import CONFIG_NAME, CodebookModel, attach_codebooks
 from .config import CodebookConfig, check_choice, check_range, read_json, write_json_atomic
+from .flags import configs_from_args
 
 CHECKPOINT_FORMAT = 1
 Schedule = Literal["cosine", "linear", "constant"]
@@ -945,20 +946,6 @@ def load_run_config_file(path: str | None) -> dict[str, dict[str, Any]]:
     return data
 
 
-def _configs(
-    args: Any, sections: dict[str, dict[str, Any]], classes: dict[str, type]
-) -> dict[str, Any]:
-    """Dataclass configs: saved/file values, overridden by flags given on the command line."""
-    from .cli import dataclass_from_args
-    from .config import config_from_dict
-
-    out: dict[str, Any] = {}
-    for key, cls in classes.items():
-        base: Any = config_from_dict(cls, sections.get(key, {}), source=f"{key} config")
-        out[key] = dataclass_from_args(cls, args, base=base)
-    return out
-
-
 def resolve_model_path(path: str) -> str:
     """A run folder (with ``model/``) -> its model folder; other paths and hub ids unchanged."""
     p = Path(path)
@@ -1071,7 +1058,7 @@ def _run(
     sections = saved.get("configs") if args.resume else load_run_config_file(args.config)
     if not isinstance(sections, dict):
         raise ValueError(f"{out / RUN_CONFIG}: field 'configs' is missing")
-    cfgs = _configs(args, sections, classes)
+    cfgs = configs_from_args(args, sections, classes)
     data_source = args.data or saved.get("data")
     if not data_source:
         raise ValueError("--data is required (a path, 'bbc', 'shakespeare' or hf:NAME)")

@@ -1,0 +1,125 @@
+"""Dataclass configs <-> command-line flags.
+
+``add_dataclass_args(parser, TrainConfig)`` adds one ``--flag`` per field (``--warmup-steps``),
+with the field's docstring as its ``--help`` text; ``dataclass_from_args(TrainConfig, args)``
+builds the config back from the parsed flags. Flags that were not given stay ``None`` in
+``args``, so they never override a value from a saved run or a ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, get_args, get_origin
+
+from .config import config_from_dict
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (sparsify style)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parse_list(text: str) -> list[Any]:
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise argparse.ArgumentTypeError(f"expected a list, got {text!r}")
+        return value
+    out: list[Any] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            out.append(part)
+    return out
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: Sequence[str] = ()
+) -> None:
+    """Add one ``--flag`` per field of dataclass ``cls`` (defaults left as ``None`` = unset)."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else f.default_factory()  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING
+            else None
+        )
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "help": help_text}
+        origin = get_origin(tp)
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(get_args(tp))
+        elif origin is list or any(get_origin(a) is list for a in args):
+            kwargs["type"] = _parse_list
+            kwargs["metavar"] = "A,B,..."
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        elif args and all(a in (int, float, str) for a in args):
+            kwargs["type"] = args[0]
+        else:
+            kwargs["type"] = str
+        group.add_argument(flag, **kwargs)
+
+
+def dataclass_from_args(
+    cls: type, args: argparse.Namespace, *, prefix: str = "", base: Any = None
+) -> Any:
+    """Build ``cls`` from parsed flags; unset flags keep ``base``'s (or the default) values."""
+    values = dataclasses.asdict(base) if base is not None else {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, prefix + f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)
+
+
+def configs_from_args(
+    args: argparse.Namespace, sections: dict[str, dict[str, Any]], classes: dict[str, type]
+) -> dict[str, Any]:
+    """One config per ``classes`` entry: the section's saved/file values, overridden by flags.
+
+    ``sections`` maps a key of ``classes`` to a JSON-like dict (``{"train": {"steps": 10}}``);
+    errors name the section (``train config: steps=0 is invalid; ...``).
+    """
+    out: dict[str, Any] = {}
+    for key, cls in classes.items():
+        base: Any = config_from_dict(cls, sections.get(key, {}), source=f"{key} config")
+        out[key] = dataclass_from_args(cls, args, base=base)
+    return out
