@@ -69,6 +69,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ``func``; the work itself lives in the stage's module.
 
 
+@command("convert", "convert a checkpoint of the paper's reference code into a codebook-lens model")
+def _convert_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="reference checkpoint: folder or hub id (model_type 'codebook')")
+    p.add_argument("out", help="model folder to write (safetensors + JSON)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="folder or hub id whose config.json describes the base model (weights: from SRC)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer to carry: 'digits' (TokFSM), 'gpt2' (TinyStories), a folder or hub id",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+
+    def run(args: argparse.Namespace) -> int:
+        from .reference import convert_reference
+
+        model = convert_reference(
+            args.src, args.out, args.base, tokenizer=args.tokenizer, overwrite=args.overwrite
+        )
+        names = list(model.codebooks)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        print(
+            f"wrote {args.out}: {len(names)} codebooks ({shown}); their reference keys are "
+            "under 'origin' in codebook_config.json"
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
 @command("generate", "sample from a codebook model, with and without an intervention spec")
 def _generate_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="folder written by CodebookModel.save_pretrained (or a hub id)")
