@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")  # the `app` extra; `make test` installs it
 from fastapi.testclient import TestClient  # noqa: E402
 
 from codebook_lens import CodebookConfig, attach_codebooks  # noqa: E402
-from codebook_lens.app.server import AppConfig, create_app, parse_steer  # noqa: E402
+from codebook_lens.app import AppConfig, create_app  # noqa: E402
 from codebook_lens.cache import build_cache, synthetic_cache  # noqa: E402
 
 BASE = "http://127.0.0.1"
@@ -102,7 +102,7 @@ def client(planted: Any) -> TestClient:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Any]:
     model_dir, cache_dir = build_model_cache(tmp_path_factory.mktemp("real"))
-    app = create_app(AppConfig(str(cache_dir), model_dir=str(model_dir)))
+    app = create_app(AppConfig(str(cache_dir), model_dir=str(model_dir), search_workers=1))
     return TestClient(app, base_url=BASE, raise_server_exceptions=False), app.state.lens
 
 
@@ -177,7 +177,7 @@ def test_search_topic_and_thresholds(client: TestClient, planted: Any) -> None:
     for section in strict["results"]:
         assert all(m["precision"] >= 0.5 for m in section["matches"])
     unknown = client.get("/api/search", params={"q": "cooking", "kind": "topic"})
-    assert "cooking" in error_of(unknown, 400)
+    assert "cooking" in error_of(unknown, 404)
 
 
 def test_search_page_html_links_to_codes(client: TestClient) -> None:
@@ -197,13 +197,14 @@ def test_search_page_html_links_to_codes(client: TestClient) -> None:
     ("params", "status", "needle"),
     [
         ({"q": "(unclosed"}, 400, "invalid"),
-        ({"q": ""}, 400, "empty"),
+        ({"q": ""}, 422, "q:"),
+        ({"q": "  "}, 422, "q:"),
         ({"q": "x" * 501}, 422, "q:"),
         ({"q": "May", "kind": "soundex"}, 422, "kind"),
         ({"q": "May", "per_page": 100_000}, 422, "per_page"),
         ({"q": "May", "page": 0}, 422, "page"),
         ({"q": "May", "min_precision": 2}, 422, "min_precision"),
-        ({"q": "May", "codebook": "layers.9.nothing"}, 400, "layers.9.nothing"),
+        ({"q": "May", "codebook": "layers.9.nothing"}, 404, "layers.9.nothing"),
     ],
 )
 def test_search_rejects_bad_input(
@@ -226,8 +227,9 @@ def test_catastrophic_regex_times_out(tmp_path: Path) -> None:
                 {"layers.0.mlp_out": np.zeros((n, 1), np.uint8)},
             )
         cache = w.finish()
-    app = create_app(AppConfig(str(cache.path), regex_timeout=0.2), cache=cache)
+    app = create_app(AppConfig(str(cache.path), regex_timeout=0.2, search_workers=1), cache=cache)
     c = TestClient(app, base_url=BASE, raise_server_exceptions=False)
+    app.state.lens.searches.start()  # the worker process is up: time only the search
     t = time.monotonic()
     r = c.get("/api/search", params={"q": r"(a+)+$"})
     assert "timed out" in error_of(r, 400)
@@ -304,7 +306,8 @@ def test_text_pages_are_bounded(tmp_path: Path) -> None:
     big = synthetic_cache(
         tmp_path / "c", n_tokens=4000, n_codebooks=3, num_codes=64, k=8, groups=8, doc_tokens=4000
     )  # 3 x 8 heads x 8 = 192 codes per token
-    c = TestClient(create_app(AppConfig(str(big.path)), cache=big), base_url=BASE)
+    app = create_app(AppConfig(str(big.path), search_workers=0), cache=big)
+    c = TestClient(app, base_url=BASE)
     msg = error_of(c.get("/api/text", params={"doc": 0, "per_page": 2000}), 400)
     assert "choose one codebook or show at most 520 tokens" in msg
     one = ok(
@@ -377,7 +380,7 @@ def test_pasted_text_codes_equal_a_forward_pass(served: tuple[TestClient, Any]) 
     page = client.post("/text", data={"text": text, "codebook": "layers.0.mlp_out"})
     assert page.status_code == 200 and page.text.count('class="tok') == len(ids)
     too_long = client.post("/api/text", json={"text": "a" * 20_001})
-    assert "at most 20000" in error_of(too_long, 400)
+    assert "at most 20000" in error_of(too_long, 422)
 
 
 def test_steering_equals_library_and_changes_generation(served: tuple[TestClient, Any]) -> None:
@@ -426,39 +429,56 @@ def test_steering_equals_library_and_changes_generation(served: tuple[TestClient
     assert page.status_code == 200
     assert page.text.count('class="gen"') == 4
     yaml_spec = "edits:\n  - codebook: layers.1.mlp_out\n    codes: [3]\n    scale: 8.0\n"
-    via_yaml = ok(
-        client.get(
-            "/api/steer",
-            params={**{k: str(v) for k, v in body.items() if k != "edits"}, "spec": yaml_spec},
-        )
-    )
+    via_yaml = ok(client.post("/api/steer", json={**body, "edits": [], "spec": yaml_spec}))
     assert via_yaml["steered"] == data["steered"]
 
 
 @pytest.mark.parametrize(
-    ("body", "needle"),
+    ("body", "status", "needle"),
     [
-        ({"prompt": "x", "edits": [{"codebook": "layers.5.mlp_out", "codes": [1]}]}, "layers.5"),
-        ({"prompt": "x", "edits": [{"codebook": "layers.0.mlp_out", "codes": [99]}]}, "99"),
-        ({"prompt": "x", "codebook": "layers.0.attn_heads", "codes": "1", "head": 9}, "head"),
         (
-            {"prompt": "x", "codebook": "layers.0.mlp_out", "codes": "1", "positions": "50"},
+            {"prompt": "x", "edits": [{"codebook": "layers.5.mlp_out", "codes": [1]}]},
+            400,
+            "layers.5",
+        ),
+        ({"prompt": "x", "edits": [{"codebook": "layers.0.mlp_out", "codes": [99]}]}, 400, "99"),
+        (
+            {"prompt": "x", "edits": [{"codebook": "layers.0.attn_heads", "codes": 1, "head": 9}]},
+            400,
+            "head",
+        ),
+        (
+            {
+                "prompt": "x",
+                "edits": [{"codebook": "layers.0.mlp_out", "codes": 1, "positions": 50}],
+            },
+            400,
             "past the sequence",
         ),
-        ({"prompt": "x", "num_samples": 99}, "num_samples"),
-        ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
-        ({"prompt": "x", "temperature": "hot"}, "temperature"),
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": "x" * 2001}, "at most 2000"),
-        ({"prompt": "x", "spec": "edits: [unclosed"}, "YAML"),
-        ({"prompt": "x", "codebook": "layers.0.mlp_out", "codes": "one"}, "codes"),
+        ({"prompt": "x", "spec": "edits: [unclosed"}, 400, "YAML"),
+        ({"prompt": "x", "num_samples": 99}, 422, "num_samples"),
+        ({"prompt": "x", "max_new_tokens": 0}, 422, "max_new_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, 422, "temperature"),
+        ({"prompt": ""}, 422, "prompt"),
+        ({"prompt": "x" * 2001}, 422, "at most 2000"),
+        (
+            {"prompt": "x", "edits": [{"codebook": "layers.0.mlp_out", "codes": "one"}]},
+            422,
+            "codes",
+        ),
+        (
+            {"prompt": "x", "edits": [{"codebook": "layers.0.mlp_out", "codes": [1, 1]}]},
+            422,
+            "twice",
+        ),
+        ({"prompt": "x", "codebook": "layers.0.mlp_out", "codes": [1]}, 422, "codebook"),
     ],
 )
 def test_steering_rejects_bad_requests(
-    served: tuple[TestClient, Any], body: dict[str, Any], needle: str
+    served: tuple[TestClient, Any], body: dict[str, Any], status: int, needle: str
 ) -> None:
     client, _ = served
-    assert needle in error_of(client.post("/api/steer", json=body), 400)
+    assert needle in error_of(client.post("/api/steer", json=body), status)
 
 
 def test_code_page_with_model_has_promoted_tokens(served: tuple[TestClient, Any]) -> None:
@@ -529,21 +549,31 @@ def test_foreign_hosts_and_cross_site_posts_are_refused(served: tuple[TestClient
 
 def test_request_size_limits(served: tuple[TestClient, Any]) -> None:
     client, _ = served
-    r = client.post(
-        "/api/steer",
-        content=b"{" + b" " * 70_000 + b"}",
-        headers={"content-type": "application/json"},
-    )
+    as_json = {"content-type": "application/json"}
+    r = client.post("/api/steer", content=b"{" + b" " * (1 << 20) + b"}", headers=as_json)
     assert "too large" in error_of(r, 413)
-    assert "not valid JSON" in error_of(client.post("/api/steer", content=b"{nope"), 400)
-    assert "JSON object" in error_of(client.post("/api/steer", json=[1, 2]), 400)
+    r = client.post("/api/text", content=b"{" + b" " * 300_000 + b"}", headers=as_json)
+    assert "too large" in error_of(r, 413)
+    page = client.post("/text", content=b"text=" + b"a" * 300_000)
+    assert page.status_code == 413 and "too large" in page.text and "<html" in page.text
+    chunks = (b" " * 65_536 for _ in range(20))  # no content-length: counted as it arrives
+    r = client.post("/api/steer", content=chunks, headers=as_json)
+    assert "too large" in error_of(r, 413)
+    bad = client.post("/api/steer", content=b"{nope", headers=as_json)
+    assert "not valid JSON" in error_of(bad, 400)
+    assert "JSON object" in error_of(client.post("/api/steer", json=[1, 2]), 422)
 
 
 def test_errors_are_pages_or_json_never_tracebacks(client: TestClient) -> None:
     html = client.get("/no/such/page")
     assert html.status_code == 404 and "<html" in html.text and "no page at" in html.text
     assert "no page at" in error_of(client.get("/api/nothing"), 404)
-    assert client.post("/api/overview").status_code == 405
+    r = client.post("/api/overview")
+    assert "POST is not allowed" in error_of(r, 405) and r.headers["allow"] == "GET"
+    r = client.put("/api/text")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.delete("/search")
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and "<html" in r.text
     lens = client.app.state.lens  # type: ignore[attr-defined]
     original = lens.overview
 
@@ -562,27 +592,27 @@ def test_errors_are_pages_or_json_never_tracebacks(client: TestClient) -> None:
 
 
 def test_config_and_request_validation() -> None:
+    from codebook_lens.app.parsing import steering_from_form
+    from codebook_lens.app.schemas import request_models
+
     with pytest.raises(ValueError, match="port"):
         AppConfig("c", port=70_000)
     with pytest.raises(ValueError, match="page_size"):
         AppConfig("c", page_size=500, max_page_size=100)
     with pytest.raises(ValueError, match="regex_timeout"):
         AppConfig("c", regex_timeout=0)
-    cfg = AppConfig("c")
-    req = parse_steer(
-        {
-            "prompt": "hi",
-            "codebook": "layers.0.mlp_out",
-            "codes": "1, 2",
-            "head": "",
-            "temperature": "0.5",
-        },
-        cfg,
-    )
+    with pytest.raises(ValueError, match="search_workers"):
+        AppConfig("c", search_workers=-1)
+    cfg = AppConfig("c", max_samples=4)
+    form_model = request_models(cfg).steer_form
+    fields = {"prompt": "hi", "codebook": "layers.0.mlp_out", "codes": "1, 2", "head": ""}
+    req = steering_from_form(form_model.model_validate({**fields, "temperature": "0.5"}))
     assert req.spec.edits[0].codes == [1, 2] and req.spec.edits[0].head is None
     assert req.temperature == 0.5 and req.num_samples == 3
     with pytest.raises(ValueError, match="both codebook and codes"):
-        parse_steer({"prompt": "hi", "codes": "1"}, cfg)
+        steering_from_form(form_model.model_validate({"prompt": "hi", "codes": "1"}))
+    with pytest.raises(ValueError, match="num_samples"):  # the limit comes from the config
+        form_model.model_validate({"prompt": "hi", "num_samples": "5"})
 
 
 def test_missing_cache_is_a_clear_error(tmp_path: Path) -> None:

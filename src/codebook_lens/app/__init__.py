@@ -1,5 +1,6 @@
 """The web code browser: ``codebook-lens serve CACHE_DIR [--model DIR]`` (see ``server.py``)."""
 
-from .server import AppConfig, AppError, create_app, serve
+from .config import AppConfig, AppError
+from .server import create_app, serve
 
 __all__ = ["AppConfig", "AppError", "create_app", "serve"]

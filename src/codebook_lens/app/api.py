@@ -1,0 +1,147 @@
+"""The JSON API: ``/api/...``, one operation per page, typed by ``schemas``.
+
+Every operation declares its answer model and each error status it can return (all with the
+``ErrorBody`` JSON), so ``/openapi.json`` is the exact contract; ``tests/test_app_schema.py``
+fuzzes the app against it.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi import Path as PathParam
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from . import schemas as S
+from .parsing import steering_from_body
+from .state import Lens
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for JSON errors: each status with ``ErrorBody`` and its meaning.
+
+    400 (a host name not served here) and 500 are possible on every operation.
+    """
+    return {
+        s: {"model": S.ErrorBody, "description": S.ERROR_STATUSES[s]}
+        for s in sorted({400, 500, *statuses})
+    }
+
+
+def search_params(lens: Lens) -> Any:
+    """The search operations' query parameters (shared with the search page)."""
+    config = lens.config
+
+    def params(
+        q: Annotated[
+            str,
+            Query(
+                min_length=1,
+                max_length=config.max_query_chars,
+                pattern=S.NonBlank,
+                description="A regex (Python `regex` syntax; a token is on the pattern if its "
+                "characters overlap a match), a token string, or a document label (topic).",
+            ),
+        ],
+        kind: Annotated[S.SearchKind, Query()] = "regex",
+        codebook: Annotated[
+            str, Query(max_length=300, description="One codebook, or '' for every codebook.")
+        ] = "",
+        sort: Annotated[S.SortKey, Query()] = "f1",
+        min_count: Annotated[int, Query(ge=0, le=1 << 40)] = 1,
+        min_precision: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+        min_recall: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+        per_page: Annotated[int, Query(ge=1, le=config.max_page_size)] = config.page_size,
+    ) -> dict[str, Any]:
+        return {
+            "q": q,
+            "kind": kind,
+            "codebook": codebook,
+            "sort": sort,
+            "min_count": min_count,
+            "min_precision": min_precision,
+            "min_recall": min_recall,
+            "page": page,
+            "per_page": per_page,
+        }
+
+    return params
+
+
+def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
+    """The ``/api`` operations over ``lens``."""
+    from fastapi import Depends
+
+    config = lens.config
+    router = APIRouter(prefix="/api", tags=["api"])
+    SearchParams = Annotated[dict[str, Any], Depends(search_params(lens))]
+    PerPage = Annotated[int, Query(ge=1, le=config.max_page_size)]
+    Page = Annotated[int, Query(ge=1, le=1_000_000)]
+    Name = Annotated[str, Query(max_length=300)]
+    SteerBody = models.steer
+    TextBody = models.text
+
+    @router.get("/overview", response_model=S.Overview, responses=errors())
+    async def overview() -> dict[str, Any]:
+        """The cache, the model and every codebook's health (usage, dead codes, entropy)."""
+        return lens.overview()
+
+    @router.get("/search", response_model=S.SearchResponse, responses=errors(404, 422))
+    async def search(p: SearchParams) -> Response:
+        """Codes ranked by precision, recall or F1 against a regex, token or topic.
+
+        One ranked list per codebook; ``page`` pages through every list at once. 404: the
+        codebook or topic is not in the cache; 400: the regex does not compile or times out.
+        """
+        # The worker's JSON goes out as it is (it was built from the same fields).
+        return Response(await lens.searches.search_json(p), media_type="application/json")
+
+    @router.get(
+        "/code/{codebook}/{code}", response_model=S.CodeProfileOut, responses=errors(404, 422)
+    )
+    def code(
+        codebook: Annotated[str, PathParam(max_length=300)],
+        code: Annotated[int, PathParam(ge=0, le=1 << 40)],
+        head: Annotated[int | None, Query(ge=0, le=1 << 20)] = None,
+        contexts: Annotated[int, Query(ge=1, le=config.max_page_size)] = 20,
+        window: Annotated[int, Query(ge=0, le=400)] = 60,
+    ) -> dict[str, Any]:
+        """A code's profile: contexts, tokens and labels it fires on, similar codes, and (with
+        the model) the tokens it promotes. Per-head codebooks need ``head``."""
+        return lens.code(codebook, code, head, n_contexts=contexts, window=window)
+
+    @router.get("/docs", response_model=S.DocList, responses=errors(404, 422))
+    def docs(
+        label: Name = "", page: Page = 1, per_page: PerPage = config.page_size
+    ) -> dict[str, Any]:
+        """The cached documents (optionally those with one label), a page at a time."""
+        return lens.docs_page(label or None, page, per_page)
+
+    @router.get("/text", response_model=S.CachedText, responses=errors(404, 422))
+    def text(
+        doc: Annotated[int, Query(ge=0, le=1 << 40)],
+        codebook: Annotated[str, Query(max_length=300, description="'' or 'all': every one")] = "",
+        page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+        per_page: Annotated[int, Query(ge=1, le=5000)] = 500,
+        pos: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
+    ) -> dict[str, Any]:
+        """Every token of a cached document (a page of it) with its codes; ``pos`` opens the
+        page holding that token and marks it."""
+        return lens.text_doc(doc, codebook or None, page, per_page, pos)
+
+    @router.post("/text", response_model=S.PastedText, responses=errors(403, 404, 409, 413, 422))
+    async def text_paste(body: TextBody) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Pasted text through the model: every token with its codes (needs the model)."""
+        return await run_in_threadpool(lens.text_paste, body.text, body.codebook)  # type: ignore[attr-defined]
+
+    @router.post("/steer", response_model=S.SteerResponse, responses=errors(403, 409, 413, 422))
+    async def steer(body: SteerBody) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Unsteered and steered samples side by side (same prompt, same seeds).
+
+        400: the intervention does not fit the model (unknown codebook, code or head, a
+        position past the sequence, a spec that does not parse)."""
+        lens.needs_model("steering")
+        return await run_in_threadpool(lens.steer, steering_from_body(body))
+
+    return router

@@ -1,0 +1,250 @@
+"""The HTML pages: each renders the same data its ``/api/...`` twin returns.
+
+Pages: ``/`` overview, ``/search``, ``/code/{codebook}/{code}``, ``/text`` (documents, one
+document, pasted text), ``/steer``, ``/plots/{name}.png`` and ``/docs`` (the API reference,
+drawn from ``/openapi.json``). Errors are pages too (``error.html``), with the status.
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from . import schemas as S
+from .config import AppError
+from .links import code_url, with_query
+from .parsing import read_form, steering_from_form
+from .state import Lens
+
+HERE = Path(__file__).resolve().parent
+HTML = {"text/html": {"schema": {"type": "string"}}}
+
+
+def page_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a page's errors: HTML pages with the status's meaning."""
+    return {
+        s: {"description": S.ERROR_STATUSES[s], "content": HTML}
+        for s in sorted({400, 500, *statuses})
+    }
+
+
+def _quoted(text: str) -> str:
+    """A token shown with its spaces visible: JSON-quoted, non-ASCII kept (escaped later)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def make_templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals["code_url"] = code_url
+    templates.env.filters["quoted"] = _quoted
+    templates.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, ensure_ascii=False)
+    return templates
+
+
+def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates) -> APIRouter:
+    """The HTML pages over ``lens``."""
+    config = lens.config
+    router = APIRouter(tags=["pages"], default_response_class=HTMLResponse)
+    SteerForm = models.steer_form
+    TextForm = models.text_form
+
+    def page(
+        request: Request, name: str, data: Any, *, status: int = 200, **extra: Any
+    ) -> Response:
+        path = request.url.path
+        api = "/api" + path.rstrip("/") if path != "/" else "/api/overview"
+        if request.url.query:
+            api += "?" + request.url.query
+        context = {"d": data, "lens": lens, "api_url": api, "config": config, **extra}
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    @router.get("/", responses=page_errors())
+    def overview_page(request: Request) -> Response:
+        """Model, cache and codebook health, with usage plots."""
+        return page(request, "overview.html", lens.overview(), active="overview", title="Overview")
+
+    @router.get(
+        "/plots/{name}.png",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}, **page_errors(404, 422)},
+    )
+    def plot(name: Annotated[str, PathParam(max_length=300)]) -> Response:
+        """A codebook's usage histogram (or ``summary``) as PNG."""
+        return FileResponse(lens.plot(name), media_type="image/png")
+
+    @router.get("/search", responses=page_errors(404, 422))
+    async def search_page(
+        request: Request,
+        q: Annotated[str, Query(max_length=config.max_query_chars)] = "",
+        kind: Annotated[S.SearchKind, Query()] = "regex",
+        codebook: Annotated[str, Query(max_length=300)] = "",
+        sort: Annotated[S.SortKey, Query()] = "f1",
+        min_count: Annotated[int, Query(ge=0, le=1 << 40)] = 1,
+        min_precision: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+        min_recall: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+        page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1,
+        per_page: Annotated[int, Query(ge=1, le=config.max_page_size)] = 10,
+    ) -> Response:
+        """The search form; with a query, codes ranked for it (the page of ``/api/search``)."""
+        p = {
+            "q": q,
+            "kind": kind,
+            "codebook": codebook,
+            "sort": sort,
+            "min_count": min_count,
+            "min_precision": min_precision,
+            "min_recall": min_recall,
+            "page": page_no,
+            "per_page": per_page,
+        }
+        data = await lens.searches.search(p) if q.strip() else None
+        here = str(request.url.path) + "?" + request.url.query
+        return page(
+            request,
+            "search.html",
+            data or {},
+            form=p,
+            has_result=data is not None,
+            codebooks=lens.codebooks,
+            labels=lens.labels(),
+            active="search",
+            title="Search" if not q else f"Search {q!r}",
+            prev_url=with_query(here, page=page_no - 1) if page_no > 1 else None,
+            next_url=with_query(here, page=page_no + 1) if data and data["has_next"] else None,
+        )
+
+    @router.get("/code/{codebook}/{code}", responses=page_errors(404, 422))
+    def code_page(
+        request: Request,
+        codebook: Annotated[str, PathParam(max_length=300)],
+        code: Annotated[int, PathParam(ge=0, le=1 << 40)],
+        head: Annotated[int | None, Query(ge=0, le=1 << 20)] = None,
+        contexts: Annotated[int, Query(ge=1, le=config.max_page_size)] = 20,
+        window: Annotated[int, Query(ge=0, le=400)] = 60,
+    ) -> Response:
+        """A code's profile (the page of ``/api/code/...``)."""
+        data = lens.code(codebook, code, head, n_contexts=contexts, window=window)
+        can_more = contexts < config.max_page_size and len(data["contexts"]) == contexts
+        title = data["ref"]["label"]
+        return page(request, "code.html", data, active="search", title=title, can_more=can_more)
+
+    @router.get("/text", responses=page_errors(404, 422))
+    def text_page(
+        request: Request,
+        doc: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
+        codebook: Annotated[str, Query(max_length=300)] = "",
+        label: Annotated[str, Query(max_length=300)] = "",
+        page_no: Annotated[int | None, Query(alias="page", ge=1, le=1_000_000)] = None,
+        per_page: Annotated[int, Query(ge=1, le=5000)] = 500,
+        pos: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
+    ) -> Response:
+        """The document list, or one document's tokens with their codes."""
+        common: dict[str, Any] = {"active": "text", "codebooks": lens.codebooks}
+        if doc is None:
+            docs = lens.docs_page(label or None, page_no or 1, config.page_size)
+            return page(request, "text.html", docs, mode="list", title="Text", **common)
+        data = lens.text_doc(doc, codebook or lens.codebooks[0], page_no, per_page, pos)
+        title = f"Document {data['id']}"
+        return page(request, "text.html", data, mode="doc", title=title, **common)
+
+    @router.post(
+        "/text",
+        responses=page_errors(403, 404, 409, 413, 422),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {"schema": TextForm.model_json_schema()}
+                },
+            }
+        },
+    )
+    async def text_paste_page(request: Request) -> Response:
+        """Pasted text through the model (the text page's form; needs the model)."""
+        form = read_form(await request.body(), TextForm)
+        codebook = form.codebook or lens.codebooks[0]
+        data = await run_in_threadpool(lens.text_paste, form.text, codebook)
+        return page(
+            request,
+            "text.html",
+            data,
+            mode="pasted",
+            active="text",
+            title="Pasted text",
+            codebooks=lens.codebooks,
+            pasted=form.text,
+        )
+
+    @router.get("/steer", responses=page_errors(409, 422))
+    def steer_page(
+        request: Request,
+        form: Annotated[SteerForm, Query()],  # type: ignore[valid-type]
+    ) -> Response:
+        """The steering form; with a prompt, unsteered and steered samples side by side.
+
+        Errors in the request show above the form (which keeps its input), with the status."""
+        data, error, status = None, None, 200
+        if form.prompt.strip():  # type: ignore[attr-defined]
+            try:
+                lens.needs_model("steering")
+                data = lens.steer(steering_from_form(form))
+            except (ValueError, AppError) as e:
+                error = e.message if isinstance(e, AppError) else str(e)
+                status = e.status if isinstance(e, AppError) else 400
+        return page(
+            request,
+            "steer.html",
+            data or {},
+            status=status,
+            form=form.model_dump(),  # type: ignore[attr-defined]
+            result=data,
+            error=error,
+            codebooks=lens.cache.codebooks,
+            active="steer",
+            title="Steer",
+            can_steer=lens.can_steer,
+            api_url=None,
+        )
+
+    @router.get("/docs", include_in_schema=False)
+    def api_docs_page(request: Request) -> Response:
+        """The API reference: every operation of ``/openapi.json`` with its inputs and answers."""
+        spec = request.app.openapi()
+        return page(
+            request,
+            "api_docs.html",
+            spec,
+            ops=operations(spec),
+            active="docs",
+            title="API",
+            api_url="/openapi.json",
+        )
+
+    return router
+
+
+def operations(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The operations of an OpenAPI document, flattened for the reference page."""
+    out = []
+    for path, item in spec.get("paths", {}).items():
+        for method, op in item.items():
+            body = op.get("requestBody", {}).get("content", {})
+            out.append(
+                {
+                    "method": method.upper(),
+                    "path": path,
+                    "summary": op.get("summary", ""),
+                    "description": op.get("description", ""),
+                    "tag": (op.get("tags") or [""])[0],
+                    "parameters": op.get("parameters", []),
+                    "body": {ct: c.get("schema", {}) for ct, c in body.items()},
+                    "responses": op.get("responses", {}),
+                    "anchor": f"{method}-{path}".replace("/", "_").strip("_"),
+                }
+            )
+    return out

@@ -1,0 +1,235 @@
+"""Searches for the app, run where they can use every core.
+
+A search (compile a user regex, run it over every document, rank the codes of every codebook
+with ``search.search``) is CPU work, and regex matching holds Python's GIL, so searches in the
+server's threads would share one core. ``SearchPool`` runs them in worker processes instead
+(one per core by default): each opens the cache itself (memory-mapped, so the pages are shared
+through the OS) and warms it once, and the server only waits for the answer, so pages stay
+responsive under load. With ``workers=0`` searches run in the calling thread (tests, notebooks).
+
+Workers exchange only plain values with the server: a dict of strings and numbers in, a
+``(status, text)`` pair out, where ``text`` is the JSON answer or the error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+from urllib.parse import urlencode
+
+from .config import AppError
+from .links import code_ref, with_query
+
+log = logging.getLogger("codebook_lens.app")
+
+PATTERN_MEMO = 64
+"""Patterns each searcher keeps (a page of results followed by the next page reuses one)."""
+
+
+class Searcher:
+    """Searches over one open cache, with the last patterns memoised (one per process)."""
+
+    def __init__(self, cache: Any, regex_timeout: float) -> None:
+        self.cache = cache
+        self.regex_timeout = regex_timeout
+        self._patterns: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._labels: list[str] | None = None
+
+    def labels(self) -> list[str]:
+        """Document labels in the cache (the topics a search can use), sorted."""
+        if self._labels is None:
+            self._labels = sorted({str(d.label) for d in self.cache.docs if d.label is not None})
+        return self._labels
+
+    def pattern(self, kind: str, query: str) -> Any:
+        """The library's ``Pattern`` for a query (``kind``: regex, token or topic)."""
+        from ..search import make_pattern
+
+        key = (kind, query)
+        with self._lock:
+            if key in self._patterns:
+                self._patterns.move_to_end(key)
+                return self._patterns[key]
+        if kind == "regex":
+            pat = make_pattern(self.cache, regex=query, timeout=self.regex_timeout)
+        elif kind == "token":
+            pat = make_pattern(self.cache, token=query)
+        else:
+            if query not in self.labels():
+                raise AppError(
+                    404,
+                    f"topic {query!r} labels no document of this cache; topics: {self.labels()}",
+                )
+            pat = make_pattern(self.cache, docs_label=query)
+        with self._lock:
+            self._patterns[key] = pat
+            while len(self._patterns) > PATTERN_MEMO:
+                self._patterns.popitem(last=False)
+        return pat
+
+    def warm(self) -> None:
+        """Touch what the first search would load (texts, spans, code counts, code pages)."""
+        from ..search import search
+
+        if self.cache.n_tokens:
+            search(self.cache, self.pattern("regex", r"\A."), top=1)
+
+    def search(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Codes ranked by agreement with a pattern, one ranked list per codebook.
+
+        ``p`` holds the validated request (``schemas.SearchQuery``). ``page`` applies to every
+        list; the library ranks ``page * per_page + 1`` codes so the next page's existence is
+        known without ranking everything.
+        """
+        from ..search import search
+
+        cache = self.cache
+        codebook = p["codebook"] or None
+        if codebook is not None and codebook not in cache.codebooks:
+            raise AppError(
+                404,
+                f"codebook={codebook!r} is not in this cache; choose one of {list(cache.codebooks)}",
+            )
+        names = [codebook] if codebook else list(cache.codebooks)
+        kind, query, sort = p["kind"], p["q"], p["sort"]
+        page, per_page = p["page"], p["per_page"]
+        pattern = self.pattern(kind, query)
+        start, stop = (page - 1) * per_page, page * per_page
+        filters = {k: p[k] for k in ("min_count", "min_precision", "min_recall")}
+        sections = []
+        for name in names:
+            res = search(cache, pattern, codebooks=[name], top=stop + 1, sort_by=sort, **filters)
+            rows = []
+            for m in res.matches[start:stop]:
+                ref = code_ref(m.codebook, m.code, m.head)
+                rows.append({**m.to_dict(), "label": ref["label"], "url": ref["url"]})
+            more = with_query(
+                "/search?" + urlencode({"kind": kind, "q": query}),
+                codebook=name,
+                sort=sort,
+                **filters,
+            )
+            sections.append(
+                {
+                    "codebook": name,
+                    "matches": rows,
+                    "has_next": len(res.matches) > stop,
+                    "more_url": more,
+                }
+            )
+        return {
+            "kind": kind,
+            "query": query,
+            "pattern_tokens": pattern.size,
+            "n_tokens": cache.n_tokens,
+            "sort_by": sort,
+            "filters": {"codebook": codebook, **filters},
+            "page": page,
+            "per_page": per_page,
+            "has_next": any(s["has_next"] for s in sections),
+            "results": sections,
+        }
+
+    def answer(self, p: dict[str, Any]) -> tuple[int, str]:
+        """``search`` as ``(200, JSON)`` or ``(status, message)``: what a worker sends back."""
+        try:
+            return 200, json.dumps(self.search(p))
+        except AppError as e:
+            return e.status, e.message
+        except ValueError as e:  # the library's message for a regex that fails or times out
+            return 400, str(e)
+
+
+# ------------------------------------------------------------- worker side
+_worker: Searcher | None = None
+
+
+def _init_worker(cache_dir: str, regex_timeout: float) -> None:
+    global _worker
+    from ..cache import load_cache
+
+    _worker = Searcher(load_cache(cache_dir), regex_timeout)
+    _worker.warm()
+
+
+def _ready() -> bool:
+    return _worker is not None
+
+
+def _answer(p: dict[str, Any]) -> tuple[int, str]:
+    assert _worker is not None, "search worker was not initialised"
+    return _worker.answer(p)
+
+
+# ------------------------------------------------------------- server side
+class SearchPool:
+    """Searches in ``workers`` processes (0: in the calling thread), started on first use."""
+
+    def __init__(self, cache: Any, regex_timeout: float, workers: int) -> None:
+        self.local = Searcher(cache, regex_timeout)
+        self.cache_dir = str(cache.path)
+        self.regex_timeout = regex_timeout
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start every worker and wait until each has opened and warmed the cache."""
+        if self.workers == 0:
+            return
+        with self._lock:
+            if self._executor is not None:
+                return
+            # spawn, not fork: the server has threads (and maybe torch) that fork would copy
+            # in whatever state they are in.
+            self._executor = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.cache_dir, self.regex_timeout),
+            )
+            ready = [self._executor.submit(_ready) for _ in range(self.workers)]
+        for f in ready:
+            f.result()
+
+    def _submit(self, p: dict[str, Any]) -> Future[tuple[int, str]]:
+        if self._executor is None:
+            self.start()
+        assert self._executor is not None
+        return self._executor.submit(_answer, p)
+
+    async def search_json(self, p: dict[str, Any]) -> str:
+        """The search answer as JSON text; errors raise ``AppError`` with the library's message."""
+        if self.workers == 0:
+            from starlette.concurrency import run_in_threadpool
+
+            status, text = await run_in_threadpool(self.local.answer, p)
+        else:
+            try:
+                status, text = await asyncio.wrap_future(self._submit(p))
+            except BrokenProcessPool:
+                log.error("a search worker stopped unexpectedly; restarting the pool")
+                self.close()
+                raise AppError(500, "a search worker stopped; the pool was restarted") from None
+        if status != 200:
+            raise AppError(status, text)
+        return text
+
+    async def search(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The search answer as a dict (for the HTML page)."""
+        data: dict[str, Any] = json.loads(await self.search_json(p))
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
