@@ -393,9 +393,15 @@ def _serve_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=200, help="steering limit per sample (default: 200)"
     )
+    p.add_argument(
+        "--search-workers",
+        type=int,
+        default=None,
+        help="processes running searches (default: one per core; 0 = in the server process)",
+    )
 
     def run(args: argparse.Namespace) -> int:
-        from .app.server import AppConfig, serve
+        from .app import AppConfig, serve
 
         config = AppConfig(
             cache_dir=args.cache_dir,
@@ -404,6 +410,7 @@ def _serve_setup(p: argparse.ArgumentParser) -> None:
             port=args.port,
             regex_timeout=args.regex_timeout,
             max_new_tokens=args.max_new_tokens,
+            search_workers=args.search_workers,
         )
         serve(config)
         return 0
