@@ -478,19 +478,21 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_eval)
 
 
-@command("experiment", "run a paper experiment end to end and write its report (topics)")
+@command("experiment", "run a paper experiment end to end and write its report (topics, concepts)")
 def _experiment_setup(p: argparse.ArgumentParser) -> None:
+    from .experiments.concepts import ConceptsConfig
     from .experiments.topics import TopicsConfig
 
-    p.add_argument("name", choices=["topics"], help="topics: topic steering on BBC News")
-    p.add_argument(
+    sub = p.add_subparsers(dest="name", metavar="name", required=True)
+    t = sub.add_parser("topics", help="topic steering on BBC News", description="topic steering")
+    t.add_argument(
         "--prompt",
         dest="prompt_list",
         action="append",
         default=None,
         help="a neutral prompt (repeat the flag for several; default: 8 built-in prompts)",
     )
-    add_dataclass_args(p, TopicsConfig, skip=("prompts",))
+    add_dataclass_args(t, TopicsConfig, skip=("prompts",))
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
@@ -513,7 +515,25 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
         )
         return 0
 
-    p.set_defaults(func=run)
+    t.set_defaults(func=run)
+    c = sub.add_parser(
+        "concepts",
+        help="a battery of concepts: best code vs best neuron vs a k-means control",
+        description="concept battery (--concepts FILE for your own)",
+    )
+    add_dataclass_args(c, ConceptsConfig)
+
+    def run_concepts_cmd(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from .experiments.concepts import format_summary, run_concepts
+
+        cfg = dataclass_from_args(ConceptsConfig, args)
+        print(format_summary(run_concepts(cfg)))
+        print(f"report: {Path(cfg.out) / 'report.html'}")
+        return 0
+
+    c.set_defaults(func=run_concepts_cmd)
 
 
 @command("demo", "the finite-state-machine experiment end to end (what `make demo` runs)")

@@ -436,6 +436,32 @@ def summarize(
     }
 
 
+def format_summary(metrics: Mapping[str, Any]) -> str:
+    """A terminal table of every concept plus the three target lines."""
+    rows = [f"{'concept':<28}{'tokens':>7}{'code F1':>9}{'neuron F1':>10}{'k-means F1':>11}"]
+    for name, m in metrics["concepts"].items():
+
+        def f1(unit: Any) -> str:
+            return "-" if unit is None else f"{unit['f1']:.3f}"
+
+        rows.append(
+            f"{name[:27]:<28}{m['tokens']:>7}{f1(m['code']):>9}{f1(m['neuron']):>10}"
+            f"{f1(m['control']):>11}"
+        )
+    s = metrics["summary"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0%}"
+
+    rows += [
+        f"code beats neuron: {pct(s['code_beats_neuron'])} of {s['concepts']} concepts "
+        "(target >= 80%)",
+        f"concepts with {s['precise_definition']}: {s['precise_concepts']} (target >= 10)",
+        f"code beats k-means control: {pct(s['code_beats_control'])} (target >= 70%)",
+    ]
+    return "\n".join(rows)
+
+
 # --------------------------------------------------------- activations
 def module_activations(
     model: nn.Module,
@@ -643,7 +669,7 @@ def prepare(cfg: ConceptsConfig, out: Path) -> Prepared:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..attach import CodebookModel
-    from ..cache import build_cache, load_cache
+    from ..cache import build_cache, check_identity, load_cache
     from ..data import load_documents
     from .topics import TopicsConfig, interleave, prepare_model_and_cache, split_corpus
 
@@ -660,12 +686,14 @@ def prepare(cfg: ConceptsConfig, out: Path) -> Prepared:
         )
         tcfg.progress = cfg.progress
         splits = split_corpus(tcfg)
+        out.mkdir(parents=True, exist_ok=True)
         model, _, trained_base, source, cache = prepare_model_and_cache(tcfg, splits.lm, out)
         return Prepared(model, cache, trained_base, source, str(out / "base"))
     model = CodebookModel.from_pretrained(model_dir, device=cfg.device).eval()
     cache_dir = cfg.cache or (str(run / "cache") if run is not None and cfg.model is None else None)
     if cache_dir is not None:
         cache = load_cache(cache_dir)
+        check_identity(cache, model)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -709,8 +737,8 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(cfg.out)
     battery = load_battery(cfg.concepts)  # bad battery: fail before any work
+    prep = prepare(cfg, out)  # bad model / cache / base: fail before writing anything
     out.mkdir(parents=True, exist_ok=True)
-    prep = prepare(cfg, out)
     model, cache = prep.model, prep.cache
     n = min(cfg.max_tokens, cache.n_tokens)
 
