@@ -174,15 +174,47 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
     p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    p.add_argument(
+        "--codebooks",
+        nargs="+",
+        metavar="GLOB",
+        help="store only the codebooks matching these globs, e.g. 'layers.1[0-5].*' (default: all)",
+    )
+    p.add_argument(
+        "--index",
+        nargs="+",
+        default=["all"],
+        metavar="all|none|GLOB",
+        help="codebooks that get an inverted index (default: all); without one, finding where "
+        "a code fires scans the codes (search itself needs no index)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build of --out")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="split the documents over N shards (default: torchrun's WORLD_SIZE, else 1)",
+    )
+    p.add_argument(
+        "--shard", type=int, default=None, help="the shard to write, 0 .. N-1 (default: RANK)"
+    )
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=None,
+        help="tokens between checkpoints (default: 262144)",
+    )
 
     def run(args: argparse.Namespace) -> int:
-        from .cache import build_cache, interleave_labels
+        from .cache import DEFAULT_CHUNK_TOKENS, build_cache, interleave_labels, resolve_shard
         from .data import load_documents, load_tokenizer
 
         _check_positive("--tokens", args.tokens)
         _check_positive("--batch-size", args.batch_size)
         _check_positive("--seq-len", args.seq_len)
-        model, tokenizer = _load_model(args.model, args.device)
+        _check_positive("--chunk-tokens", args.chunk_tokens)
+        shard, device = resolve_shard(args.shards, args.shard, args.device)
+        model, tokenizer = _load_model(args.model, device)
         if args.tokenizer is not None:
             tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer is None:
@@ -197,6 +229,11 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             source=args.data,
+            codebooks=args.codebooks,
+            index=args.index,
+            resume=args.resume,
+            shard=shard,
+            chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
         )
         print(
             f"wrote {cache.path}: {cache.n_tokens} tokens, {cache.n_docs} documents, "
@@ -241,6 +278,12 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
         default=50_000,
         help="tokens used for the neuron baseline (default: 50000)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes to search in (default: the cores, for a large query)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from . import search as S
@@ -248,6 +291,7 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
 
         cache = CodeCache(args.cache)
         _check_positive("--top", args.top)
+        _check_positive("--workers", args.workers)
         if not args.timeout > 0:
             raise ValueError(f"--timeout={args.timeout} is invalid; it must be > 0 seconds")
         pattern = S.make_pattern(
@@ -256,6 +300,7 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
             token=args.token,
             docs_label=args.docs_label,
             timeout=args.timeout,
+            workers=args.workers,
         )
         result = S.search(
             cache,
@@ -266,6 +311,7 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
             min_recall=args.min_recall,
             top=args.top,
             sort_by=args.sort_by,
+            workers=args.workers,
         )
         baseline = None
         if args.neuron_baseline:
@@ -290,6 +336,8 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
             print(json.dumps(out))
         else:
             print(S.format_matches(result))
+            for note in cache.notes():
+                print(f"note: {note}")
             if baseline is not None:
                 nb, bc = baseline.neuron, baseline.best_code
                 print(
@@ -348,6 +396,32 @@ def _code_setup(p: argparse.ArgumentParser) -> None:
         else:
             color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
             print(S.format_profile(prof, color=color))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command("verify", "check a code cache against its manifest: files, shapes, sizes, checksums")
+def _verify_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", help="cache folder written by `codebook-lens cache`")
+    p.add_argument("--quick", action="store_true", help="shapes and sizes only, no checksums")
+    p.add_argument("--json", action="store_true", help="print {cache, ok, problems} as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from .cache import verify_cache
+
+        problems = verify_cache(args.cache, checksums=not args.quick)
+        if args.json:
+            rows = [{"file": q.file, "problem": q.what} for q in problems]
+            print(json.dumps({"cache": args.cache, "ok": not problems, "problems": rows}))
+        else:
+            for q in problems:
+                print(q)
+        if problems:
+            bad = sorted({q.file for q in problems})
+            raise ValueError(f"{args.cache}: {len(bad)} bad file(s): {', '.join(bad)}")
+        if not args.json:
+            print(f"{args.cache}: ok" + (" (shapes and sizes; no checksums)" if args.quick else ""))
         return 0
 
     p.set_defaults(func=run)

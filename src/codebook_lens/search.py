@@ -9,8 +9,15 @@ For a code and a pattern (METHOD.md section 3):
 - f1 = their harmonic mean.
 
 ``search`` scores every code of every codebook (per head for grouped codebooks) at once: one
-``bincount`` of the codes at pattern positions against the code totals from the inverted
-index, so the cost is O(pattern tokens x k x heads + codes), never a loop over codes.
+``bincount`` of the codes at pattern positions against the code totals stored in the cache,
+so the cost is O(pattern tokens x k x heads + codes), never a loop over codes, and it needs
+neither the inverted index nor more memory than a chunk of rows.
+
+Large queries use the machine: the codebooks (and shards) of a search, and the documents of a
+regex, are split over worker processes (``workers=``; by default as many as there are cores
+once a query is big enough to gain from it). Regex matching and ``bincount`` hold the GIL, so
+threads would not help. The results are exactly those of the serial path: integer counts,
+summed.
 
 Every result is a dataclass of plain Python values (``asdict`` gives JSON-ready dicts).
 """
@@ -18,9 +25,11 @@ Every result is a dataclass of plain Python values (``asdict`` gives JSON-ready 
 from __future__ import annotations
 
 import html
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +47,13 @@ SORT_KEYS: tuple[str, ...] = ("f1", "precision", "recall", "count")
 
 DEFAULT_REGEX_TIMEOUT = 2.0
 """Seconds a user regex may run over the whole cache before it is stopped."""
+PARALLEL_MIN_ENTRIES = 1 << 25
+"""Code entries (pattern tokens x heads x k, over all codebooks) from which a search is split
+over processes when ``workers`` is not given; below it, starting work elsewhere costs more."""
+PARALLEL_MIN_TEXT_BYTES = 1 << 23
+"""Bytes of document text from which a regex is split over processes by default."""
+_ROWS_CHUNK = 1 << 22  # code entries gathered at once
+_BLOCK_TOKENS = 1 << 18  # tokens whose match spans are turned into positions at once
 
 
 @dataclass
@@ -56,60 +72,204 @@ class Pattern:
         return int(len(self.positions))
 
 
+# -------------------------------------------------------------- worker pool
+_POOL: tuple[int, Executor] | None = None
+_WORKER_CACHES: dict[str, tuple[int, CodeCache]] = {}
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _choose_workers(workers: int | None, work: float, threshold: float, units: int) -> int:
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers={workers!r} is invalid; it must be an integer >= 1 or None")
+        return max(1, min(workers, units))
+    # Inside a worker process of any pool, stay serial: pools do not nest well.
+    if work < threshold or multiprocessing.parent_process() is not None:
+        return 1
+    return max(1, min(available_cores(), units))
+
+
+def _pool(workers: int) -> Executor:
+    """A process pool kept for the life of the process (so repeated queries start nothing)."""
+    global _POOL
+    if _POOL is not None and _POOL[0] >= workers:
+        return _POOL[1]
+    if _POOL is not None:
+        _POOL[1].shutdown(wait=False, cancel_futures=True)
+    methods = multiprocessing.get_all_start_methods()
+    # forkserver: workers start from a clean process, not a copy of this one with its threads
+    # (a web server, torch's thread pools) and locks.
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    _POOL = (workers, ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
+    return _POOL[1]
+
+
+def _worker_cache(path: str) -> CodeCache:
+    """The cache at ``path``, opened once per worker (reopened if it was rebuilt)."""
+    stamp = os.stat(Path(path) / "manifest.json").st_mtime_ns
+    got = _WORKER_CACHES.get(path)
+    if got is None or got[0] != stamp:
+        got = (stamp, CodeCache(path))
+        _WORKER_CACHES[path] = got
+    return got[1]
+
+
+def _run(jobs: list[tuple[Any, ...]], fn: Any, workers: int) -> list[Any]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    pool = _pool(workers)
+    futures = [pool.submit(fn, *job) for job in jobs]
+    return [f.result() for f in futures]
+
+
 # ------------------------------------------------------------------ patterns
 def regex_pattern(
-    cache: CodeCache, pattern: str, *, timeout: float = DEFAULT_REGEX_TIMEOUT, flags: int = 0
+    cache: CodeCache,
+    pattern: str,
+    *,
+    timeout: float = DEFAULT_REGEX_TIMEOUT,
+    flags: int = 0,
+    workers: int | None = None,
 ) -> Pattern:
     """Token positions whose character span overlaps a match of ``pattern``.
 
     Uses the ``regex`` package with a time limit over all documents together, so a pattern
-    that backtracks catastrophically raises ``ValueError`` instead of hanging.
+    that backtracks catastrophically raises ``ValueError`` instead of hanging. Documents are
+    read in blocks (memory: a block, not the cache) and, for a large cache, split over
+    ``workers`` processes (default: one per core).
     """
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"regex={pattern!r} is invalid; give a non-empty regular expression")
     try:
-        rx = regex.compile(pattern, flags)
+        regex.compile(pattern, flags)
     except regex.error as e:
         raise ValueError(f"regex={pattern!r} is invalid: {e}") from None
-    deadline = time.monotonic() + timeout
-    base = cache.doc_char_base
-    match_s: list[int] = []
-    match_e: list[int] = []
+    text_bytes = sum(_text_bytes(p) for p in cache.parts)
+    n = _choose_workers(workers, text_bytes, PARALLEL_MIN_TEXT_BYTES, cache.n_docs)
+    # n contiguous document ranges of about equal text per shard, dealt into n jobs in order.
+    ranges = [
+        (str(part.path), int(start), a, b)
+        for part, start in zip(cache.parts, cache.token_starts[:-1], strict=True)
+        for a, b in _doc_cuts(part, n)
+        if b > a
+    ]
+    per = -(-len(ranges) // n)
+    jobs = [(ranges[j : j + per], pattern, flags, timeout) for j in range(0, len(ranges), per)]
     try:
-        for i, doc in enumerate(cache.docs):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            b = int(base[i])
-            for m in rx.finditer(doc.text, timeout=left, concurrent=True):
-                ms, me = m.span()
-                if me > ms:  # empty matches select no characters
-                    match_s.append(b + ms)
-                    match_e.append(b + me)
+        if n > 1:
+            # Each job's clock starts when a worker takes it, so starting the workers (the
+            # first time) does not eat into the regex's time.
+            found = _run(jobs, _regex_job, n)
+        else:  # serial: the caller's cache objects (their memoised documents, if any)
+            parts = {str(p.path): p for p in cache.parts}
+            deadline = time.monotonic() + timeout
+            found = [
+                _regex_positions(parts[path], pattern, flags, a, b, deadline) + start
+                for path, start, a, b in ranges
+            ]
     except TimeoutError:
         raise ValueError(
             f"regex={pattern!r} timed out after {timeout:g} s over {cache.n_docs} documents "
             "(probably catastrophic backtracking); simplify it, e.g. avoid nested quantifiers "
             "like (a+)+"
         ) from None
-    return Pattern("regex", pattern, _spans_to_positions(cache, match_s, match_e))
+    positions = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    return Pattern("regex", pattern, positions.astype(np.int64))
 
 
-def _spans_to_positions(cache: CodeCache, starts: list[int], ends: list[int]) -> np.ndarray:
-    """Tokens overlapping any character span ``[s, e)`` (global coordinates), sorted."""
-    if not starts:
+def _text_bytes(part: CodeCache) -> int:
+    p = part.path / "docs.jsonl"
+    return p.stat().st_size if p.is_file() else 0
+
+
+def _doc_cuts(part: CodeCache, n: int) -> list[tuple[int, int]]:
+    """``n`` contiguous document ranges of ``part`` of about equal bytes of text."""
+    if n <= 1 or part.n_docs <= 1:
+        return [(0, part.n_docs)]
+    index = part.path / "docs.index.npy"
+    if index.is_file():
+        byte = np.asarray(np.load(index, mmap_mode="r"), dtype=np.int64)
+        edges = np.searchsorted(byte, np.linspace(0, byte[-1], n + 1), side="left")
+    else:
+        edges = np.linspace(0, part.n_docs, n + 1).round().astype(np.int64)
+    edges = np.clip(edges, 0, part.n_docs)
+    edges[0], edges[-1] = 0, part.n_docs
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _regex_job(
+    ranges: list[tuple[str, int, int, int]], pattern: str, flags: int, timeout: float
+) -> np.ndarray:
+    """Global positions for ``(part path, its first token, doc from, doc to)`` ranges."""
+    deadline = time.monotonic() + timeout
+    out = [
+        _regex_positions(_worker_cache(path), pattern, flags, a, b, deadline) + start
+        for path, start, a, b in ranges
+    ]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _regex_positions(
+    cache: CodeCache, pattern: str, flags: int, d0: int, d1: int, deadline: float
+) -> np.ndarray:
+    """Positions (local to ``cache``) of tokens overlapping a match in documents ``d0 .. d1``.
+
+    Raises ``TimeoutError`` past ``deadline`` (``time.monotonic()``, shared by processes).
+    """
+    rx = regex.compile(pattern, flags)
+    out: list[np.ndarray] = []
+    block: list[tuple[int, int, int, list[tuple[int, int]]]] = []  # doc start, end, len, spans
+    for doc in cache.iter_docs(d0, d1):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        spans = [m.span() for m in rx.finditer(doc.text, timeout=left, concurrent=True)]
+        block.append((doc.start, doc.end, len(doc.text), [s for s in spans if s[1] > s[0]]))
+        if block[-1][1] - block[0][0] >= _BLOCK_TOKENS:
+            out.append(_block_positions(cache, block))
+            block = []
+    if block:
+        out.append(_block_positions(cache, block))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _block_positions(
+    cache: CodeCache, block: list[tuple[int, int, int, list[tuple[int, int]]]]
+) -> np.ndarray:
+    """Tokens of consecutive documents overlapping any match span, in one vectorised pass."""
+    t0, t1 = block[0][0], block[-1][1]
+    if not any(spans for *_, spans in block) or t1 <= t0:
         return np.zeros(0, dtype=np.int64)
-    tok_s, tok_e = cache.global_spans
-    s = np.asarray(starts, dtype=np.int64)
-    e = np.asarray(ends, dtype=np.int64)
+    # Block coordinates: documents laid end to end with one separator character between.
+    lens = np.array([n_chars + 1 for _, _, n_chars, _ in block], dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    sizes = np.array([e - s for s, e, _, _ in block], dtype=np.int64)
+    tok_base = np.repeat(base, sizes)
+    off = np.asarray(cache.offsets[t0:t1], dtype=np.int64)
+    # Keep both sorted for searchsorted (tokenizers emit monotonic offsets already).
+    tok_s = np.maximum.accumulate(tok_base + off[:, 0])
+    tok_e = np.maximum.accumulate(tok_base + off[:, 1])
+    s = np.concatenate(
+        [[b + a for a, _ in spans] for b, (*_, spans) in zip(base, block, strict=True)]
+    )
+    e = np.concatenate(
+        [[b + z for _, z in spans] for b, (*_, spans) in zip(base, block, strict=True)]
+    )
     # token i overlaps [s, e) iff tok_e[i] > s and tok_s[i] < e (both arrays are sorted)
-    lo = np.searchsorted(tok_e, s, side="right")
-    hi = np.searchsorted(tok_s, e, side="left")
+    lo = np.searchsorted(tok_e, s.astype(np.int64), side="right")
+    hi = np.searchsorted(tok_s, e.astype(np.int64), side="left")
     keep = hi > lo
-    mark = np.zeros(cache.n_tokens + 1, dtype=np.int64)
+    mark = np.zeros(t1 - t0 + 1, dtype=np.int64)
     np.add.at(mark, lo[keep], 1)
     np.add.at(mark, hi[keep], -1)
-    return np.flatnonzero(np.cumsum(mark[:-1]) > 0)
+    return np.flatnonzero(np.cumsum(mark[:-1]) > 0) + t0
 
 
 def token_pattern(cache: CodeCache, token: str) -> Pattern:
@@ -117,23 +277,27 @@ def token_pattern(cache: CodeCache, token: str) -> Pattern:
     if not isinstance(token, str) or not token.strip():
         raise ValueError(f"token={token!r} is invalid; give a non-empty token string")
     want = token.strip()
-    ids = [i for i, s in enumerate(cache.vocab) if s.strip() == want]
-    if not ids:
+    ids = np.asarray([i for i, s in enumerate(cache.vocab) if s.strip() == want])
+    if not len(ids):
         return Pattern("token", token, np.zeros(0, dtype=np.int64))
-    hit = np.isin(np.asarray(cache.tokens), np.asarray(ids))
-    return Pattern("token", token, np.flatnonzero(hit))
+    found = [
+        np.flatnonzero(np.isin(np.asarray(cache.tokens[s : s + _ROWS_CHUNK]), ids)) + s
+        for s in range(0, cache.n_tokens, _ROWS_CHUNK)
+    ]
+    return Pattern("token", token, np.concatenate(found).astype(np.int64))
 
 
 def docs_pattern(cache: CodeCache, label: str) -> Pattern:
     """All token positions of the documents labelled ``label`` (e.g. a BBC topic)."""
-    docs = cache.docs
-    picked = [d for d in docs if d.label == label]
+    labels = cache.doc_labels
+    picked = [i for i, lab in enumerate(labels) if lab == label]
     if not picked:
-        labels = sorted({str(d.label) for d in docs if d.label is not None})
+        names = sorted({str(lab) for lab in labels if lab is not None})
         raise ValueError(
-            f"docs label={label!r} matches no document in this cache; labels: {labels[:20]}"
+            f"docs label={label!r} matches no document in this cache; labels: {names[:20]}"
         )
-    parts = [np.arange(d.start, d.end, dtype=np.int64) for d in picked]
+    ranges = cache.doc_ranges[picked]
+    parts = [np.arange(s, e, dtype=np.int64) for s, e in ranges]
     return Pattern("docs", label, np.concatenate(parts))
 
 
@@ -144,6 +308,7 @@ def make_pattern(
     token: str | None = None,
     docs_label: str | None = None,
     timeout: float = DEFAULT_REGEX_TIMEOUT,
+    workers: int | None = None,
 ) -> Pattern:
     """Exactly one of ``regex``, ``token`` or ``docs_label`` -> ``Pattern``."""
     given = [
@@ -156,7 +321,7 @@ def make_pattern(
             f"give exactly one pattern: regex, token or docs_label (got {[k for k, _ in given]})"
         )
     if regex is not None:
-        return regex_pattern(cache, regex, timeout=timeout)
+        return regex_pattern(cache, regex, timeout=timeout, workers=workers)
     if token is not None:
         return token_pattern(cache, token)
     assert docs_label is not None
@@ -201,18 +366,82 @@ class SearchResult:
         return asdict(self)
 
 
-def code_hits(cache: CodeCache, codebook: str, positions: np.ndarray) -> np.ndarray:
-    """``(groups, num_codes)`` firings of every code on ``positions``; one bincount."""
-    cb = cache.info(codebook)
-    codes = cache.codes(codebook)
+def _split(cache: CodeCache, positions: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``[(part index, positions local to it)]`` for the parts that hold any of them."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(cache.parts) == 1:
+        return [(0, positions)]
+    which = np.searchsorted(cache.token_starts, positions, side="right") - 1
+    return [(int(i), positions[which == i] - cache.token_starts[i]) for i in np.unique(which)]
+
+
+def _part_hits(part: CodeCache, codebook: str, positions: np.ndarray) -> np.ndarray:
+    """``(groups * num_codes,)`` firings of every code on ``positions`` of one (unsharded) part."""
+    cb = part.info(codebook)
+    codes = part.codes(codebook)
     n_keys = cb.groups * cb.num_codes
-    offs = (np.arange(cb.groups, dtype=np.int64) * cb.num_codes)[None, :, None]
+    # Keys in the narrowest type: less memory traffic before bincount.
+    key_dtype: Any = np.uint16 if n_keys <= 1 << 16 else np.int64
+    offs: np.ndarray = (np.arange(cb.groups, dtype=key_dtype) * cb.num_codes)[None, :, None]
     out = np.zeros(n_keys, dtype=np.int64)
-    rows = max(1, (1 << 22) // (cb.groups * cb.k))  # bounded memory for huge patterns
+    rows = max(1, _ROWS_CHUNK // (cb.groups * cb.k))  # bounded memory for huge patterns
     for s in range(0, len(positions), rows):
-        sub = codes[positions[s : s + rows]].astype(np.int64)  # (m, G, k)
+        sub: np.ndarray = np.asarray(codes[positions[s : s + rows]]).astype(key_dtype, copy=False)
         out += np.bincount((sub + offs).ravel(), minlength=n_keys)
+    return out
+
+
+def _hits_job(path: str, names: list[str], positions: np.ndarray) -> list[np.ndarray]:
+    part = _worker_cache(path)
+    return [_part_hits(part, name, positions) for name in names]
+
+
+def code_hits(cache: CodeCache, codebook: str, positions: np.ndarray) -> np.ndarray:
+    """``(groups, num_codes)`` firings of every code on ``positions``; one bincount per shard."""
+    cb = cache.info(codebook)
+    out = np.zeros(cb.groups * cb.num_codes, dtype=np.int64)
+    for i, local in _split(cache, positions):
+        out += _part_hits(cache.parts[i], codebook, local)
     return out.reshape(cb.groups, cb.num_codes)
+
+
+def all_code_hits(
+    cache: CodeCache, codebooks: Sequence[str], positions: np.ndarray, *, workers: int | None = None
+) -> dict[str, np.ndarray]:
+    """``code_hits`` for several codebooks, split over ``workers`` processes (default: one per
+    core once the work is large, ``PARALLEL_MIN_ENTRIES``); the same integers either way."""
+    names = list(codebooks)
+    pieces = _split(cache, positions)
+    work = len(positions) * sum(cache.info(n).groups * cache.info(n).k for n in names)
+    n = _choose_workers(workers, work, PARALLEL_MIN_ENTRIES, len(names) * len(pieces))
+    flat = {
+        name: np.zeros(cache.info(name).groups * cache.info(name).num_codes, np.int64)
+        for name in names
+    }
+    if n <= 1:
+        for i, local in pieces:
+            for name in names:
+                flat[name] += _part_hits(cache.parts[i], name, local)
+    else:
+        # Per part, the codebooks in about n equal groups: every job sends its positions once.
+        per = max(1, -(-n // max(1, len(pieces))))
+        groups = [names[j::per] for j in range(min(per, len(names)))]
+        jobs = [
+            (
+                str(cache.parts[i].path),
+                group,
+                local.astype(np.int32 if cache.parts[i].n_tokens < 2**31 else np.int64),
+            )
+            for i, local in pieces
+            for group in groups
+        ]
+        for (_, group, _), res in zip(jobs, _run(jobs, _hits_job, n), strict=True):
+            for name, h in zip(group, res, strict=True):
+                flat[name] += h
+    return {
+        name: h.reshape(cache.info(name).groups, cache.info(name).num_codes)
+        for name, h in flat.items()
+    }
 
 
 def search(
@@ -225,12 +454,14 @@ def search(
     min_recall: float = 0.0,
     top: int | None = 50,
     sort_by: SortKey = "f1",
+    workers: int | None = None,
 ) -> SearchResult:
     """Rank every code of ``codebooks`` (default all) by agreement with ``pattern``.
 
     Codes that never fire on the pattern are left out; ``min_count`` drops codes firing on
     fewer tokens in total; ``top`` keeps the best ``top`` over all codebooks (``None`` = all).
-    Ties are broken by more hits, then codebook order, head and code id.
+    Ties are broken by more hits, then codebook order, head and code id. ``workers``: processes
+    to count in (``None``: one per core for a large query, else this process).
     """
     check_choice("sort_by", sort_by, SORT_KEYS)
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
@@ -245,12 +476,13 @@ def search(
         cache.info(n)
     positions = np.asarray(pattern.positions, dtype=np.int64)
     n_pat = len(positions)
+    if n_pat == 0:
+        return SearchResult(pattern.kind, pattern.query, n_pat, cache.n_tokens, sort_by, [])
+    all_hits = all_code_hits(cache, names, positions, workers=workers)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("cb", "head", "code", "hits", "count")}
     for ci, name in enumerate(names):
         cb = cache.info(name)
-        if n_pat == 0:
-            break
-        hits = code_hits(cache, name, positions).ravel()
+        hits = all_hits[name].ravel()
         count = cache.code_counts(name).ravel()
         keep = (hits > 0) & (count >= max(min_count, 1))
         if min_precision > 0:
@@ -263,7 +495,7 @@ def search(
         cols["code"].append(idx % cb.num_codes)
         cols["hits"].append(hits[idx])
         cols["count"].append(count[idx])
-    if not cols["cb"] or not sum(len(a) for a in cols["cb"]):
+    if not sum(len(a) for a in cols["cb"]):
         return SearchResult(pattern.kind, pattern.query, n_pat, cache.n_tokens, sort_by, [])
     arr = {k: np.concatenate(v) for k, v in cols.items()}
     hits_f, count_f = arr["hits"].astype(np.float64), arr["count"].astype(np.float64)
@@ -300,7 +532,14 @@ def search_pattern(
     **kwargs: Any,
 ) -> SearchResult:
     """``make_pattern`` then ``search`` (keyword arguments go to ``search``)."""
-    pattern = make_pattern(cache, regex=regex, token=token, docs_label=docs_label, timeout=timeout)
+    pattern = make_pattern(
+        cache,
+        regex=regex,
+        token=token,
+        docs_label=docs_label,
+        timeout=timeout,
+        workers=kwargs.get("workers"),
+    )
     return search(cache, pattern, **kwargs)
 
 
