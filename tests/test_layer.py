@@ -220,3 +220,83 @@ def test_half_precision_input_keeps_dtype_and_fp32_codes() -> None:
     assert out16.output.dtype == torch.bfloat16
     # Scores are computed in fp32 on the rounded input: nearly always the same codes.
     assert (out16.codes == out32.codes).float().mean() > 0.9
+
+
+# ------------------------------------------------------- tiled CPU search and gradient reuse
+def _codes(layer: CodebookLayer, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(x).codes
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "inner_product", "euclidean"])
+def test_tiled_search_same_codes_at_any_thread_count_and_mode(similarity: str) -> None:
+    torch.manual_seed(0)
+    # 600 tokens x 2 groups x 3000 codes: past the small-search cutoff, so tiles and threads.
+    layer = CodebookLayer(64, 3000, 8, groups=2, similarity=similarity, seed=4).train()
+    x = torch.randn(600, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _codes(layer, x)
+        torch.set_num_threads(3)
+        three = _codes(layer, x)
+        assert torch.get_num_threads() == 3, "the caller's thread count must be restored"
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    assert torch.equal(_codes(layer.eval(), x), one), "eval (cached weights) must match training"
+    # A small search (one batched product) ranks on the same numbers.
+    assert torch.equal(_codes(layer, x[:20]), one[:20])
+
+
+def test_reused_gradient_buffer_gives_fresh_gradients() -> None:
+    torch.manual_seed(0)
+    # 4 x 1024 x 64 = 2**18 elements: large enough for the reused gradient buffer.
+    layer = CodebookLayer(256, 1024, 4, groups=4, seed=0).train()
+    ref = CodebookLayer(256, 1024, 4, groups=4, seed=0).train()
+    ref._grad_buffer.MIN_ELEMENTS = 1 << 30  # the plain torch.zeros path
+    kept = []
+    for step in range(4):
+        x = torch.randn(50, 256)
+        for lay in (layer, ref):
+            out = lay(x)
+            (out.output.square().sum() + out.loss).backward()
+        assert torch.equal(layer.codebook.grad, ref.codebook.grad), step
+        if step == 1:
+            kept.append(layer.codebook.grad)  # a user keeps a gradient: it must stay intact
+            kept.append(layer.codebook.grad.clone())
+        if step == 2:
+            layer.codebook.grad.mul_(float("nan"))  # an outside in-place write to .grad
+        layer.codebook.grad = ref.codebook.grad = None
+    assert torch.equal(kept[0], kept[1])
+
+
+def test_gradient_accumulation_with_reused_buffer() -> None:
+    torch.manual_seed(1)
+    layer = CodebookLayer(256, 1024, 2, groups=4, seed=0).train()
+    xs = [torch.randn(30, 256) for _ in range(3)]
+    total = torch.zeros_like(layer.codebook)
+    for x in xs:  # reference: each micro-batch's gradient alone, summed
+        layer.codebook.grad = None
+        out = layer(x)
+        (out.output.sum() + out.loss).backward()
+        total += layer.codebook.grad
+    layer.codebook.grad = None
+    for x in xs:  # accumulated into one .grad
+        out = layer(x)
+        (out.output.sum() + out.loss).backward()
+    torch.testing.assert_close(layer.codebook.grad, total)
+
+
+def test_bf16_scoring_reranks_to_the_fp32_codes() -> None:
+    torch.manual_seed(0)
+    exact = CodebookLayer(128, 4000, 8, groups=2, seed=3)
+    low = CodebookLayer(128, 4000, 8, groups=2, seed=3, score_dtype="bfloat16")
+    x = torch.randn(300, 128)
+    a, b = _codes(exact, x), _codes(low, x)
+    agree = (a == b).all(-1).float().mean()
+    assert agree >= 0.99, f"bf16 codes agree with fp32 on only {agree:.3f} of (token, head)"
+    small = _codes(low, x[:4])  # the batched path re-ranks too
+    assert (small == a[:4]).all(-1).float().mean() >= 0.75
+    with pytest.raises(ValueError, match="score_dtype='fp16' is invalid"):
+        CodebookLayer(16, 32, 2, score_dtype="fp16")

@@ -19,11 +19,13 @@ Similarity = Literal["cosine", "inner_product", "euclidean"]
 Reduction = Literal["sum", "mean"]
 Placement = Literal["attn_heads", "attn_out", "mlp_out", "residual"]
 NonFinite = Literal["raise", "skip"]
+ScoreDtype = Literal["float32", "bfloat16"]
 
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinite)
+SCORE_DTYPES: tuple[str, ...] = get_args(ScoreDtype)
 
 
 def _choices(values: tuple[Any, ...]) -> str:
@@ -111,6 +113,12 @@ class CodebookConfig:
     (one device->host sync per forward on GPU), or 'skip' those (token, head) slices: they pass
     through unquantized with code -1 and never reach the codebook or its statistics (no sync)."""
 
+    score_dtype: ScoreDtype = "float32"
+    """Precision of the similarity search: 'float32' (exact), or 'bfloat16': score every code in
+    bf16, then re-rank the best k + margin candidates exactly in fp32 (the chosen codes equal
+    the fp32 ones on >= 99.9% of tokens, measured in benchmarks/). Faster only on hardware with
+    bf16 matrix units (recent GPUs, CPUs with AMX/AVX512-BF16); much slower on other CPUs."""
+
     placements: list[str] = field(default_factory=lambda: ["attn_heads"])
     """Named placements: 'attn_heads' (one codebook per head, before the attention output
     projection), 'attn_out', 'mlp_out', 'residual' (block output)."""
@@ -147,6 +155,7 @@ class CodebookConfig:
         _check_int("dead_code_steps", self.dead_code_steps, 0)
         _check_int("chunk_size", self.chunk_size, 1)
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_choice("score_dtype", self.score_dtype, SCORE_DTYPES)
         _check_int("seed", self.seed, 0)
         if self.layer_norm_affine and not self.layer_norm:
             raise ValueError(
@@ -191,6 +200,7 @@ class CodebookConfig:
             "revival_noise": self.revival_noise,
             "chunk_size": self.chunk_size,
             "nonfinite": self.nonfinite,
+            "score_dtype": self.score_dtype,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,8 +5,10 @@ Shapes: an input ``(..., dim)`` is split into ``groups`` slices of ``head_dim = 
 ``(groups, num_codes, head_dim)``. Codes come back as ``(..., groups, k)`` for grouped layers and
 ``(..., k)`` otherwise.
 
-Forward: score every code (chunked over tokens so the ``tokens x codes`` score matrix never
-exists whole, and never kept for backward), keep the top k, output their sum (or mean).
+Forward: score every code (in cache-sized tiles of tokens, top-k taken per tile, so the
+``tokens x codes`` score matrix never exists whole and is never kept for backward), keep the
+top k, output their sum (or mean). On CPU the tiles of all groups are shared out to
+``torch.get_num_threads()`` threads that each run single-threaded BLAS on their own tile.
 Backward: the input receives the output's gradient unchanged (straight-through); the chosen
 codes receive the downstream gradient plus ``recon_weight * mse(output, sg(input))``.
 
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -25,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .config import NONFINITE_POLICIES, REDUCTIONS, SIMILARITIES, check_choice, check_range
+from .config import (
+    NONFINITE_POLICIES,
+    REDUCTIONS,
+    SCORE_DTYPES,
+    SIMILARITIES,
+    check_choice,
+    check_range,
+)
 
 
 class CodebookOutput(NamedTuple):
@@ -134,6 +146,178 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     return cand.gather(1, best).view(*lead, k)
 
 
+_TILE_BYTES = 4 << 20
+"""Size of one fp32 score tile ``(rows, num_codes)`` on CPU. Each thread writes its tile and
+takes its top-k while the tile is still in cache, instead of streaming a ``chunk_size x C``
+matrix (80 MB at 2,048 x 10,000) through memory and back (benchmarks/README.md, tile sweep)."""
+_MIN_TILE_ROWS = 32
+"""Fewest token rows per tile: smaller matrix products leave the BLAS kernel underfed."""
+_SMALL_SEARCH = 1 << 18
+"""Searches with at most this many scores (tokens x groups x codes) over a codebook of at most
+this many elements run as one batched product in the calling thread: for one generated token,
+handing tiles to threads costs more than it saves."""
+BF16_MARGIN = 8
+"""Extra candidates kept by the bf16 search (``score_dtype='bfloat16'``) beyond k, re-ranked
+exactly in fp32: bf16 rounding (8-bit mantissa) reorders near-ties, rarely by more than a few
+places (agreement with fp32 codes in benchmarks/README.md)."""
+
+
+def _tile_rows(num_codes: int, limit: int) -> int:
+    """Token rows per CPU score tile: about ``_TILE_BYTES`` of fp32 scores, at most ``limit``."""
+    return max(1, min(limit, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * num_codes))))
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+"""(pid, threads, pool) of the helper threads that score tiles; rebuilt after a fork."""
+
+
+def _single_threaded_worker() -> None:
+    # A fresh thread adopts torch's process-wide thread count on its first op; pin this one to
+    # one intra-op thread for life (the caller restores the process-wide count afterwards).
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _helper_pool(threads: int) -> ThreadPoolExecutor:
+    """The shared pool of ``threads`` single-threaded helpers (created on first use)."""
+    global _POOL
+    with _POOL_LOCK:
+        pool = _POOL
+        if pool is None or pool[0] != os.getpid() or pool[1] != threads:
+            if pool is not None and pool[0] == os.getpid():
+                pool[2].shutdown(wait=False)
+            executor = ThreadPoolExecutor(
+                threads, thread_name_prefix="codebook-score", initializer=_single_threaded_worker
+            )
+            pool = _POOL = (os.getpid(), threads, executor)
+        return pool[2]
+
+
+def _run_parallel(tasks: list[Callable[[], None]], threads: int) -> None:
+    """Run ``tasks`` on ``threads`` CPU threads (the caller's among them), one intra-op thread
+    each, taking tasks in order as threads free up. Each task writes its own output rows, so
+    results do not depend on the schedule."""
+    if threads <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    lock = threading.Lock()
+    todo = iter(tasks)
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        with torch.no_grad():
+            while not failed:
+                with lock:
+                    task = next(todo, None)
+                if task is None:
+                    return
+                try:
+                    task()
+                except BaseException as e:  # stop the others; re-raised by the caller
+                    failed.append(e)
+                    raise
+
+    pool = _helper_pool(threads - 1)
+    helpers = [pool.submit(drain) for _ in range(min(threads, len(tasks)) - 1)]
+    try:
+        # The caller works too; leaving this block restores its (and the process-wide)
+        # thread count, which a helper thread's first start resets to one.
+        with _one_cpu_thread(torch.device("cpu")):
+            try:
+                drain()
+            finally:
+                for f in helpers:
+                    f.exception()  # wait for every helper before the count is restored
+    finally:
+        if failed:
+            raise failed[0]
+
+
+def _unit_codes(cb: Tensor, out: Tensor | None = None) -> Tensor:
+    """``cb / |cb|`` over the last dim (fp32), optionally into ``out``; the one formula every
+    search path uses, so that all of them rank codes on identical numbers."""
+    norm = cb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return cb / norm if out is None else torch.div(cb, norm, out=out)
+
+
+def _neg_half_sq_norm(cb: Tensor) -> Tensor:
+    """``-|c|^2 / 2`` per code: with it, ``x.c - |c|^2/2`` ranks like ``-|x - c|^2``."""
+    return cb.pow(2).sum(-1).mul_(-0.5)
+
+
+class _GradBuffer:
+    """A zero-filled codebook gradient that is reused from one backward to the next.
+
+    A fresh ``torch.zeros`` of a large codebook (40 MB for 16 heads x 10k x 64) costs page
+    faults and a full memset on every backward, while the backward writes only the rows of
+    the chosen codes. This keeps the tensor and, when nobody else holds its storage any more
+    (``.grad`` was set to None) and nothing wrote to it since (its version counter), zeroes
+    just the rows written last time; after an outside in-place write (e.g. gradient clipping
+    scaled ``.grad``) it zeroes the whole tensor in place; while it is still referenced it is
+    left alone and a fresh tensor is made.
+    """
+
+    MIN_ELEMENTS = 1 << 18
+    """Smaller tables are cheaper to allocate afresh (the allocator reuses their memory)."""
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+        self.rows: Tensor | None = None
+        self.version = -1
+
+    def zeros(self, like: Tensor) -> Tensor:
+        """A zero tensor shaped like ``like`` (the flattened ``(G * C, d)`` table)."""
+        buf = self.buf
+        if like.numel() < self.MIN_ELEMENTS or not hasattr(torch._C, "_storage_Use_Count"):
+            return torch.zeros_like(like)
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            # 2 = this object's tensor + the temporary storage handle; more = someone else.
+            or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2
+        ):
+            buf = self.buf = torch.zeros_like(like)
+        elif buf._version != self.version or self.rows is None:
+            buf.zero_()
+        else:
+            buf.index_fill_(0, self.rows, 0.0)
+        self.rows = None
+        return buf
+
+    def written(self, buf: Tensor, rows: Tensor) -> None:
+        """Record that ``rows`` of ``buf`` (from ``zeros``) now hold gradient."""
+        if buf is self.buf:
+            self.rows, self.version = rows, buf._version
+
+
+def _rerank(scores: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, k: int) -> Tensor:
+    """Top-k ids from low-precision ``scores`` ``(..., n, C)``, re-ranked exactly in fp32.
+
+    Keeps the best ``k + BF16_MARGIN`` candidates by ``scores``, rescores them as
+    ``xs . w[id] (+ b[id])`` with ``xs`` ``(..., n, d)``, ``w`` ``(..., C, d)`` and ``b``
+    ``(..., C)`` in fp32, and returns their best k, best first. Candidates scored ``-inf``
+    (banned by an edit) stay ``-inf``.
+    """
+    *lead, n, c = scores.shape
+    d = w.shape[-1]
+    m = min(c, k + BF16_MARGIN)
+    cand = topk_indices(scores, m).reshape(-1, n, m)  # (L, n, m)
+    groups = cand.shape[0]
+    flat = cand + (torch.arange(groups, device=cand.device) * c).view(-1, 1, 1)
+    wc = w.reshape(-1, d)[flat]  # (L, n, m, d)
+    exact = (wc * xs.reshape(groups, n, 1, d)).sum(-1)  # (L, n, m)
+    if b is not None:
+        exact += b.reshape(-1)[flat]
+    banned = scores.reshape(groups, n, c).gather(-1, cand) == float("-inf")
+    exact = exact.masked_fill(banned, float("-inf"))
+    best = exact.topk(k, dim=-1).indices
+    return cand.gather(-1, best).view(*lead, n, k)
+
+
 class CodebookLayer(nn.Module):
     """Vector-quantization bottleneck with top-k codes, straight-through gradients and revival.
 
@@ -161,6 +345,8 @@ class CodebookLayer(nn.Module):
         nonfinite: NaN/inf inputs 'raise' ``NonFiniteInputError`` (default; a host sync per
             forward on GPU) or are 'skip'ped: passed through unquantized, code ``-1``, kept
             out of the loss, the statistics and the revival buffer (no host sync).
+        score_dtype: 'float32' (exact search) or 'bfloat16': score in bf16, then re-rank the
+            best ``k + BF16_MARGIN`` candidates exactly in fp32 (for bf16 matrix hardware).
     """
 
     counts: Tensor
@@ -196,6 +382,7 @@ class CodebookLayer(nn.Module):
         grouped: bool | None = None,
         seed: int | None = None,
         nonfinite: str = "raise",
+        score_dtype: str = "float32",
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_codes", num_codes), ("k", k), ("groups", groups)):
@@ -211,6 +398,7 @@ class CodebookLayer(nn.Module):
         check_choice("similarity", similarity, SIMILARITIES)
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        check_choice("score_dtype", score_dtype, SCORE_DTYPES)
         check_range("recon_weight", recon_weight, 0.0)
         check_range("commitment_weight", commitment_weight, 0.0)
         check_range("revival_noise", revival_noise, 0.0)
@@ -237,6 +425,7 @@ class CodebookLayer(nn.Module):
         self.chunk_size, self.recent_size = chunk_size, recent_size
         self.grouped = groups > 1 if grouped is None else grouped
         self.nonfinite = nonfinite
+        self.score_dtype = score_dtype
 
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         init = torch.randn(groups, num_codes, self.head_dim, generator=gen)
@@ -273,6 +462,7 @@ class CodebookLayer(nn.Module):
         self._faiss: _FaissIndex | None = None
         self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
         self._offsets: Tensor | None = None
+        self._grad_buffer = _GradBuffer()
 
     def extra_repr(self) -> str:
         return (
@@ -288,28 +478,32 @@ class CodebookLayer(nn.Module):
         In eval mode they are cached until the codebook changes (in-place updates such as
         ``copy_``/optimizer steps bump its version; writes through ``.data`` do not, so call
         ``train()``/``eval()`` after those), so that generation, one token at a time, does not
-        renormalise every code on every call. Training recomputes them every forward.
+        renormalise every code on every call. Training recomputes them on every use (the tiled
+        CPU search prepares one group at a time instead, see ``_search_tiled``).
         """
         cb = self.codebook.detach()
         key = (cb.data_ptr(), cb._version, cb.device, cb.dtype, self.similarity)
         cache = self._score_cache
         if not self.training and cache is not None and cache[0] == key:
             return cache[1], cache[2]
-        cb = cb.float()
-        bias = None
-        if self.similarity == "cosine":
-            # |x| is constant per token, so x.c/|c| ranks the same as cosine.
-            w = cb / cb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        else:
-            w = cb
-            if self.similarity == "euclidean":
-                # -|x - c|^2 = 2 x.c - |c|^2 - |x|^2; drop the per-token constant and halve.
-                bias = -0.5 * cb.pow(2).sum(-1)
+        w, bias = self._prepare(cb.float())
         self._score_cache = None if self.training else (key, w, bias)
         return w, bias
 
+    def _prepare(self, cb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Ranking weights and bias for fp32 codes ``cb`` ``(..., C, d)`` (see ``_score_params``)."""
+        if self.similarity == "cosine":
+            # |x| is constant per token, so x.c/|c| ranks the same as cosine.
+            return _unit_codes(cb), None
+        if self.similarity == "euclidean":
+            # -|x - c|^2 = 2 x.c - |c|^2 - |x|^2; drop the per-token constant and halve.
+            return cb, _neg_half_sq_norm(cb)
+        return cb, None
+
     def train(self, mode: bool = True) -> CodebookLayer:
         self._score_cache = None
+        if not mode:  # no backward expected: give the reusable gradient's memory back
+            self._grad_buffer = _GradBuffer()
         return super().train(mode)
 
     @torch.no_grad()
@@ -318,9 +512,15 @@ class CodebookLayer(nn.Module):
     ) -> Tensor:
         """Top-k code ids for ``x`` of shape ``(tokens, groups, head_dim)`` -> ``(tokens, groups, k)``.
 
-        Scores ``chunk_size`` (token, group) rows at a time, in fp32 whatever the input dtype or
-        autocast state, into one reused buffer: peak extra memory is ``chunk_size * num_codes``
-        floats whatever the number of tokens. Uses the FAISS index instead when one was built
+        Scores are fp32 whatever the input dtype or autocast state (``score_dtype='bfloat16'``:
+        bf16 scores, then the best ``k + BF16_MARGIN`` re-ranked in fp32) and are never kept.
+        On CPU they are made in tiles of one group's rows (about ``_TILE_BYTES``, at most
+        ``chunk_size`` rows), each scored and reduced to its top k by one thread while it is in
+        cache, the tiles shared out to ``torch.get_num_threads()`` threads. On other devices,
+        for searches too small to share out, and while an edit is active (``CodeEdit`` sees
+        every group of a chunk at once), ``chunk_size // groups`` rows of all groups are scored
+        in one batched product. Peak extra memory is about ``chunk_size * num_codes`` floats
+        whatever the number of tokens. Uses the FAISS index instead when one was built
         (``build_index``), the layer is in eval mode and no edit is active.
         """
         k = self.k if k is None else k
@@ -329,26 +529,105 @@ class CodebookLayer(nn.Module):
         if self._faiss is not None and not self.training and self.edit is None and n_tok:
             return self._faiss.search(self, x, k)
         out = torch.empty(n_tok, g, k, dtype=torch.int64, device=x.device)
-        step = max(1, min(self.chunk_size // g, n_tok))
+        if n_tok == 0:
+            return out
+        small = n_tok * g * c <= _SMALL_SEARCH and self.codebook.numel() <= _SMALL_SEARCH
         with torch.autocast(x.device.type, enabled=False):
-            w, b = self._score_params()
-            wt = w.transpose(1, 2)  # (G, d, C): a view; BLAS reads it transposed, no copy
-            bias = None if b is None else b.unsqueeze(1)  # (G, 1, C)
-            buf = torch.empty(g * step * c, dtype=torch.float32, device=x.device)
-            xt = x.transpose(0, 1)  # (G, tokens, d), a view
-            for start in range(0, n_tok, step):
-                rows = slice(start, min(start + step, n_tok))
-                xs = xt[:, rows].float()
-                n = xs.shape[1]
-                scores = buf[: g * n * c].view(g, n, c)  # (G, n, C) for this chunk only
-                if bias is None:
-                    torch.bmm(xs, wt, out=scores)
-                else:
-                    torch.baddbmm(bias, xs, wt, out=scores)
-                if self.edit is not None:
-                    scores = self.edit.edit_scores(scores, rows, lead_shape)
-                out[rows] = topk_indices(scores, k).transpose(0, 1)
+            if self.edit is not None or x.device.type != "cpu" or small:
+                self._search_batched(x, k, lead_shape, out)
+            else:
+                self._search_tiled(x, k, out)
         return out
+
+    def _search_batched(self, x: Tensor, k: int, lead_shape: tuple[int, ...], out: Tensor) -> None:
+        """``search`` as ``(G, n, C)`` batched products over chunks of all groups' rows."""
+        n_tok, g, c = x.shape[0], self.groups, self.num_codes
+        step = max(1, min(self.chunk_size // g, n_tok))
+        low = self.score_dtype == "bfloat16"
+        w, b = self._score_params()
+        wt = (w.bfloat16() if low else w).transpose(1, 2)  # (G, d, C): a view, read transposed
+        bias = None if b is None else b.unsqueeze(1)  # (G, 1, C)
+        dtype = torch.bfloat16 if low else torch.float32
+        buf = torch.empty(g * step * c, dtype=dtype, device=x.device)
+        xt = x.transpose(0, 1)  # (G, tokens, d), a view
+        for start in range(0, n_tok, step):
+            rows = slice(start, min(start + step, n_tok))
+            xs = xt[:, rows].float()
+            n = xs.shape[1]
+            scores = buf[: g * n * c].view(g, n, c)  # (G, n, C) for this chunk only
+            if low:
+                torch.bmm(xs.bfloat16(), wt, out=scores)
+                if bias is not None:
+                    scores.add_(bias)
+            elif bias is None:
+                torch.bmm(xs, wt, out=scores)
+            else:
+                torch.baddbmm(bias, xs, wt, out=scores)
+            if self.edit is not None:
+                scores = self.edit.edit_scores(scores, rows, lead_shape)
+            codes = _rerank(scores, xs, w, b, k) if low else topk_indices(scores, k)
+            out[rows] = codes.transpose(0, 1)
+
+    def _search_tiled(self, x: Tensor, k: int, out: Tensor) -> None:
+        """``search`` on CPU: one-group tiles shared out to threads (see ``search``)."""
+        n_tok, g = x.shape[0], self.groups
+        threads = torch.get_num_threads()
+        rows = _tile_rows(self.num_codes, self.chunk_size)
+        # Row ranges per group: enough tasks to keep every thread busy to the end, each
+        # preparing its group's codes once (C x d: little next to its range's products).
+        parts = max(1, min(-(-n_tok // rows), -(-4 * threads // g) if threads > 1 else 1))
+        bounds = [n_tok * i // parts for i in range(parts + 1)]
+        # Eval mode keeps prepared weights between calls; training prepares them per task from
+        # the live codes (one group's, while they are in cache), never the whole codebook.
+        prepared = None if self.training else self._score_params()
+        cb = self.codebook.detach()
+        xt = x.transpose(0, 1)  # (G, tokens, d), a view
+
+        def task(gi: int, lo: int, hi: int) -> Callable[[], None]:
+            return lambda: self._score_tiles(xt[gi], cb[gi], prepared, gi, lo, hi, k, rows, out)
+
+        _run_parallel(
+            [task(gi, bounds[i], bounds[i + 1]) for gi in range(g) for i in range(parts)],
+            threads,
+        )
+
+    def _score_tiles(
+        self,
+        xg: Tensor,
+        cbg: Tensor,
+        prepared: tuple[Tensor, Tensor | None] | None,
+        gi: int,
+        lo: int,
+        hi: int,
+        k: int,
+        rows: int,
+        out: Tensor,
+    ) -> None:
+        """Write ``out[lo:hi, gi]``: group ``gi``'s top k for token rows ``lo:hi`` of ``xg``
+        ``(tokens, d)``, scored ``rows`` at a time into one tile."""
+        if prepared is None:
+            w, b = self._prepare(cbg.float())
+        else:
+            w, b = prepared[0][gi], None if prepared[1] is None else prepared[1][gi]
+        low = self.score_dtype == "bfloat16"
+        wt = (w.bfloat16() if low else w).t()  # (d, C), a view
+        c = self.num_codes
+        tile = torch.empty(min(rows, hi - lo) * c, dtype=torch.bfloat16 if low else torch.float32)
+        for s in range(lo, hi, rows):
+            e = min(s + rows, hi)
+            xs = xg[s:e].float()  # (n, d)
+            scores = tile[: (e - s) * c].view(e - s, c)
+            if low:
+                torch.mm(xs.bfloat16(), wt, out=scores)
+                if b is not None:
+                    scores.add_(b)
+                out[s:e, gi] = _rerank(scores, xs, w, b, k)
+            else:
+                if b is None:
+                    torch.mm(xs, wt, out=scores)
+                else:
+                    torch.addmm(b, xs, wt, out=scores)
+                out[s:e, gi] = topk_indices(scores, k)
 
     # ------------------------------------------------------------------ faiss
     def build_index(self, *, nlist: int = 0, nprobe: int = 8) -> None:
@@ -510,7 +789,7 @@ class CodebookLayer(nn.Module):
         if torch.is_grad_enabled() and (
             table.requires_grad or (psw is not None and psw.requires_grad)
         ):
-            q = _BagSum.apply(table, bags, psw)
+            q = _BagSum.apply(table, bags, psw, self._grad_buffer)
         else:  # inference: skip the autograd.Function overhead (it matters per generated token)
             q = F.embedding_bag(bags, table, per_sample_weights=psw, mode="sum")
         q = q.view(n, g, self.head_dim)
@@ -674,28 +953,42 @@ class _BagSum(torch.autograd.Function):
     with one ``index_add_`` per slot ``j``, with no ``(M, k, d)`` temporary. On CPU it runs
     on one thread: single-threaded it is 2-3x faster than ``embedding_bag``'s sort-based
     backward, while torch's 2-thread row scatter splits each row between threads that then
-    fight over the same cache lines (measured 50-100x slower; benchmarks/README.md).
+    fight over the same cache lines (measured 50-100x slower; benchmarks/README.md). With a
+    ``buffer`` the table's gradient starts from a reused zero tensor (see ``_GradBuffer``).
     """
 
     @staticmethod
-    def forward(ctx: Any, table: Tensor, bags: Tensor, weights: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any,
+        table: Tensor,
+        bags: Tensor,
+        weights: Tensor | None,
+        buffer: _GradBuffer | None = None,
+    ) -> Tensor:
         ctx.save_for_backward(table, bags, weights)
+        ctx.buffer = buffer
         return F.embedding_bag(bags, table, per_sample_weights=weights, mode="sum")
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
         table, bags, weights = ctx.saved_tensors
         grad_table = grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_table = torch.zeros_like(table)
+            buffer: _GradBuffer | None = ctx.buffer
+            zeros = torch.zeros_like(table) if buffer is None else buffer.zeros(table)
             g = grad.to(table.dtype)
             with _one_cpu_thread(table.device):
                 for j in range(bags.shape[1]):
                     src = g if weights is None else g * weights[:, j : j + 1]
-                    grad_table.index_add_(0, bags[:, j], src)
+                    zeros.index_add_(0, bags[:, j], src)
+            if buffer is not None:
+                buffer.written(zeros, bags.reshape(-1))
+            # A fresh tensor object over the same memory: autograd adopts it as ``.grad``
+            # without a copy, and the buffer sees the adoption as a second storage reference.
+            grad_table = zeros.view_as(zeros)
         if weights is not None and ctx.needs_input_grad[2]:
             grad_weights = (grad.unsqueeze(1) * F.embedding(bags, table)).sum(-1)
-        return grad_table, None, grad_weights
+        return grad_table, None, grad_weights, None
 
 
 @contextlib.contextmanager
