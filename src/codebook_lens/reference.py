@@ -195,6 +195,22 @@ def codebook_config_for(ref: ReferenceConfig, heads: int, source: str) -> Codebo
                 f"{source}: codebook_at={at!r} with codebook_type={typ!r} is not supported; "
                 "codebook-lens expresses it with one ('vanilla') codebook"
             )
+    order = ref.codebook_at
+    if "transformer_block" in order and order[-1] != "transformer_block":
+        raise ValueError(
+            f"{source}: codebook_at={order} puts 'transformer_block' before other placements; the "
+            "reference code then never runs those codebooks, so this is not supported (only as "
+            "the last entry)"
+        )
+    if (
+        "attn" in order
+        and "attn_preproj" in order
+        and order.index("attn") < order.index("attn_preproj")
+    ):
+        raise ValueError(
+            f"{source}: codebook_at={order} puts 'attn' before 'attn_preproj'; the reference code "
+            "then drops the 'attn' codebook, so this is not supported"
+        )
     for key in ("num_codes", "k_codebook"):
         values = getattr(ref, key)
         if len(set(values)) > 1:
@@ -487,17 +503,26 @@ class _RefSite:
 def _reference_sites(
     ref: ReferenceConfig, model_type: str, layers: list[int], heads: int
 ) -> list[_RefSite]:
+    """Where each codebook's tensors sit in the reference's state dict.
+
+    Its wrappers nest: ``attn``/``mlp``/``transformer_block`` keep the wrapped module under
+    ``module_layer``, so a codebook placed earlier in ``codebook_at`` moves under a later
+    wrapper's ``module_layer`` (``codebook_config_for`` has checked the order is one the
+    reference builds correctly).
+    """
     blocks, attn, mlp = _ARCH_PATHS[model_type]
+    wrapped_block, wrapped_attn = "transformer_block" in ref.codebook_at, "attn" in ref.codebook_at
     sites = []
     for i in layers:
+        block = f"{blocks}.{i}.module_layer" if wrapped_block else f"{blocks}.{i}"
+        stems = {
+            "attn_preproj": f"{block}.{attn}{'.module_layer' if wrapped_attn else ''}",
+            "attn": f"{block}.{attn}",
+            "mlp": f"{block}.{mlp}",
+            "transformer_block": f"{blocks}.{i}",
+        }
         for at in ref.codebook_at:
-            where = {
-                "attn_preproj": f"{blocks}.{i}.{attn}",
-                "attn": f"{blocks}.{i}.{attn}",
-                "mlp": f"{blocks}.{i}.{mlp}",
-                "transformer_block": f"{blocks}.{i}",
-            }[at]
-            stem = f"model.{where}.codebook_layer."
+            stem = f"model.{stems[at]}.codebook_layer."
             key = f"layer{i}_{at}"
             if at == "attn_preproj":
                 prefixes = [f"{stem}codebook.{h}." for h in range(heads)]
