@@ -1569,6 +1569,10 @@ def verify_cache(path: str | os.PathLike[str], *, checksums: bool = True) -> lis
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such cache folder")
     mpath = path / "manifest.json"
+    if not mpath.is_file() and not any(_SHARD_RE.match(p.name) for p in path.iterdir()):
+        raise ValueError(
+            f"{path}: no manifest.json and no shard folders: not a codebook-lens cache"
+        )
     try:
         manifest = _read_manifest(mpath) if mpath.is_file() else _shard_manifest(path)
     except ValueError as e:
