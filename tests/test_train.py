@@ -11,18 +11,15 @@ import torch
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, CodebookModel, attach_codebooks
-from codebook_lens.cli import main
-from codebook_lens.data import BatchStream, fixed_batches
-from codebook_lens.train import (
-    TrainConfig,
-    build_optimizer,
+from codebook_lens.checkpoint import (
     flatten_state,
     list_checkpoints,
     load_checkpoint_model,
-    lr_multiplier,
-    train,
     unflatten_state,
 )
+from codebook_lens.cli import main
+from codebook_lens.data import BatchStream, fixed_batches
+from codebook_lens.train import TrainConfig, build_optimizer, lr_multiplier, train
 
 BLOCKS = torch.randint(1, 64, (48, 16), generator=torch.Generator().manual_seed(1))
 # A learnable pattern: each row counts up modulo 60, so loss can fall well below log(64).

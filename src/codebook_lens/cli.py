@@ -509,7 +509,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 @command("pretrain", "train a small causal LM from scratch on a corpus (a base model)")
 def _pretrain_setup(p: argparse.ArgumentParser) -> None:
     from .data import DataConfig
-    from .train import ModelConfig, TrainConfig, run_pretrain
+    from .models import ModelConfig
+    from .pipeline import run_pretrain
+    from .train import TrainConfig
 
     _add_run_args(p)
     add_dataclass_args(p, ModelConfig)
@@ -522,7 +524,8 @@ def _pretrain_setup(p: argparse.ArgumentParser) -> None:
 def _train_setup(p: argparse.ArgumentParser) -> None:
     from .config import CodebookConfig
     from .data import DataConfig
-    from .train import TrainConfig, run_train
+    from .pipeline import run_train
+    from .train import TrainConfig
 
     p.add_argument("--base", default=None, help="base model: a folder or a hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's own)")
@@ -536,7 +539,7 @@ def _train_setup(p: argparse.ArgumentParser) -> None:
 @command("eval", "loss, accuracy, reconstruction and code usage: base vs codebook model")
 def _eval_setup(p: argparse.ArgumentParser) -> None:
     from .data import DataConfig
-    from .evaluate import run_eval
+    from .pipeline import run_eval
 
     p.add_argument("model", help="a model folder (or run folder) or a hub id")
     p.add_argument("--data", default=None, help="corpus (default: the one it was trained on)")

@@ -14,6 +14,10 @@ Token blocks are ``(n_blocks, block_size)`` int64 tensors: documents tokenized, 
 end-of-text token between them, cut into equal blocks (the tail that does not fill a block is
 dropped). ``BatchStream`` serves shuffled batches of blocks forever and can save and restore its
 exact position, so an interrupted training run resumes on the very next batch.
+
+``training_data(source, DataConfig(), tokenizer, batch_size=16)`` does all of it in one call:
+documents -> train / validation split (``load_split``) -> tokenizer -> blocks -> a ready
+``BatchStream``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -521,3 +525,74 @@ def fixed_batches(blocks: Tensor, batch_size: int, max_batches: int | None = Non
     check_range("batch_size", batch_size, 1)
     out = list(blocks.split(batch_size))
     return out if max_batches is None else out[:max_batches]
+
+
+# ------------------------------------------------------------- one call
+class Split(NamedTuple):
+    """A corpus split by document (``load_split``)."""
+
+    train: list[Document]
+    """Documents to train on."""
+    val: list[Document]
+    """Documents held out for validation (none with ``val_fraction=0``)."""
+
+
+def load_split(source: str, config: DataConfig) -> Split:
+    """Read corpus ``source`` (``config.limit`` documents at most) and split it by document."""
+    docs = load_documents(source, limit=config.limit)
+    return Split(*split_documents(docs, config.val_fraction, config.split_seed))
+
+
+class TrainingData(NamedTuple):
+    """A corpus made ready for training by ``training_data``."""
+
+    tokenizer: Any
+    """The tokenizer the blocks were made with."""
+    train_docs: list[Document]
+    """Documents of the training split."""
+    val_docs: list[Document]
+    """Documents held out for validation (none with ``val_fraction=0``)."""
+    stream: BatchStream
+    """Endless shuffled ``(batch_size, block_size)`` batches of training blocks (this rank's)."""
+    val_blocks: Tensor | None
+    """Every validation block, ``(n_blocks, block_size)``; ``None`` without a validation split."""
+    eval_batches: list[Tensor] | None
+    """The first ``eval_batches`` validation batches, for evaluations during training."""
+
+
+def training_data(
+    source: str | Split,
+    config: DataConfig,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    eval_batches: int | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainingData:
+    """Corpus ``source`` (or its ``load_split``) -> token blocks -> a ready, resumable stream.
+
+    ``tokenizer`` is a tokenizer, a ``load_tokenizer`` spec (``"bpe:N"`` is trained on the
+    training split only) or a function of the training documents that returns a tokenizer.
+    ``seed`` orders the stream; ``rank`` / ``world_size`` give this process's share of it.
+    """
+    split = source if isinstance(source, Split) else load_split(source, config)
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer, split.train)
+    elif callable(tokenizer) and not hasattr(tokenizer, "encode"):  # tokenizers are callable too
+        make: Callable[[list[Document]], Any] = tokenizer
+        tokenizer = make(split.train)
+    train_blocks = pack_tokens(split.train, tokenizer, config.block_size)
+    val_blocks = None
+    if split.val:
+        try:
+            val_blocks = pack_tokens(split.val, tokenizer, config.block_size)
+        except ValueError:
+            raise ValueError(
+                f"block_size={config.block_size} is invalid for the validation split: its "
+                f"{len(split.val)} documents give less than one block; raise val_fraction"
+            ) from None
+    stream = BatchStream(train_blocks, batch_size, seed=seed, rank=rank, world_size=world_size)
+    evals = None if val_blocks is None else fixed_batches(val_blocks, batch_size, eval_batches)
+    return TrainingData(tokenizer, split.train, split.val, stream, val_blocks, evals)

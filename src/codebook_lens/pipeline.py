@@ -1,0 +1,450 @@
+"""The ``pretrain``, ``train`` and ``eval`` commands, each one pass through the stages.
+
+Each stage is called once: data (``data.training_data``: documents, split, tokenizer, blocks,
+a ready batch stream) -> build (``models.build_model``) -> train (``train.train``) -> evaluate
+(``evaluate.evaluate`` on the whole validation split) -> save (``OUT/model``, in one swap).
+``pretrain`` runs them in that order: its tokenizer is trained on the data and its model sized
+for that tokenizer. ``train`` reads and splits the corpus (``data.load_split``), then builds
+(the base model with codebooks attached), then makes the stream with the base's tokenizer: a
+bad corpus fails before a model is loaded, and codebooks that do not fit the model fail before
+any text is tokenized.
+Every input is checked before anything is written; a bad one raises ``ValueError`` /
+``FileNotFoundError`` naming it (``cli.main`` prints it and exits 2).
+
+A run folder ``OUT`` holds ``run_config.json`` (command, data source, every config),
+``tokenizer/``, ``checkpoints/``, ``metrics.jsonl`` and finally ``model/``, so ``--resume``
+needs nothing but ``OUT``. ``eval`` reads a model folder (or run folder) and its saved data
+settings, so by default it scores the validation split held out in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import CONFIG_NAME, CodebookModel, attach_codebooks
+from .config import CodebookConfig, config_from_dict, read_json, write_json_atomic
+from .data import (
+    DataConfig,
+    Document,
+    Split,
+    TrainingData,
+    check_block_size,
+    fixed_batches,
+    load_documents,
+    load_split,
+    load_tokenizer,
+    pack_tokens,
+    split_documents,
+    training_data,
+)
+from .distributed import rank_world
+from .evaluate import evaluate, format_table
+from .flags import configs_from_args, dataclass_from_args
+from .models import MODEL_DIR, ModelConfig, build_model, load_base_model, resolve_model_path
+from .train import TrainConfig, seed_everything, train
+
+RUN_CONFIG = "run_config.json"
+
+
+def run_pretrain(args: Any) -> int:
+    """``codebook-lens pretrain``: train a small causal LM from scratch on a corpus."""
+    run = _start(args, {"model": ModelConfig, "data": DataConfig, "train": TrainConfig})
+    mcfg: ModelConfig = run.configs["model"]
+    dcfg: DataConfig = run.configs["data"]
+    if dcfg.block_size > mcfg.context:
+        raise ValueError(
+            f"block_size={dcfg.block_size} is invalid: the model's context is "
+            f"{mcfg.context} tokens; use --block-size <= {mcfg.context} or raise --context"
+        )
+    data = _data(
+        run,
+        run.source,
+        lambda docs: _tokenizer_for_run(mcfg.tokenizer, docs, run.resume_dir, args.out),
+    )
+    seed_everything(run.configs["train"].seed)  # the model's random initialisation
+    model = build_model(mcfg, data.tokenizer)
+    return _train_evaluate_save(run, "pretrain", model, data, {})
+
+
+def run_train(args: Any) -> int:
+    """``codebook-lens train``: attach codebooks to a base model and fine-tune on a corpus."""
+    from transformers import AutoTokenizer
+
+    run = _start(args, {"codebook": CodebookConfig, "data": DataConfig, "train": TrainConfig})
+    base_name = args.base or run.saved.get("base")
+    if not base_name:
+        raise ValueError("--base is required (a model folder or a hub id)")
+    split = load_split(run.source, run.configs["data"])
+    seed_everything(run.configs["train"].seed)
+    model, path = _codebook_model(base_name, run.configs)
+
+    def tokenizer(train_docs: list[Document]) -> Any:
+        if args.tokenizer:
+            return load_tokenizer(args.tokenizer, train_docs)
+        if run.resume_dir is not None and (run.resume_dir / "tokenizer").is_dir():
+            return AutoTokenizer.from_pretrained(str(run.resume_dir / "tokenizer"))
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception:
+            raise FileNotFoundError(
+                f"--base {base_name}: has no tokenizer files; pass --tokenizer "
+                "(a folder, hub id, 'gpt2' or 'bpe:N')"
+            ) from None
+
+    data = _data(run, split, tokenizer)
+    base = model.base if isinstance(model, CodebookModel) else model
+    vocab = getattr(getattr(base, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and len(data.tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(data.tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab}; use the tokenizer the model was trained with"
+        )
+    return _train_evaluate_save(run, "train", model, data, {"base": base_name})
+
+
+# ------------------------------------------------------- stages of a run
+@dataclass
+class _Run:
+    """The checked inputs of one ``pretrain`` / ``train`` run; nothing is written yet."""
+
+    out: Path
+    """The run folder (``--out``)."""
+    resume: bool
+    """Continue the run in ``out`` (``--resume``)."""
+    saved: dict[str, Any]
+    """``run_config.json`` of the run being resumed (empty for a new run)."""
+    source: str
+    """The data source (``--data``, or the resumed run's)."""
+    configs: dict[str, Any]
+    """The command's configs by section: ``"data"``, ``"train"`` and ``"model"``/``"codebook"``."""
+    device: torch.device
+    """This process's device."""
+    rank: int
+    """This process's rank under torchrun (0 otherwise)."""
+    world: int
+    """Processes under torchrun (1 otherwise)."""
+
+    @property
+    def resume_dir(self) -> Path | None:
+        return self.out if self.resume else None
+
+
+def _start(args: Any, classes: dict[str, type]) -> _Run:
+    """Check ``--out``, merge saved / ``--config`` / flag settings into configs, join torchrun."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars only; no "Loading weights" per load
+    out = Path(args.out).expanduser()
+    _check_out_dir(out, args.resume)
+    saved: dict[str, Any] = read_json(out / RUN_CONFIG) if args.resume else {}
+    sections = saved.get("configs") if args.resume else load_run_config_file(args.config)
+    if not isinstance(sections, dict):
+        raise ValueError(f"{out / RUN_CONFIG}: field 'configs' is missing")
+    configs = configs_from_args(args, sections, classes)
+    source = args.data or saved.get("data")
+    if not source:
+        raise ValueError("--data is required (a path, 'bbc', 'shakespeare' or hf:NAME)")
+    device = init_distributed(configs["train"].device)
+    rank, world = rank_world()
+    return _Run(out, args.resume, saved, source, configs, device, rank, world)
+
+
+def _data(
+    run: _Run, source: str | Split, tokenizer: Callable[[list[Document]], Any]
+) -> TrainingData:
+    """The data stage: this rank's batch stream and the validation batches."""
+    tcfg: TrainConfig = run.configs["train"]
+    return training_data(
+        source,
+        run.configs["data"],
+        tokenizer,
+        batch_size=tcfg.batch_size,
+        eval_batches=tcfg.eval_batches,
+        seed=tcfg.seed,
+        rank=run.rank,
+        world_size=run.world,
+    )
+
+
+def _train_evaluate_save(
+    run: _Run, command: str, model: nn.Module, data: TrainingData, extras: dict[str, Any]
+) -> int:
+    """The common end of ``pretrain`` and ``train``: train -> evaluate -> save."""
+    tcfg: TrainConfig = run.configs["train"]
+    model.to(run.device)
+    run_config = {
+        "command": command,
+        "data": run.source,
+        "configs": {k: dataclasses.asdict(v) for k, v in run.configs.items()},
+        **extras,
+    }
+    # Every input is valid: from here on files are written.
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.out / RUN_CONFIG, run_config)
+        for junk in run.out.glob(".tokenizer.tmp-*"):  # left by a run killed while saving it
+            shutil.rmtree(junk, ignore_errors=True)
+        if not (run.out / "tokenizer").exists():
+            tmp = run.out / f".tokenizer.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            data.tokenizer.save_pretrained(tmp)
+            tmp.rename(run.out / "tokenizer")
+        print(
+            f"{command}: {len(data.train_docs)} train / {len(data.val_docs)} validation "
+            f"documents, {data.stream.blocks.shape[0]} blocks of {run.configs['data'].block_size} "
+            f"tokens; {sum(p.numel() for p in model.parameters()):,} parameters",
+            file=sys.stderr,
+        )
+    result = train(
+        model, data.stream, tcfg, run.out, eval_batches=data.eval_batches, resume=run.resume
+    )
+    if run.rank == 0:
+        final_eval = (
+            evaluate(model, fixed_batches(data.val_blocks, tcfg.batch_size))
+            if data.val_blocks is not None
+            else None
+        )
+        path = _save_final(run.out, model, data.tokenizer, run_config, final_eval)
+        if final_eval is not None:
+            print(format_table(final_eval))
+        print(f"saved {path} ({result.step} steps, {result.tokens:,} tokens)", file=sys.stderr)
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+# ------------------------------------------------------------ build
+def _tokenizer_for_run(spec: str, train_docs: Any, resume_dir: Path | None, output_dir: str) -> Any:
+    """The run's tokenizer: the saved one on resume (a retrained BPE could differ), else
+    ``load_tokenizer(spec)``. Under torchrun rank 0 builds it and the others load its copy."""
+    from transformers import AutoTokenizer
+
+    if resume_dir is not None and (resume_dir / "tokenizer").is_dir():
+        return AutoTokenizer.from_pretrained(str(resume_dir / "tokenizer"))
+    rank, world = rank_world()
+    if world == 1 or not spec.startswith("bpe:"):
+        return load_tokenizer(spec, train_docs)
+    import torch.distributed as dist
+
+    # Byte-level BPE training is not guaranteed identical across processes: share rank 0's,
+    # beside the run folder (which every node must see anyway, to resume).
+    out = Path(output_dir)
+    shared = out.parent / f".{out.name}.tokenizer-{os.environ.get('MASTER_PORT', '0')}"
+    if rank == 0:
+        tok = load_tokenizer(spec, train_docs)
+        tok.save_pretrained(shared)
+    dist.barrier()
+    tok = AutoTokenizer.from_pretrained(str(shared)) if rank else tok
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(shared, ignore_errors=True)
+    return tok
+
+
+def _codebook_model(base_name: str, configs: dict[str, Any]) -> tuple[nn.Module, str]:
+    """``train``'s build stage: the base model with codebooks attached (unless it has them), and
+    the folder (or hub id) it was loaded from."""
+    base, path = load_base_model(base_name)
+    model = base
+    if not isinstance(base, CodebookModel):  # else: continue training it with its own config
+        cfg: CodebookConfig = dataclasses.replace(configs["codebook"], seed=configs["train"].seed)
+        model = attach_codebooks(base, cfg)
+    inner = model.base if isinstance(model, CodebookModel) else model
+    check_block_size(configs["data"].block_size, getattr(inner, "config", None))
+    return model, path
+
+
+# ------------------------------------------------------- run folders
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun; return this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def load_run_config_file(path: str | None) -> dict[str, dict[str, Any]]:
+    """Sections of a ``--config`` YAML/JSON file: ``{"codebook": {...}, "train": {...}, ...}``."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: file not found")
+    text = p.read_bytes()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text.decode("utf-8"))
+        else:
+            data = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8") from None
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise ValueError(f"{path}: cannot parse ({type(e).__name__}: {e})") from None
+    allowed = ("codebook", "train", "data", "model")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with sections {list(allowed)}")
+    for key, value in data.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{path}: unknown section {key!r}; allowed sections are {list(allowed)}"
+            )
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: section {key!r} must be a mapping of field: value")
+    return data
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / RUN_CONFIG).is_file():
+            raise FileNotFoundError(f"--out {out}: no {RUN_CONFIG} here, so nothing to resume")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"--out {out}: exists and is not empty; pass --resume to continue that run or "
+            "choose a new directory"
+        )
+
+
+def _save_final(
+    out: Path, model: nn.Module, tokenizer: Any, run_config: dict[str, Any], metrics: Any
+) -> Path:
+    """Save the final model + tokenizer + run config + eval to ``out/model`` in one swap."""
+    final = out / MODEL_DIR
+    tmp = out / f".{MODEL_DIR}.tmp-{os.getpid()}"
+    old = out / f".{MODEL_DIR}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if isinstance(model, CodebookModel):
+            model.save_pretrained(tmp, tokenizer=tokenizer)
+        else:
+            model.save_pretrained(tmp)  # type: ignore[operator]
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / RUN_CONFIG, run_config)
+        if metrics is not None:
+            write_json_atomic(tmp / "eval.json", metrics)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    return final
+
+
+# ------------------------------------------------------------------- eval
+def run_eval(args: Any) -> int:
+    """``codebook-lens eval MODEL``: base vs codebook metrics on held-out text.
+
+    The data settings default to the ones saved with the model (``run_config.json``), so the
+    validation split is the one held out in training.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(args.model)
+    p = Path(path)
+    saved = read_json(p / RUN_CONFIG) if (p / RUN_CONFIG).is_file() else {}
+    saved_data = saved.get("configs", {}).get("data", {}) if isinstance(saved, dict) else {}
+    dcfg = dataclass_from_args(
+        DataConfig, args, base=config_from_dict(DataConfig, saved_data, source=str(p / RUN_CONFIG))
+    )
+    source = args.data or saved.get("data")
+    if not source:
+        raise ValueError("--data is required (the model folder does not record its corpus)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} is invalid; it must be >= 1")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max-batches {args.max_batches} is invalid; it must be >= 1")
+
+    model = _eval_model(args.model, path)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    base = model.base if isinstance(model, CodebookModel) else model
+    check_block_size(dcfg.block_size, getattr(base, "config", None))
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception:
+            raise FileNotFoundError(
+                f"MODEL {args.model}: has no tokenizer files; pass --tokenizer"
+            ) from None
+
+    docs = load_documents(source, limit=dcfg.limit)
+    if args.split == "all":
+        chosen = docs
+    else:
+        train_docs, val_docs = split_documents(docs, dcfg.val_fraction, dcfg.split_seed)
+        chosen = val_docs if args.split == "val" else train_docs
+        if not chosen:
+            raise ValueError(f"--split {args.split} is empty (val_fraction={dcfg.val_fraction})")
+    blocks = pack_tokens(chosen, tokenizer, dcfg.block_size)
+    metrics = evaluate(
+        model,
+        fixed_batches(blocks, args.batch_size, args.max_batches),
+        progress=not args.json,
+    )
+    if args.json:
+        json.dump(metrics, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(metrics))
+    return 0
+
+
+def _eval_model(name: str, path: str) -> nn.Module:
+    """``eval``'s model: a local folder (codebook or plain) or a hub id; errors name ``MODEL``."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    model: Any
+    if p.is_dir():
+        if (p / CONFIG_NAME).is_file():
+            model = CodebookModel.from_pretrained(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    elif p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"MODEL {name}: no such model folder")
+    else:  # a hub id: a codebook model if it has a codebook config, else a plain causal LM
+        try:
+            model = CodebookModel.from_pretrained(path)
+        except FileNotFoundError:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path)
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"MODEL {name}: cannot load it from the hub ({type(e).__name__}); "
+                    "pass a local model folder, or check the id and your connection"
+                ) from None
+    return model
