@@ -32,6 +32,10 @@ log = logging.getLogger("codebook_lens.app")
 PATTERN_MEMO = 64
 """Patterns each searcher keeps (a page of results followed by the next page reuses one)."""
 
+WORKER_NICENESS = 5
+"""How much lower the workers' CPU priority is than the server's: under a burst of searches
+the process serving pages still gets the CPU when it needs it (the workers use the rest)."""
+
 
 class Searcher:
     """Searches over one open cache, with the last patterns memoised (one per process)."""
@@ -154,7 +158,12 @@ _worker: Searcher | None = None
 
 def _init_worker(cache_dir: str, regex_timeout: float) -> None:
     global _worker
+    import os
+
     from ..cache import load_cache
+
+    if hasattr(os, "nice"):
+        os.nice(WORKER_NICENESS)
 
     _worker = Searcher(load_cache(cache_dir), regex_timeout)
     _worker.warm()
