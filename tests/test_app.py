@@ -620,6 +620,23 @@ def test_missing_cache_is_a_clear_error(tmp_path: Path) -> None:
         create_app(AppConfig(str(tmp_path / "nothing")))
 
 
+def test_app_refuses_a_cache_that_fails_its_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from codebook_lens.cli import main
+
+    cache = synthetic_cache(tmp_path / "c", n_tokens=2000, n_codebooks=1, num_codes=8, k=1)
+    tokens = np.asarray(cache.tokens)
+    np.save(tmp_path / "c" / "tokens.npy", tokens[:10])  # disagrees with manifest.json
+    with pytest.raises(ValueError, match=r"tokens\.npy: expected shape \(2000,\)"):
+        create_app(AppConfig(str(tmp_path / "c"), search_workers=0))
+    # the command says the same and exits 2 before anything listens
+    assert main(["serve", str(tmp_path / "c"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "tokens.npy: expected shape (2000,)" in err and "found (10,)" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_load_benchmark_runs_in_tiny_mode() -> None:
     """The load check starts the real server, fires concurrent searches, checks every answer."""

@@ -38,11 +38,20 @@ the process serving pages still gets the CPU when it needs it (the workers use t
 
 
 class Searcher:
-    """Searches over one open cache, with the last patterns memoised (one per process)."""
+    """Searches over one open cache, with the last patterns memoised (one per process).
 
-    def __init__(self, cache: Any, regex_timeout: float) -> None:
+    ``library_workers`` goes to the library's own ``workers=`` (which can split one big search
+    over processes): 1 in the pool's workers, whose parallelism is across requests, so that a
+    burst of searches never starts processes inside processes; None (the library's choice) when
+    searches run in the server process.
+    """
+
+    def __init__(
+        self, cache: Any, regex_timeout: float, library_workers: int | None = None
+    ) -> None:
         self.cache = cache
         self.regex_timeout = regex_timeout
+        self.library_workers = library_workers
         self._patterns: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._labels: list[str] | None = None
@@ -63,7 +72,9 @@ class Searcher:
                 self._patterns.move_to_end(key)
                 return self._patterns[key]
         if kind == "regex":
-            pat = make_pattern(self.cache, regex=query, timeout=self.regex_timeout)
+            pat = make_pattern(
+                self.cache, regex=query, timeout=self.regex_timeout, workers=self.library_workers
+            )
         elif kind == "token":
             pat = make_pattern(self.cache, token=query)
         else:
@@ -84,7 +95,7 @@ class Searcher:
         from ..search import search
 
         if self.cache.n_tokens:
-            search(self.cache, self.pattern("regex", r"\A."), top=1)
+            search(self.cache, self.pattern("regex", r"\A."), top=1, workers=self.library_workers)
 
     def search(self, p: dict[str, Any]) -> dict[str, Any]:
         """Codes ranked by agreement with a pattern, one ranked list per codebook.
@@ -110,7 +121,15 @@ class Searcher:
         filters = {k: p[k] for k in ("min_count", "min_precision", "min_recall")}
         sections = []
         for name in names:
-            res = search(cache, pattern, codebooks=[name], top=stop + 1, sort_by=sort, **filters)
+            res = search(
+                cache,
+                pattern,
+                codebooks=[name],
+                top=stop + 1,
+                sort_by=sort,
+                workers=self.library_workers,
+                **filters,
+            )
             rows = []
             for m in res.matches[start:stop]:
                 ref = code_ref(m.codebook, m.code, m.head)
@@ -165,7 +184,7 @@ def _init_worker(cache_dir: str, regex_timeout: float) -> None:
     if hasattr(os, "nice"):
         os.nice(WORKER_NICENESS)
 
-    _worker = Searcher(load_cache(cache_dir), regex_timeout)
+    _worker = Searcher(load_cache(cache_dir), regex_timeout, library_workers=1)
     _worker.warm()
 
 
