@@ -254,3 +254,30 @@ def test_bad_temperature() -> None:
     fsm = TokFSM(SMALL)
     with pytest.raises(ValueError, match="temperature=0"):
         sample_sequences(UniformModel(fsm.vocab_size), fsm, 2, temperature=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_codebook_model_cached_sampling_matches_uncached(arch: str) -> None:
+    from codebook_lens import CodebookConfig, attach_codebooks
+    from codebook_lens.experiments import fsm_data
+
+    transformers = pytest.importorskip("transformers")
+    fsm = TokFSM(SMALL)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=fsm.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=64)  # fmt: skip
+    else:
+        cfg = transformers.GPTNeoXConfig(vocab_size=fsm.vocab_size, hidden_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = attach_codebooks(
+        transformers.AutoModelForCausalLM.from_config(cfg),
+        CodebookConfig(num_codes=16, k=1, placements=["attn_heads", "mlp_out"]),
+    )
+    model.eval()  # the uncached lambda below is not put in eval mode (GPT-2 has dropout)
+    assert fsm_data._accepts_cache(model)  # the wrapped HF model takes the cache
+    cached = sample_sequences(model, fsm, 8, torch.Generator().manual_seed(0))
+    uncached = sample_sequences(lambda x: model(input_ids=x).logits, fsm, 8,
+                                torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.equal(cached, uncached)

@@ -13,14 +13,23 @@ from conftest import tiny_model
 from codebook_lens import CodebookConfig, attach_codebooks
 from codebook_lens.cli import main
 from codebook_lens.experiments.fsm import (
+    ConvergenceCheck,
     DemoConfig,
+    FSMBatches,
+    _Converged,
     _patched_next_state_probs,
     _RowPatch,
     build_base_model,
     js_divergence,
+    parse_seeds,
+    run_seeds,
+    seeds_report,
     state_code_table,
+    summarize_seeds,
+    train_stage,
 )
 from codebook_lens.experiments.fsm_data import TokFSM
+from codebook_lens.train import TrainConfig
 
 REQUIRED_KEYS = [
     "wall_seconds", "base.transition_accuracy", "codebook.transition_accuracy",
@@ -172,3 +181,153 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert fsm["config"]["num_states"] == 12 and len(fsm["states"]) == 12
     # A second run into the same non-empty folder is refused without touching it.
     assert main(["demo", "--quick", "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------- seeds and stopping
+@pytest.mark.parametrize(
+    ("text", "seeds"),
+    [("0-4", [0, 1, 2, 3, 4]), ("0,2,5-7", [0, 2, 5, 6, 7]), ("3", [3]), (" 1, 1-2 ", [1, 2])],
+)
+def test_parse_seeds(text: str, seeds: list[int]) -> None:
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a", "4-2", "-1", "1,,2", "1-", "0-x"])
+def test_parse_seeds_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="seeds=.* is invalid"):
+        parse_seeds(text)
+
+
+def _check_with(values: list[dict[str, float]], reference: float | None) -> ConvergenceCheck:
+    """A ConvergenceCheck whose measurements are ``values``, one per check (no model runs)."""
+    cfg = DemoConfig.quick(check_every=10, base_target=0.98, codebook_gap=0.01,
+                           purity_tolerance=0.02)  # fmt: skip
+    check = ConvergenceCheck(torch.nn.Linear(1, 1), TokFSM(cfg.fsm_config()), cfg, None, reference)  # type: ignore[arg-type]
+    feed = iter(values)
+    check.measure = lambda: next(feed)  # type: ignore[method-assign]
+    return check
+
+
+def test_base_check_stops_at_the_target() -> None:
+    check = _check_with([{"transition_accuracy": 0.97}, {"transition_accuracy": 0.981}], None)
+    check(5, {"step": 5, "lm_loss": 1.0})  # not a check step: nothing measured
+    check(10, {"step": 10, "eval": {}})  # not a training record
+    assert check.checks == []
+    check(10, {"step": 10, "lm_loss": 1.0})
+    assert check.reason == "" and len(check.checks) == 1
+    with pytest.raises(_Converged):
+        check(20, {"step": 20, "lm_loss": 1.0})
+    assert check.checks[-1]["step"] == 20 and "98.1% >= 98.0%" in check.reason
+
+
+def test_codebook_check_needs_accuracy_and_stable_purity() -> None:
+    ta, pure = "transition_accuracy", "fraction_pure"
+    values = [
+        {ta: 0.975, pure: 0.70},  # close enough, but no previous purity to compare with
+        {ta: 0.975, pure: 0.85},  # purity still moving (+15 points)
+        {ta: 0.960, pure: 0.86},  # stable, but 2 points below the base
+        {ta: 0.972, pure: 0.87},  # within 1 point and stable: converged
+    ]
+    check = _check_with(values, reference=0.98)
+    for step in (10, 20, 30):
+        check(step, {"step": step, "lm_loss": 1.0})
+        assert check.reason == ""
+    with pytest.raises(_Converged):
+        check(40, {"step": 40, "lm_loss": 1.0})
+    assert "97.2% within 1% of the base's 98.0%" in check.reason
+
+
+def test_train_stage_stops_when_converged(tmp_path: Path) -> None:
+    cfg = DemoConfig.quick(check_every=10)
+    fsm = TokFSM(cfg.fsm_config())
+    model = build_base_model(cfg, fsm)
+    check = _check_with([{"transition_accuracy": 0.5}, {"transition_accuracy": 0.99}], None)
+    tc = TrainConfig(steps=40, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=0,
+                     checkpoint_every=0, log_every=5, progress=False, device="cpu")  # fmt: skip
+    evals = [fsm.sample(4, torch.Generator().manual_seed(0))]
+    res = train_stage("base", model, FSMBatches(fsm, 8, 0), tc, tmp_path / "b", check, evals)
+    assert (res.stopped, res.steps, res.cap) == ("converged", 20, 40)
+    assert [c["step"] for c in res.checks] == [10, 20]
+    assert max(r["step"] for r in res.history) == 20 and model.training
+    assert res.tokens == 20 * 8 * fsm.seq_len and res.cpu_seconds > 0
+    # Without a criterion the stage runs to its cap.
+    capped = train_stage("base", model, FSMBatches(fsm, 8, 1), tc, tmp_path / "c", None, evals)
+    assert (capped.stopped, capped.steps) == ("step cap", 40)
+
+
+def _fake_metrics(seed: int, cb_ta: float, pure: float) -> dict:
+    stage = {"steps": 100, "cap": 200, "stopped": "converged", "reason": "why"}
+    return {
+        "base": {"transition_accuracy": 0.99, "first_transition_accuracy": 0.99},
+        "codebook": {"transition_accuracy": cb_ta, "first_transition_accuracy": 0.97},
+        "state_codes": {"fraction_pure": pure},
+        "neurons": {"fraction_pure": 0.5},
+        "interventions": {"all": {"success_rate": 0.9}},
+        "training": {"base_steps": 100 + seed, "codebook_steps": 300},
+        "stages": {"base": stage, "codebook": stage},
+        "wall_seconds": 100.0 + seed,
+        "cpu_seconds": 90.0,
+        "threads": 1,
+        "load_average": {"start": 1.0, "end": 1.0},
+    }
+
+
+def test_summarize_seeds_mean_worst_and_targets() -> None:
+    data = summarize_seeds({0: _fake_metrics(0, 0.98, 0.9), 7: _fake_metrics(7, 0.94, 0.7)})
+    agg = data["aggregate"]
+    assert data["seeds"] == [0, 7]
+    assert agg["codebook.transition_accuracy"]["mean"] == pytest.approx(0.96)
+    assert agg["codebook.transition_accuracy"]["worst"] == pytest.approx(0.94)
+    assert agg["codebook.transition_accuracy"]["worst_seed"] == 7
+    assert agg["gap"]["worst"] == pytest.approx(0.05)  # the largest gap is the worst
+    assert agg["wall_seconds"]["worst"] == 107.0
+    held = data["targets_held"]
+    assert held["codebook_transition_accuracy"] == 1 and held["within_3_points"] == 1
+    assert held["pure_states"] == 1 and held["codes_beat_neurons"] == 2 and held["patching"] == 2
+    assert data["all_targets_held"] == 1
+    md = seeds_report(DemoConfig(), data).to_markdown()
+    assert "| all of them | 1/2 |" in md and "| 7 |" in md and "0.5634" in md
+
+
+def test_cli_seeds_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["demo", "--quick", "--seeds", "4-2", "--out", str(tmp_path / "a")]) == 2
+    assert "seeds='4-2' is invalid" in capsys.readouterr().err
+    assert (
+        main(["demo", "--quick", "--seeds", "0-1", "--seed", "3", "--out", str(tmp_path / "b")])
+        == 2
+    )
+    assert "drop --seed" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_run_seeds_refuses_a_foreign_seed_folder(tmp_path: Path) -> None:
+    (tmp_path / "seed-1").mkdir(parents=True)
+    (tmp_path / "seed-1" / "x.txt").write_text("not a run")
+    with pytest.raises(ValueError, match="seed-1/, which is not a finished run"):
+        run_seeds(DemoConfig.quick(), [0, 1], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed-1"]  # nothing ran
+
+
+@pytest.mark.slow
+def test_quick_demo_at_two_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "seeds"
+    assert main(["demo", "--quick", "--seeds", "3,5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 seeds: 3, 5" in printed and "all targets:" in printed
+    assert {"seed-3", "seed-5", "summary.md", "summary.html", "summary.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    data = json.loads((out / "summary.json").read_text())
+    assert data["seeds"] == [3, 5]
+    for seed in (3, 5):
+        cfg = json.loads((out / f"seed-{seed}" / "demo_config.json").read_text())
+        assert cfg["seed"] == cfg["fsm_seed"] == seed  # a fresh machine and init per seed
+    fsm3 = json.loads((out / "seed-3" / "fsm.json").read_text())["edges"]
+    fsm5 = json.loads((out / "seed-5" / "fsm.json").read_text())["edges"]
+    assert fsm3 != fsm5
+    row = data["per_seed"][0]
+    assert set(row["stages"]) == {"base", "codebook warm-up", "codebook"}
+    assert row["stages"]["base"]["stopped"] in ("converged", "step cap")
+    # Run again into the same folder: the finished seeds are reused, not re-trained.
+    assert main(["demo", "--quick", "--seeds", "3,5", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 2

@@ -619,15 +619,60 @@ def _demo_setup(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", default=None, help="output folder (default: runs/fsm-<timestamp>)")
     p.add_argument("--quick", action="store_true", help="a tiny run (about a minute) for tests")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="run at each of these seeds (seed = fsm seed), e.g. '0-4' or '0,2,5-7', into "
+        "OUT/seed-S/, plus a summary report (default: one run at --seed/--fsm-seed)",
+    )
     add_dataclass_args(p, DemoConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from .experiments.fsm import run_demo, summary
+        from .experiments.fsm import parse_seeds, run_demo, run_seeds, seeds_summary, summary
 
         base = DemoConfig.quick() if args.quick else DemoConfig()
         cfg = dataclass_from_args(DemoConfig, args, base=base)
+        if args.seeds is not None:
+            seeds = parse_seeds(args.seeds)
+            if args.seed is not None or args.fsm_seed is not None:
+                raise ValueError("--seeds sets both seeds of each run; drop --seed/--fsm-seed")
+            print(seeds_summary(run_seeds(cfg, seeds, args.out)))
+            return 0
         metrics = run_demo(cfg, args.out)
         print(summary(metrics))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command("architectures", "check which transformers architectures take codebooks (tiny models)")
+def _architectures_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated model types to check (default: every causal LM of transformers)",
+    )
+    p.add_argument(
+        "--write", metavar="PATH", default=None, help="write the table to PATH (e.g. docs/...)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from .architectures import (
+            architectures_markdown,
+            check_architectures,
+            check_doc_path,
+            write_architectures_doc,
+        )
+
+        only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+        if args.write:
+            check_doc_path(args.write)  # before minutes of checks, not after
+        checks = check_architectures(only)
+        if args.write:
+            out = write_architectures_doc(args.write, checks)
+            print(f"wrote {out} ({len(checks)} architectures)")
+        else:
+            print(architectures_markdown(checks), end="")
         return 0
 
     p.set_defaults(func=run)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -71,23 +72,28 @@ class DemoConfig:
     """Attention heads."""
     mlp_width: int = 256
     """MLP hidden width."""
+    rotary_fraction: float = 1.0
+    """gpt_neox only: fraction of each head's dimensions with rotary positions (HF's and the
+    reference's default is 0.25; full rotary learns the previous-token heads far sooner)."""
 
     base_steps: int = 1500
-    """Optimizer steps for the base model."""
+    """Most optimizer steps for the base model (fewer once the stop criterion holds)."""
     base_lr: float = 3e-3
     """Peak learning rate of the base model."""
     batch_size: int = 32
     """Sequences per step (small batches: this task is limited by the number of updates)."""
     warmup_steps: int = 30
     """Linear warmup steps (both stages)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after the warmup (both stages; over each stage's step cap)."""
 
     num_codes: int = 1000
     """Codes per codebook C (per head for attention codebooks)."""
     k: int = 1
     """Codes per token (and head)."""
     codebook_steps: int = 1500
-    """Fine-tuning steps of the codebook model (initialised from the base model), warm-up
-    included."""
+    """Most fine-tuning steps of the codebook model (initialised from the base model), warm-up
+    included (fewer once the stop criterion holds)."""
     codebook_warmup_steps: int = 0
     """Train the codebooks only (model frozen, constant LR) for this many of the fine-tuning
     steps before joint training. Off by default: measured at seeds 0 and 1 it did not help
@@ -105,6 +111,20 @@ class DemoConfig:
     splits a state's activations between two near-identical codes, which destroys the
     one-code-per-state structure the demo measures (measured: 95% -> 35% pure states)."""
 
+    check_every: int = 100
+    """Every this many steps each stage measures itself on validation data (sequences that the
+    report does not use) and stops once converged; 0: train to the step caps."""
+    base_target: float = 0.98
+    """The base stage stops once its validation transition accuracy reaches this."""
+    codebook_gap: float = 0.01
+    """The codebook stage stops once its validation transition accuracy is within this of the
+    base model's (and its pure-state fraction is stable, see purity_tolerance)."""
+    purity_tolerance: float = 0.02
+    """Stable = the fraction of states with a pure MLP code moved by at most this since the
+    previous check."""
+    check_sequences: int = 64
+    """Sequences sampled from BOS at each check (and validation sequences for purity: 2x)."""
+
     eval_sequences: int = 256
     """Held-out sequences for loss / accuracy and for the state-code tables."""
     transition_samples: int = 256
@@ -117,20 +137,29 @@ class DemoConfig:
     """Precision and recall a code (or neuron) needs to count as a pure state detector."""
     seed: int = 0
     """Seed of training, sampling and pair choice."""
-    threads: int = 2
-    """torch CPU threads."""
+    threads: int = 0
+    """torch CPU threads; 0: 2, or 1 when the load average says the cores are busy (two threads
+    that wait on each other on a busy machine were measured 10x slower per step than one)."""
 
     def __post_init__(self) -> None:
         FSMConfig(self.num_states, self.num_edges, self.base, self.seq_len, self.fsm_seed)
         check_choice("arch", self.arch, ("gpt2", "gpt_neox", "llama"))
+        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         for name in (
             "layers", "width", "heads", "mlp_width", "base_steps", "batch_size", "num_codes",
             "k", "codebook_steps", "eval_sequences", "transition_samples", "intervention_pairs",
-            "intervention_prefix_states", "threads",
+            "intervention_prefix_states", "check_sequences",
         ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
+        for name in ("check_every", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 0")
+        for name in ("base_target", "codebook_gap", "purity_tolerance"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; it must be in [0, 1]")
         if self.width % self.heads:
             raise ValueError(
                 f"width={self.width} is invalid for heads={self.heads}: it must divide evenly"
@@ -142,6 +171,8 @@ class DemoConfig:
             )
         if self.k > self.num_codes:
             raise ValueError(f"k={self.k} is invalid; it must be <= num_codes={self.num_codes}")
+        if not 0 < self.rotary_fraction <= 1:
+            raise ValueError(f"rotary_fraction={self.rotary_fraction} must be in (0, 1]")
         if not 0 < self.purity_threshold <= 1:
             raise ValueError(f"purity_threshold={self.purity_threshold} must be in (0, 1]")
         self.codebook_config()  # checks commitment_weight, dead_code_steps, ... up front
@@ -154,6 +185,7 @@ class DemoConfig:
             base_steps=40, batch_size=32, warmup_steps=5, num_codes=64, codebook_steps=30,
             eval_sequences=48, transition_samples=24, intervention_pairs=24,
             intervention_prefix_states=4, dead_code_steps=10, codebook_warmup_steps=10,
+            check_every=20, check_sequences=16,
         )  # fmt: skip
         values.update(overrides)
         return cls(**values)
@@ -210,7 +242,9 @@ def build_base_model(cfg: DemoConfig, fsm: TokFSM) -> nn.Module:
     elif cfg.arch == "gpt_neox":
         config = GPTNeoXConfig(
             num_hidden_layers=cfg.layers, hidden_size=cfg.width, num_attention_heads=cfg.heads,
-            intermediate_size=cfg.mlp_width, max_position_embeddings=ctx, **common,
+            intermediate_size=cfg.mlp_width, max_position_embeddings=ctx,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": cfg.rotary_fraction}, **common,
         )  # fmt: skip
     else:
         config = LlamaConfig(
@@ -219,6 +253,170 @@ def build_base_model(cfg: DemoConfig, fsm: TokFSM) -> nn.Module:
         )  # fmt: skip
     torch.manual_seed(cfg.seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def resolve_threads(requested: int) -> int:
+    """``requested`` torch threads if > 0; for 0, 2 on a quiet machine and 1 on a busy one.
+
+    Two threads that must meet at every op lose their core to other processes in turn; on the
+    2-core machine at load 10 a base-model step took 1.12 CPU s with 2 threads, 0.10 s with 1.
+    """
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        load = 0.0
+    return 2 if cores >= 2 and load <= cores - 1.5 else 1
+
+
+class _Converged(Exception):
+    """Raised by a ``ConvergenceCheck`` inside ``train`` to end its stage early."""
+
+
+@dataclass
+class Validation:
+    """Validation data for the stop criterion (disjoint seeds from the report's data)."""
+
+    tokens: Tensor
+    """``(B, L)`` held-out walks."""
+    ends: Tensor
+    """``(S,)`` positions that complete a state."""
+    labels: Tensor
+    """``(B, S)`` the state completed at each of those positions."""
+    sample_seed: int
+    """Seed of the sequences sampled from BOS at every check (the same draws each time)."""
+
+    @classmethod
+    def make(cls, fsm: TokFSM, cfg: DemoConfig) -> Validation:
+        tokens, states = fsm.sample_with_states(
+            2 * cfg.check_sequences, torch.Generator().manual_seed(cfg.seed + 3)
+        )
+        ends, labels = state_positions(fsm, tokens, states)
+        return cls(tokens, ends, labels, cfg.seed + 5)
+
+
+class ConvergenceCheck:
+    """A ``train`` callback that measures the model every ``cfg.check_every`` steps and ends the
+    stage once it has converged.
+
+    Each check: transition accuracy of ``cfg.check_sequences`` walks sampled from BOS, exact
+    first-transition accuracy and, for a codebook model, the fraction of states with a pure MLP
+    code on the validation walks. Converged: the base model once its transition accuracy is
+    ``>= cfg.base_target``; the codebook model once its transition accuracy is within
+    ``cfg.codebook_gap`` of ``reference`` (the base model's at its last check) and its pure-state
+    fraction moved by at most ``cfg.purity_tolerance`` since the previous check.
+    """
+
+    def __init__(self, model: nn.Module, fsm: TokFSM, cfg: DemoConfig, val: Validation,
+                 reference: float | None = None) -> None:  # fmt: skip
+        self.model, self.fsm, self.cfg, self.val = model, fsm, cfg, val
+        self.reference = reference
+        self.checks: list[dict[str, float]] = []
+        self.reason = ""
+
+    def measure(self) -> dict[str, float]:
+        model, fsm, cfg = self.model, self.fsm, self.cfg
+        with eval_mode(model), torch.no_grad():
+            gen = torch.Generator().manual_seed(self.val.sample_seed)
+            samples = sample_sequences(model, fsm, cfg.check_sequences, gen, cfg.seq_len)
+            out = {
+                "transition_accuracy": transition_stats(fsm, samples)["transition_accuracy"],
+                "first_transition_accuracy": first_transition_accuracy(model, fsm),
+            }
+            if isinstance(model, CodebookModel):
+                tables = mlp_state_tables(model, self.val.tokens, self.val.ends, self.val.labels,
+                                          fsm.num_states, cfg)  # fmt: skip
+                out["fraction_pure"] = float(pure_states(tables, cfg.purity_threshold).mean())
+        return out
+
+    def converged(self) -> str:
+        """Why the stage has converged after the last check ("" while it has not)."""
+        cfg, last = self.cfg, self.checks[-1]
+        ta = last["transition_accuracy"]
+        if self.reference is None:
+            if ta >= cfg.base_target:
+                return f"transition accuracy {ta:.1%} >= {cfg.base_target:.1%}"
+            return ""
+        if len(self.checks) < 2 or ta < self.reference - cfg.codebook_gap:
+            return ""
+        moved = abs(last["fraction_pure"] - self.checks[-2]["fraction_pure"])
+        if moved > cfg.purity_tolerance:
+            return ""
+        return (
+            f"transition accuracy {ta:.1%} within {cfg.codebook_gap:.0%} of the base's "
+            f"{self.reference:.1%}; pure states {last['fraction_pure']:.0%} (moved "
+            f"{moved:.0%} <= {cfg.purity_tolerance:.0%})"
+        )
+
+    def __call__(self, step: int, record: dict[str, Any]) -> None:
+        if "lm_loss" not in record or not self.cfg.check_every or step % self.cfg.check_every:
+            return
+        self.checks.append({"step": step, **self.measure()})
+        self.reason = self.converged()
+        if self.reason:
+            raise _Converged
+
+
+@dataclass
+class StageResult:
+    """How one training stage went: steps, time, and when and why it stopped."""
+
+    stage: str
+    steps: int
+    """Optimizer steps taken."""
+    cap: int
+    """The most steps it could take."""
+    stopped: Literal["converged", "step cap"]
+    reason: str
+    """What the criterion saw at the stop (or the last check, at the cap)."""
+    seconds: float
+    cpu_seconds: float
+    """Process CPU time (all threads) of the stage, checks included."""
+    tokens: int
+    checks: list[dict[str, float]]
+    """Every check: step and validation metrics."""
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+    """The training records (metrics.jsonl)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "history"}
+
+
+def train_stage(stage: str, model: nn.Module, batches: FSMBatches, config: TrainConfig,
+                out: Path, check: ConvergenceCheck | None, eval_batches: list[Tensor],
+                ) -> StageResult:  # fmt: skip
+    """``train`` until ``check`` says converged or ``config.steps`` are done."""
+    history: list[dict[str, Any]] = []
+    callbacks = [lambda step, rec: history.append(rec)]
+    if check is not None:
+        callbacks.append(check)
+    t0, c0 = time.time(), time.process_time()
+    stopped: Literal["converged", "step cap"] = "step cap"
+    try:
+        train(model, batches, config, out, eval_batches=eval_batches, callbacks=callbacks)
+    except _Converged:
+        stopped = "converged"
+    steps = max((int(r["step"]) for r in history), default=0)
+    if stopped == "step cap":
+        steps = config.steps
+    reason = check.reason if check is not None else ""
+    if stopped == "step cap":
+        reason = "fixed length (no stop criterion)"
+        if check is not None and check.checks:
+            last = check.checks[-1]
+            reason = (
+                f"not converged; last check: transition accuracy {last['transition_accuracy']:.1%}"
+            )
+            if "fraction_pure" in last:
+                reason += f", pure states {last['fraction_pure']:.0%}"
+    return StageResult(
+        stage=stage, steps=steps, cap=config.steps, stopped=stopped, reason=reason,
+        seconds=time.time() - t0, cpu_seconds=time.process_time() - c0,
+        tokens=steps * config.batch_size * config.grad_accum * batches.fsm.seq_len,
+        checks=list(check.checks) if check is not None else [], history=history,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ metrics
@@ -292,6 +490,25 @@ def state_code_table(
         f1=f1[rows, best].numpy(),
         counts=counts.numpy(),
     )
+
+
+def mlp_state_tables(model: CodebookModel, tokens: Tensor, ends: Tensor, labels: Tensor,
+                     num_states: int, cfg: DemoConfig) -> list[StateCodeTable]:  # fmt: skip
+    """One ``StateCodeTable`` per MLP codebook, from the codes at the positions ``ends``."""
+    codes = model.get_codes(tokens)
+    return [
+        state_code_table(n, codes[n][:, ends].reshape(-1, cfg.k), labels.reshape(-1), num_states, cfg.num_codes)
+        for n in model.codebooks
+        if n.endswith("mlp_out")
+    ]  # fmt: skip
+
+
+def pure_states(tables: Sequence[StateCodeTable], threshold: float) -> np.ndarray:
+    """``(N,)`` bool: states with a pure code (precision and recall >= threshold) in any table."""
+    pure = np.zeros(len(tables[0].code), dtype=bool)
+    for t in tables:
+        pure |= (t.precision >= threshold) & (t.recall >= threshold)
+    return pure
 
 
 @torch.no_grad()
@@ -509,6 +726,46 @@ def intervention_experiment(
     return results
 
 
+# ------------------------------------------------------------------- targets
+TARGETS: tuple[tuple[str, str], ...] = (
+    ("codebook_transition_accuracy", "codebook transition accuracy >= 95%"),
+    ("within_3_points", "codebook transition accuracy within 3 points of the base"),
+    ("pure_states", ">= 80% of states with a pure MLP code"),
+    ("codes_beat_neurons", "more states with a pure code than with a pure best neuron"),
+    ("patching", "patching all codes along the transition >= 80% success"),
+)
+"""The demo's targets (issue 15): key and description."""
+
+REFERENCE = {
+    "source": "https://huggingface.co/taufeeque/TokFSM_k1_codebook_model",
+    "what": "TokFSM codebook model of the paper's code, k=1, codebooks on attention and MLP "
+    "(its model card)",
+    "transition_accuracy": 0.5634,
+    "first_transition_accuracy": 0.88,
+}
+"""The reference implementation's published figures for its TokFSM k=1 codebook model."""
+
+
+def check_targets(metrics: dict[str, Any]) -> dict[str, bool]:
+    """Which of ``TARGETS`` a run's metrics meet."""
+    base, cb = metrics["base"]["transition_accuracy"], metrics["codebook"]["transition_accuracy"]
+    pure, neurons = metrics["state_codes"]["fraction_pure"], metrics["neurons"]["fraction_pure"]
+    return {
+        "codebook_transition_accuracy": cb >= 0.95,
+        "within_3_points": base - cb <= 0.03,
+        "pure_states": pure >= 0.8,
+        "codes_beat_neurons": pure > neurons,
+        "patching": metrics["interventions"]["all"]["success_rate"] >= 0.8,
+    }
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 # ------------------------------------------------------------------- report
 def _plot_curves(rep: Any, base_hist: list[dict[str, Any]], cb_hist: list[dict[str, Any]], floor: float,
                  cfg: DemoConfig) -> None:  # fmt: skip
@@ -518,7 +775,7 @@ def _plot_curves(rep: Any, base_hist: list[dict[str, Any]], cb_hist: list[dict[s
     for hist, label in ((base_hist, "base (from scratch)"), (cb_hist, "codebook (fine-tune)")):
         pts = [(r["step"], r["lm_loss"]) for r in hist if "lm_loss" in r]
         if pts:
-            offset = cfg.base_steps if label.startswith("codebook") else 0
+            offset = max((r["step"] for r in base_hist), default=0) if hist is cb_hist else 0
             ax.plot([s + offset for s, _ in pts], [v for _, v in pts], label=label)
     ax.axhline(floor, color="gray", ls="--", lw=1, label=f"task floor {floor:.3f}")
     ax.set_xlabel("optimizer step")
@@ -587,10 +844,26 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
         f"TokFSM with N={cfg.num_states} states and E={cfg.num_edges} out-edges, states written "
         f"as base-{cfg.base} digits. Transformer: {cfg.arch}, {cfg.layers} layers, width "
         f"{cfg.width}, {cfg.heads} heads, MLP {cfg.mlp_width}. Codebooks on every attention head "
-        f"and every MLP output, C={cfg.num_codes}, k={cfg.k}. Wall time "
-        f"{metrics['wall_seconds']:.0f} s."
+        f"and every MLP output, C={cfg.num_codes}, k={cfg.k}. Seeds: training {cfg.seed}, "
+        f"machine {cfg.fsm_seed}. Wall time {metrics['wall_seconds']:.0f} s, CPU time "
+        f"{metrics['cpu_seconds']:.0f} s, {metrics['threads']} torch thread(s), load average "
+        f"{metrics['load_average']['start']:.1f} at the start."
+    )
+    rep.heading("Targets")
+    rep.table(
+        [{"target": text, "met": metrics["targets"][key]} for key, text in TARGETS],
+        caption="The demo's targets at this seed",
     )
     rep.heading("Training")
+    rep.table(
+        [
+            {"stage": st["stage"], "steps": st["steps"], "cap": st["cap"], "stopped": st["stopped"],
+             "why": st["reason"], "seconds": st["seconds"], "CPU seconds": st["cpu_seconds"]}
+            for st in metrics["stages"].values()
+        ],
+        caption=f"Each stage checks itself every {cfg.check_every} steps on validation walks "
+        "(not the report's) and stops once converged",
+    )  # fmt: skip
     _plot_curves(rep, base_hist, cb_hist, floor, cfg)
     rep.heading("Metrics: base vs codebook model")
     keys = [
@@ -601,9 +874,14 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
         "valid_state_fraction",
     ]
     rep.table(
-        [{"model": m, **{k: metrics[m][k] for k in keys}} for m in ("base", "codebook")],
-        caption=f"Held-out next-token metrics (task floor loss {floor:.4f} nats)",
-    )
+        [{"model": m, **{k: metrics[m][k] for k in keys}} for m in ("base", "codebook")]
+        + [{"model": "reference k=1 codebook model (published)", "loss": "", "accuracy": "",
+            "transition_accuracy": REFERENCE["transition_accuracy"],
+            "first_transition_accuracy": REFERENCE["first_transition_accuracy"],
+            "valid_state_fraction": ""}],
+        caption=f"Held-out next-token metrics (task floor loss {floor:.4f} nats); the reference "
+        f"row is {REFERENCE['what']}, {REFERENCE['source']}",
+    )  # fmt: skip
     rep.heading("Claim 1: codes are states")
     rows = []
     for t, n in zip(tables, neurons, strict=True):
@@ -675,7 +953,7 @@ def run_demo(
     or interrupted run leaves no half-written report behind.
     """
     t0 = time.time()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     out = (
         Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("fsm-%Y%m%d-%H%M%S")
     )
@@ -702,6 +980,7 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any]:
+    c0, load0 = time.process_time(), _load_average()
     fsm = TokFSM(cfg.fsm_config())
     write_json_atomic(out / "fsm.json", fsm.to_json())
     write_json_atomic(out / "demo_config.json", dataclasses.asdict(cfg))
@@ -709,21 +988,28 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
         cfg.eval_sequences, torch.Generator().manual_seed(cfg.seed + 1)
     )
     eval_batches = [eval_tokens[i : i + 64] for i in range(0, min(len(eval_tokens), 256), 64)]
+    val = Validation.make(fsm, cfg)
 
     # 1. base model, from scratch
     _log("training the base model", progress)
     base = build_base_model(cfg, fsm)
+    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, cfg.base_steps // 60)
     base_cfg = TrainConfig(
         steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr, model_lr_factor=1.0,
-        weight_decay=0.0, warmup_steps=cfg.warmup_steps, schedule="cosine", min_lr_ratio=0.05,
-        eval_every=0, checkpoint_every=0, log_every=max(1, cfg.base_steps // 60), seed=cfg.seed,
+        weight_decay=0.0, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+        min_lr_ratio=0.05, eval_every=0, checkpoint_every=0, log_every=log_every, seed=cfg.seed,
         device="cpu", progress=progress, beta2=0.99,
     )  # fmt: skip
-    base_res = train(base, FSMBatches(fsm, cfg.batch_size, cfg.seed), base_cfg, out / "base_training",
-                     eval_batches=eval_batches)  # fmt: skip
+    check = ConvergenceCheck(base, fsm, cfg, val) if cfg.check_every else None
+    base_res = train_stage("base", base, FSMBatches(fsm, cfg.batch_size, cfg.seed), base_cfg,
+                           out / "base_training", check, eval_batches)  # fmt: skip
     base.save_pretrained(out / "base_model")  # type: ignore[operator]
-    _log(f"base model trained in {base_res.seconds:.0f} s; evaluating", progress)
+    _log(f"base model: {base_res.steps} steps in {base_res.seconds:.0f} s ({base_res.stopped}: "
+         f"{base_res.reason}); evaluating", progress)  # fmt: skip
     base_metrics = model_metrics(base, fsm, eval_tokens, cfg)
+    if check is not None and not check.checks:  # stopped before its first check
+        check.checks.append({"step": base_res.steps, **check.measure()})
+    reference = check.checks[-1]["transition_accuracy"] if check is not None else None
 
     # 2. codebook model, fine-tuned from the base (a copy, so the base stays for comparison)
     _log("fine-tuning the codebook model", progress)
@@ -733,43 +1019,32 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
     warm = cfg.codebook_warmup_steps
     cb_cfg = dataclasses.replace(
         base_cfg, steps=cfg.codebook_steps - warm, lr=cfg.codebook_lr,
-        model_lr_factor=cfg.model_lr_factor, log_every=max(1, cfg.codebook_steps // 60),
-        seed=cfg.seed + 1,
+        model_lr_factor=cfg.model_lr_factor, seed=cfg.seed + 1,
     )  # fmt: skip
-    warm_hist: list[dict[str, Any]] = []
-    warm_seconds, warm_tokens = 0.0, 0
+    stages = [base_res]
     if warm:
-        warm_cfg = dataclasses.replace(cb_cfg, steps=warm, model_lr_factor=0.0, min_lr_ratio=1.0,
+        warm_cfg = dataclasses.replace(cb_cfg, steps=warm, model_lr_factor=0.0, schedule="constant",
                                        seed=cfg.seed + 2)  # fmt: skip
-        warm_res = train(model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 2), warm_cfg,
-                         out / "codebook_warmup", eval_batches=eval_batches)  # fmt: skip
-        warm_hist, warm_seconds = warm_res.history, warm_res.seconds
-        warm_tokens = warm_res.tokens
-    cb_res = train(model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 1), cb_cfg, out / "codebook_training",
-                   eval_batches=eval_batches)  # fmt: skip
-    cb_res.seconds += warm_seconds
-    cb_res.tokens += warm_tokens
-    cb_res.history = warm_hist + [{**r, "step": r["step"] + warm} for r in cb_res.history]
+        stages.append(train_stage("codebook warm-up", model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 2),
+                                  warm_cfg, out / "codebook_warmup", None, eval_batches))  # fmt: skip
+    cb_check = ConvergenceCheck(model, fsm, cfg, val, reference) if cfg.check_every else None
+    cb_res = train_stage("codebook", model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 1), cb_cfg,
+                         out / "codebook_training", cb_check, eval_batches)  # fmt: skip
+    stages.append(cb_res)
     model.save_pretrained(out / "codebook_model")
-    _log(f"codebook model trained in {cb_res.seconds:.0f} s; evaluating", progress)
+    _log(f"codebook model: {cb_res.steps} steps in {cb_res.seconds:.0f} s ({cb_res.stopped}: "
+         f"{cb_res.reason}); evaluating", progress)  # fmt: skip
     model.eval()
     cb_metrics = model_metrics(model, fsm, eval_tokens, cfg)
 
     # 3. claim 1: state codes vs neurons, at the tokens that complete a state
     _log("state codes and neuron baseline", progress)
     ends, labels = state_positions(fsm, eval_tokens, eval_states)
-    codes = model.get_codes(eval_tokens)
-    mlp_names = [n for n in model.codebooks if n.endswith("mlp_out")]
-    tables = [
-        state_code_table(n, codes[n][:, ends].reshape(-1, cfg.k), labels.reshape(-1), fsm.num_states, cfg.num_codes)
-        for n in mlp_names
-    ]  # fmt: skip
+    tables = mlp_state_tables(model, eval_tokens, ends, labels, fsm.num_states, cfg)
     acts = mlp_neuron_activations(base, eval_tokens, cfg.layers)
     neurons = [neuron_table(a[:, ends], labels, fsm.num_states) for a in acts]
     th = cfg.purity_threshold
-    pure_code = np.zeros(fsm.num_states, dtype=bool)
-    for t in tables:
-        pure_code |= (t.precision >= th) & (t.recall >= th)
+    pure_code = pure_states(tables, th)
     pure_neuron = np.zeros(fsm.num_states, dtype=bool)
     for n in neurons:
         pure_neuron |= (n["precision"] >= th) & (n["recall"] >= th)
@@ -796,10 +1071,14 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
         "interventions": inter,
         "training": {
             "base_seconds": base_res.seconds,
-            "codebook_seconds": cb_res.seconds,
+            "codebook_seconds": sum(r.seconds for r in stages[1:]),
             "base_tokens": base_res.tokens,
-            "codebook_tokens": cb_res.tokens,
+            "codebook_tokens": sum(r.tokens for r in stages[1:]),
+            "base_steps": base_res.steps,
+            "codebook_steps": sum(r.steps for r in stages[1:]),
         },
+        "stages": {r.stage: r.to_json() for r in stages},
+        "threads": torch.get_num_threads(),
     }
     state_rows = []
     for s in range(fsm.num_states):
@@ -809,11 +1088,16 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
              "precision": float(best.precision[s]), "recall": float(best.recall[s])}
         )  # fmt: skip
     write_json_atomic(out / "state_codes.json", state_rows)
-    metrics["wall_seconds"] = time.time() - t0
-    write_report(
-        out, cfg, metrics, base_res.history, cb_res.history, tables, neurons, fsm.floor_loss
-    )
-    metrics["wall_seconds"] = time.time() - t0
+    metrics["targets"] = check_targets(metrics)
+    cb_hist, offset = [], 0
+    for st in stages[1:]:
+        cb_hist += [{**r, "step": r["step"] + offset} for r in st.history]
+        offset += st.steps
+    for _ in range(2):  # the report shows the times; the second pass includes writing it
+        metrics["wall_seconds"] = time.time() - t0
+        metrics["cpu_seconds"] = time.process_time() - c0
+        metrics["load_average"] = {"start": load0, "end": _load_average()}
+        write_report(out, cfg, metrics, base_res.history, cb_hist, tables, neurons, fsm.floor_loss)
     write_json_atomic(out / "metrics.json", _with_flat_keys(metrics))
     return metrics
 
@@ -837,7 +1121,12 @@ def summary(metrics: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     b, c, i = metrics["base"], metrics["codebook"], metrics["interventions"]
     lines = [
-        f"wall time: {metrics['wall_seconds']:.0f} s",
+        f"wall time: {metrics['wall_seconds']:.0f} s (CPU {metrics['cpu_seconds']:.0f} s, "
+        f"{metrics['threads']} thread(s), load average {metrics['load_average']['start']:.1f})",
+        *(
+            f"{st['stage']}: {st['steps']} steps, {st['stopped']} ({st['reason']})"
+            for st in metrics["stages"].values()
+        ),
         f"transition accuracy: base {b['transition_accuracy']:.3f}, codebook {c['transition_accuracy']:.3f}",
         f"first-transition accuracy: base {b['first_transition_accuracy']:.3f}, "
         f"codebook {c['first_transition_accuracy']:.3f}",
@@ -853,6 +1142,245 @@ def summary(metrics: dict[str, Any]) -> str:
             + ", ".join(f"{g} {last[g]['success_rate']:.0%}" for g in PATCH_GROUPS)
             + ")"
         )
+    held = [text for key, text in TARGETS if metrics["targets"][key]]
+    lines.append(f"targets met: {len(held)}/{len(TARGETS)}")
+    lines += [f"  NOT MET: {text}" for key, text in TARGETS if not metrics["targets"][key]]
     if "report" in metrics:
         lines.append(f"report: {metrics['report']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- several seeds
+SUMMARY_METRICS: tuple[tuple[str, str, Literal["min", "max"]], ...] = (
+    ("base.transition_accuracy", "base TA", "min"),
+    ("codebook.transition_accuracy", "codebook TA", "min"),
+    ("gap", "base - codebook TA", "max"),
+    ("base.first_transition_accuracy", "base first-transition", "min"),
+    ("codebook.first_transition_accuracy", "codebook first-transition", "min"),
+    ("state_codes.fraction_pure", "pure MLP code", "min"),
+    ("neurons.fraction_pure", "pure neuron", "max"),
+    ("interventions.all.success_rate", "patching all", "min"),
+    ("training.base_steps", "base steps", "max"),
+    ("training.codebook_steps", "codebook steps", "max"),
+    ("wall_seconds", "wall s", "max"),
+    ("cpu_seconds", "CPU s", "max"),
+)
+"""Per-seed columns of the summary: metrics.json key, column, which extreme is the worst."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from ``"0-4"``, ``"0,2,5-7"`` or ``"3"``: a comma list of integers and ranges."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        item = part.strip()
+        lo, sep, hi = item.partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if sep else range(int(item), int(item) + 1)
+        except ValueError:
+            span = range(0)
+        if not item or not span or span.start < 0:
+            raise ValueError(
+                f"seeds={text!r} is invalid at {item!r}; give integers >= 0 and ranges a-b "
+                "with a <= b, separated by commas (e.g. '0-4' or '0,2,5-7')"
+            )
+        seeds += [s for s in span if s not in seeds]
+    return seeds
+
+
+def _metric(metrics: dict[str, Any], key: str) -> float:
+    if key == "gap":
+        return float(
+            metrics["base"]["transition_accuracy"] - metrics["codebook"]["transition_accuracy"]
+        )
+    value: Any = metrics
+    for part in key.split("."):
+        value = value[part]
+    return float(value)
+
+
+def _finished_run(folder: Path, cfg: DemoConfig) -> dict[str, Any] | None:
+    """The metrics of a complete earlier run of ``cfg`` in ``folder`` (None: no such run)."""
+    if not (folder / "metrics.json").is_file() or not (folder / "demo_config.json").is_file():
+        return None
+    saved = json.loads((folder / "demo_config.json").read_text())
+    wanted = dataclasses.asdict(cfg)
+    if {k: v for k, v in saved.items() if k != "threads"} != {
+        k: v for k, v in wanted.items() if k != "threads"
+    }:
+        return None
+    metrics: dict[str, Any] = json.loads((folder / "metrics.json").read_text())
+    return metrics
+
+
+def run_seeds(
+    cfg: DemoConfig,
+    seeds: Sequence[int],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo at each seed (``seed = fsm_seed = S``: a fresh machine and initialisation)
+    into ``<out>/seed-S/`` and write ``<out>/summary.md``, ``summary.html``, ``summary.json``.
+
+    Each seed's folder is written atomically, so an interrupted run can be continued: a seed
+    whose folder holds a finished run of the same settings is reused, not re-run.
+    """
+    if not seeds:
+        raise ValueError("seeds=[] is invalid; give at least one seed")
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path("runs") / time.strftime("fsm-seeds-%Y%m%d-%H%M%S")
+    )
+    configs = {s: dataclasses.replace(cfg, seed=s, fsm_seed=s) for s in seeds}
+    for s, c in configs.items():  # refuse before anything runs
+        folder = out / f"seed-{s}"
+        if folder.exists() and any(folder.iterdir()) and _finished_run(folder, c) is None:
+            raise ValueError(
+                f"out={str(out)!r} holds {folder.name}/, which is not a finished run of these "
+                "settings; choose a new folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[int, dict[str, Any]] = {}
+    for s, c in configs.items():
+        folder = out / f"seed-{s}"
+        done = _finished_run(folder, c)
+        if done is not None:
+            _log(f"seed {s}: reusing the finished run in {folder}", progress)
+            runs[s] = done
+            continue
+        _log(f"seed {s} ({len(runs) + 1}/{len(configs)})", progress)
+        runs[s] = run_demo(c, folder, progress=progress)
+    from ..report import write_bytes_atomic
+
+    summary_data = summarize_seeds(runs)
+    write_json_atomic(out / "summary.json", summary_data)
+    rep = seeds_report(cfg, summary_data)
+    write_bytes_atomic(out / "summary.md", rep.to_markdown().encode("utf-8"))
+    write_bytes_atomic(out / "summary.html", rep.to_html().encode("utf-8"))
+    summary_data["report"] = str(out / "summary.html")
+    return summary_data
+
+
+def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed rows, mean and worst per metric, and how many seeds met each target."""
+    rows = []
+    for s, m in runs.items():
+        row: dict[str, Any] = {"seed": s}
+        row.update({key: _metric(m, key) for key, _, _ in SUMMARY_METRICS})
+        row["stages"] = {
+            name: {k: st[k] for k in ("steps", "cap", "stopped", "reason")}
+            for name, st in m["stages"].items()
+        }
+        row["targets"] = check_targets(m)
+        row["threads"] = m.get("threads")
+        row["load_average"] = m.get("load_average")
+        rows.append(row)
+    agg = {}
+    for key, _, worst in SUMMARY_METRICS:
+        values = [r[key] for r in rows]
+        agg[key] = {
+            "mean": float(np.mean(values)),
+            "worst": float(min(values) if worst == "min" else max(values)),
+            "worst_seed": rows[int(np.argmin(values) if worst == "min" else np.argmax(values))][
+                "seed"
+            ],
+        }
+    held = {key: sum(r["targets"][key] for r in rows) for key, _ in TARGETS}
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "per_seed": rows,
+        "aggregate": agg,
+        "targets_held": held,
+        "all_targets_held": sum(all(r["targets"].values()) for r in rows),
+        "reference": REFERENCE,
+    }
+
+
+def seeds_report(cfg: DemoConfig, data: dict[str, Any]) -> Any:
+    """The summary report of a multi-seed run (a ``report.Report``)."""
+    from ..report import Report
+
+    n = len(data["seeds"])
+    rep = Report(f"FSM demo at {n} seeds")
+    rep.paragraph(
+        f"Seeds {', '.join(map(str, data['seeds']))}: each runs the whole demo with a fresh "
+        f"machine and initialisation (--seed S --fsm-seed S); one folder per seed holds its "
+        f"report. Model: {cfg.arch}, {cfg.layers} layers, width {cfg.width}, MLP "
+        f"{cfg.mlp_width}; caps {cfg.base_steps} + {cfg.codebook_steps} steps."
+    )
+    rep.heading("Targets")
+    rep.table(
+        [
+            {"target": text, "seeds where it held": f"{data['targets_held'][key]}/{n}"}
+            for key, text in TARGETS
+        ]
+        + [{"target": "all of them", "seeds where it held": f"{data['all_targets_held']}/{n}"}],
+    )
+    rep.heading("Per seed")
+    cols = [label for _, label, _ in SUMMARY_METRICS]
+    table = []
+    for r in data["per_seed"]:
+        row: dict[str, Any] = {"seed": r["seed"]}
+        row.update({label: r[key] for key, label, _ in SUMMARY_METRICS})
+        row["targets met"] = f"{sum(r['targets'].values())}/{len(TARGETS)}"
+        table.append(row)
+    for stat in ("mean", "worst"):
+        row = {"seed": stat}
+        row.update({label: data["aggregate"][key][stat] for key, label, _ in SUMMARY_METRICS})
+        table.append(row)
+    rep.table(
+        table,
+        columns=["seed", *cols, "targets met"],
+        caption="TA = sampled transition accuracy; worst = the lowest (highest for the gap, the "
+        "neurons, the steps and the times) over the seeds",
+    )
+    rep.heading("How each stage stopped")
+    rep.table(
+        [
+            {"seed": r["seed"], "stage": name, "steps": st["steps"], "cap": st["cap"],
+             "stopped": st["stopped"], "why": st["reason"]}
+            for r in data["per_seed"]
+            for name, st in r["stages"].items()
+        ]
+    )  # fmt: skip
+    ref = data["reference"]
+    rep.heading("The reference's published figures")
+    rep.table(
+        [
+            {"model": f"reference ({ref['what']})", "transition accuracy":
+             ref["transition_accuracy"], "first-transition accuracy":
+             ref["first_transition_accuracy"]},
+            {"model": f"ours, codebook model, mean over {n} seeds", "transition accuracy":
+             data["aggregate"]["codebook.transition_accuracy"]["mean"],
+             "first-transition accuracy":
+             data["aggregate"]["codebook.first_transition_accuracy"]["mean"]},
+        ],
+        caption=f"Source: {ref['source']}",
+    )  # fmt: skip
+    loads = [r["load_average"]["start"] for r in data["per_seed"] if r.get("load_average")]
+    if loads:
+        rep.paragraph(
+            f"Load average at the start of each seed: {min(loads):.1f} to {max(loads):.1f} "
+            f"(threads: {sorted({r['threads'] for r in data['per_seed']})}). Wall times on a "
+            "shared machine grow with the load; CPU times less so."
+        )
+    return rep
+
+
+def seeds_summary(data: dict[str, Any]) -> str:
+    """A few terminal lines for a multi-seed run."""
+    n = len(data["seeds"])
+    agg = data["aggregate"]
+    lines = [f"{n} seeds: {', '.join(map(str, data['seeds']))}"]
+    for key, label, _ in SUMMARY_METRICS:
+        lines.append(
+            f"  {label}: mean {agg[key]['mean']:.4g}, worst {agg[key]['worst']:.4g} "
+            f"(seed {agg[key]['worst_seed']})"
+        )
+    for key, text in TARGETS:
+        lines.append(f"{text}: held at {data['targets_held'][key]}/{n} seeds")
+    lines.append(f"all targets: {data['all_targets_held']}/{n} seeds")
+    if "report" in data:
+        lines.append(f"report: {data['report']}")
     return "\n".join(lines)

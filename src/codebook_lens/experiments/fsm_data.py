@@ -394,8 +394,9 @@ def sample_sequences(
 ) -> torch.Tensor:
     """Sample ``(num_samples, seq_len)`` tokens from ``model`` starting from BOS.
 
-    Hugging Face models (``PreTrainedModel``s, whose call takes a KV cache) are
-    sampled with a KV cache; other callables are re-run on the whole prefix at each step.
+    Hugging Face models (``PreTrainedModel``s, whose call takes a KV cache) and codebook models
+    wrapping one are sampled with a KV cache; other callables are re-run on the whole prefix at
+    each step.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} is invalid; it must be > 0")
@@ -428,7 +429,11 @@ def _accepts_cache(model: ModelLike) -> bool:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
-    return isinstance(model, PreTrainedModel)
+    # A CodebookModel forwards the cache to its wrapped HF model; its hooks quantize only the
+    # new positions, so cached sampling gives the same codes as re-running the prefix.
+    return isinstance(model, PreTrainedModel) or isinstance(
+        getattr(model, "base", None), PreTrainedModel
+    )
 
 
 def transition_stats(fsm: TokFSM, tokens: torch.Tensor) -> dict[str, float]:
