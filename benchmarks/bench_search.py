@@ -16,25 +16,39 @@ per-code loop. The loop's hits are checked against the vectorised ones.
 
     python benchmarks/bench_search.py            # 1M tokens
     python benchmarks/bench_search.py --tiny     # seconds; what the test runs
+
+``--scale`` measures growth instead (issue 20): caches of 1M, 4M and 16M tokens (8 codebooks,
+k=8, C=1024) and one of 1M tokens with 384 codebooks (24 layers x 16 heads, k=8, C=10,000,
+no inverted index), each built, measured and deleted: build time, disk size, peak memory of
+the build and of a query, and the time of a query (regex -> ranked codes), with the growth
+exponent of each metric in tokens (the slope of log metric on log tokens). Peak memory is
+the anonymous resident memory (heap, not memory-mapped files) of this process and its worker
+processes above what they held before, sampled every 5 ms.
+
+    python benchmarks/bench_search.py --scale    # about 20 minutes on 2 cores; ~8 GB of disk
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, save_section  # noqa: E402
+from common import machine, print_table, save_section  # noqa: E402
 
 from codebook_lens.cache import CodeCache, synthetic_cache
-from codebook_lens.search import Pattern, code_hits, make_pattern, search
+from codebook_lens.search import Pattern, available_cores, code_hits, make_pattern, search
 
 MONTHS = (
     r"\b(January|February|March|April|May|June|July|August|September|October|November|December)\b"
@@ -85,6 +99,221 @@ def index_loop(cache: CodeCache, pattern: Pattern) -> float:
     return time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------- scale
+LIMIT = 600.0  # regex time limit here: what is measured, not a guard against backtracking
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (worker pools start from a forkserver child)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _anon_bytes(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def measure(fn: Callable[[], Any]) -> tuple[Any, float, float, int]:
+    """``(result, wall s, CPU s of this process tree, peak extra anonymous bytes)``."""
+    me = os.getpid()
+    base = _anon_bytes(_tree(me))
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _anon_bytes(_tree(me)))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    cpu0, t0 = _cpu_seconds(_tree(me)), time.perf_counter()
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        wall = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _anon_bytes(_tree(me)))
+    return result, wall, _cpu_seconds(_tree(me)) - cpu0, peak[0] - base
+
+
+def _disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _exponent(tokens: list[int], values: list[float]) -> float:
+    """Slope of log(value) on log(tokens): 1 = linear growth, 0 = flat."""
+    x, y = np.log(np.asarray(tokens, float)), np.log(np.maximum(np.asarray(values, float), 1e-9))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def scale_case(
+    root: Path, n_tokens: int, *, n_codebooks: int, groups: int, num_codes: int, index: str,
+    repeats: int, queries: list[tuple[str, str]],
+) -> dict[str, Any]:  # fmt: skip
+    """Build one synthetic cache, measure it and its queries, delete it."""
+    path = root / f"cache-{n_tokens}-{n_codebooks}x{groups}"
+    per_token = n_codebooks * groups * 8 * 2 * (3 if index == "all" else 1) + 40
+    need = n_tokens * per_token * 1.2
+    free = shutil.disk_usage(root).free
+    if free < need + 5e9:  # leave 5 GB for everyone else on the disk
+        raise SystemExit(f"{root}: {free / 1e9:.1f} GB free, a {n_tokens:,}-token case needs "
+                         f"{need / 1e9:.1f} GB (+5 GB margin); not building it")  # fmt: skip
+    try:
+        cache, b_wall, b_cpu, b_peak = measure(
+            lambda: synthetic_cache(
+                path,
+                n_tokens=n_tokens,
+                n_codebooks=n_codebooks,
+                groups=groups,
+                num_codes=num_codes,
+                k=8,
+                plant={"May": 7},
+                index=index,
+            )  # fmt: skip
+        )
+        disk = _disk(path)
+        out: dict[str, Any] = {
+            "tokens": cache.n_tokens,
+            "codebooks": n_codebooks * groups,
+            "build_seconds": b_wall,
+            "build_cpu_seconds": b_cpu,
+            "build_peak_bytes": b_peak,
+            "disk_bytes": disk,
+            "index": index,
+            "queries": [],
+        }
+        search(
+            cache, make_pattern(cache, regex=r"\bMay\b", timeout=LIMIT), top=5
+        )  # start the worker pool
+        for kind, q in queries:
+            kw = (
+                {"regex": q}
+                if kind == "regex"
+                else {"token": q}
+                if kind == "token"
+                else {"docs_label": q}
+            )
+            best: tuple[float, float, int] | None = None
+            for _ in range(repeats):
+                fresh = CodeCache(path)  # nothing memoised from the last query
+                res, wall, cpu, peak = measure(
+                    lambda fresh=fresh, kw=kw: search(
+                        fresh, make_pattern(fresh, timeout=LIMIT, **kw), top=50
+                    )  # type: ignore[misc]
+                )
+                if best is None or wall < best[0]:
+                    best = (wall, cpu, peak)
+            assert best is not None
+            serial = CodeCache(path)
+            t0 = time.perf_counter()
+            want = search(
+                serial, make_pattern(serial, workers=1, timeout=LIMIT, **kw), top=50, workers=1
+            )  # type: ignore[arg-type]
+            t_serial = time.perf_counter() - t0
+            assert res == want, f"parallel and serial search differ for {q!r}"
+            out["queries"].append(
+                {
+                    "kind": kind,
+                    "query": q,
+                    "pattern_tokens": res.pattern_tokens,
+                    "seconds": best[0],
+                    "cpu_seconds": best[1],
+                    "peak_bytes": best[2],
+                    "serial_seconds": t_serial,
+                }  # fmt: skip
+            )
+        return out
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    """Growth in tokens (8 codebooks) and the 384-codebook case; results under ``scale``."""
+    sizes = [5_000, 10_000, 20_000] if args.tiny else [1_000_000, 4_000_000, 16_000_000]
+    wide_tokens = 2_000 if args.tiny else 1_000_000
+    wide = (24, 16, 10_000) if not args.tiny else (3, 4, 1_000)
+    repeats = 1 if args.tiny else args.repeats
+    root = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.scratch))
+    queries = [("regex", MONTHS), ("regex", r"\bMay\b"), ("token", "the"), ("docs", "sport")]
+    try:
+        cases = []
+        for n in sizes:
+            print(f"building {n:,} tokens x 8 codebooks ...", flush=True)
+            cases.append(scale_case(root, n, n_codebooks=8, groups=1, num_codes=1024,
+                                    index="all", repeats=repeats, queries=queries[:1]))  # fmt: skip
+        print(f"building {wide_tokens:,} tokens x {wide[0] * wide[1]} codebooks ...", flush=True)
+        wide_case = scale_case(root, wide_tokens, n_codebooks=wide[0], groups=wide[1],
+                               num_codes=wide[2], index="none", repeats=repeats, queries=queries)  # fmt: skip
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens = [c["tokens"] for c in cases]
+    metrics = {
+        "build_seconds": [c["build_seconds"] for c in cases],
+        "build_cpu_seconds": [c["build_cpu_seconds"] for c in cases],
+        "disk_bytes": [c["disk_bytes"] for c in cases],
+        "build_peak_bytes": [c["build_peak_bytes"] for c in cases],
+        "query_seconds": [c["queries"][0]["seconds"] for c in cases],
+        "query_cpu_seconds": [c["queries"][0]["cpu_seconds"] for c in cases],
+        "query_peak_bytes": [c["queries"][0]["peak_bytes"] for c in cases],
+    }
+    section: dict[str, Any] = {
+        "tokens": tokens,
+        **{k: {"values": v, "exponent": _exponent(tokens, v)} for k, v in metrics.items()},
+        "query": "regex " + MONTHS,
+        "codebooks_384": wide_case,
+        "cases": cases,
+        "cores": available_cores(),
+        "machine": machine(),
+    }
+    header = ("metric", *[f"{t / 1e6:g}M" if t >= 1e6 else f"{t:,}" for t in tokens], "exponent")
+    rows = []
+    for k, v in metrics.items():
+        fmt = (lambda x: f"{x / 1e6:,.1f} MB") if k.endswith("bytes") else (lambda x: f"{x:.2f} s")
+        rows.append((k, *[fmt(x) for x in v], f"{section[k]['exponent']:.2f}"))
+    print_table(header, rows, title="growth in tokens (8 codebooks, k=8, C=1024, index all)")
+    wide_rows = [
+        (f"{q['kind']} {q['query'][:24]}", f"{q['pattern_tokens']:,}", f"{q['seconds']:.2f}",
+         f"{q['cpu_seconds']:.2f}", f"{q['serial_seconds']:.2f}", f"{q['peak_bytes'] / 1e6:,.1f} MB")
+        for q in wide_case["queries"]
+    ]  # fmt: skip
+    print_table(
+        ("query", "pattern tokens", "seconds", "CPU s", "serial s", "peak"),
+        wide_rows,
+        title=f"{wide_case['tokens']:,} tokens x {wide_case['codebooks']} codebooks (index none): "
+        f"build {wide_case['build_seconds']:.0f} s, {wide_case['disk_bytes'] / 1e9:.2f} GB, "
+        f"peak {wide_case['build_peak_bytes'] / 1e6:.0f} MB",
+    )
+    save_section(args.results, "scale", section)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1_000_000)
@@ -98,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="reuse / keep the cache here")
     ap.add_argument("--tiny", action="store_true", help="20k tokens, 64 codes: runs in seconds")
     ap.add_argument("--results", default="", help="merge the 'search' section into this JSON")
+    ap.add_argument("--scale", action="store_true", help="growth in tokens and codebooks instead")
+    ap.add_argument("--scratch", default=None, help="folder for the --scale caches (default: tmp)")
     args = ap.parse_args(argv)
+    if args.scale:
+        return run_scale(args)
     if args.tiny:
         args.tokens, args.codebooks, args.num_codes, args.loop_codes = 20_000, 3, 64, 16
         args.repeats = 1

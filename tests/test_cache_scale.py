@@ -523,3 +523,49 @@ def test_merge_shards_is_a_manifest(tmp_path: Path) -> None:
     assert {p: p.stat().st_size for p in c.path.rglob("*.npy")} == before
     assert (c.path / "manifest.json").stat().st_size < 4_000
     assert json.loads((c.path / "manifest.json").read_text())["version"] == cache_mod.CACHE_VERSION
+
+
+@pytest.mark.slow  # builds four small caches and starts a worker pool: ~15-30 s on 2 cores
+def test_bench_search_scale_tiny_writes_exponents(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_search.py"
+    spec = importlib.util.spec_from_file_location("bench_search_scale_under_test", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"search": {"kept": True}}))
+    assert bench.main(["--scale", "--tiny", "--results", str(out), "--scratch", str(tmp_path)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["search"] == {"kept": True}
+    scale = saved["scale"]
+    assert scale["tokens"] == [5_000, 10_000, 20_000]
+    for key in (
+        "build_seconds",
+        "disk_bytes",
+        "build_peak_bytes",
+        "query_seconds",
+        "query_peak_bytes",
+    ):
+        assert len(scale[key]["values"]) == 3 and np.isfinite(scale[key]["exponent"])
+    # disk grows with tokens: more tokens, more bytes
+    assert scale["disk_bytes"]["values"] == sorted(scale["disk_bytes"]["values"])
+    assert scale["disk_bytes"]["exponent"] > 0.5
+    wide = scale["codebooks_384"]
+    assert wide["codebooks"] == 12 and len(wide["queries"]) == 4 and wide["index"] == "none"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # every cache deleted
+
+
+def test_hits_with_wide_keys_equal_brute_force(tmp_path: Path) -> None:
+    """More than 2**16 (head, code) keys: counted head by head; same answers."""
+    c = synthetic_cache(tmp_path / "c", n_tokens=1_500, n_codebooks=1, groups=3, num_codes=30_000)
+    pos = np.arange(0, 1_500, 3)
+    got = all_code_hits(c, ["layers.0.attn_heads"], pos)["layers.0.attn_heads"]
+    codes = np.asarray(c.codes("layers.0.attn_heads"))[pos]
+    for g in range(3):
+        assert np.array_equal(got[g], np.bincount(codes[:, g].ravel(), minlength=30_000))
+    assert np.array_equal(
+        all_code_hits(c, ["layers.0.attn_heads"], np.arange(1_500))["layers.0.attn_heads"],
+        c.code_counts("layers.0.attn_heads"),
+    )

@@ -160,7 +160,7 @@ def regex_pattern(
         for a, b in _doc_cuts(part, n)
         if b > a
     ]
-    per = -(-len(ranges) // n)
+    per = max(1, -(-len(ranges) // n))
     jobs = [(ranges[j : j + per], pattern, flags, timeout) for j in range(0, len(ranges), per)]
     try:
         if n > 1:
@@ -380,14 +380,20 @@ def _part_hits(part: CodeCache, codebook: str, positions: np.ndarray) -> np.ndar
     cb = part.info(codebook)
     codes = part.codes(codebook)
     n_keys = cb.groups * cb.num_codes
-    # Keys in the narrowest type: less memory traffic before bincount.
-    key_dtype: Any = np.uint16 if n_keys <= 1 << 16 else np.int64
-    offs: np.ndarray = (np.arange(cb.groups, dtype=key_dtype) * cb.num_codes)[None, :, None]
     out = np.zeros(n_keys, dtype=np.int64)
     rows = max(1, _ROWS_CHUNK // (cb.groups * cb.k))  # bounded memory for huge patterns
+    narrow = n_keys <= 1 << 16  # every key fits in 16 bits: one bincount over all heads
+    offs = (np.arange(cb.groups, dtype=np.uint16) * cb.num_codes)[None, :, None] if narrow else None
     for s in range(0, len(positions), rows):
-        sub: np.ndarray = np.asarray(codes[positions[s : s + rows]]).astype(key_dtype, copy=False)
-        out += np.bincount((sub + offs).ravel(), minlength=n_keys)
+        sub = np.asarray(codes[positions[s : s + rows]])  # (m, G, k), the stored dtype
+        if offs is not None:
+            out += np.bincount((sub.astype(np.uint16, copy=False) + offs).ravel(), minlength=n_keys)
+        else:  # wider keys: a bincount per head on the codes as stored (less memory traffic)
+            for g in range(cb.groups):
+                lo = g * cb.num_codes
+                out[lo : lo + cb.num_codes] += np.bincount(
+                    sub[:, g].ravel(), minlength=cb.num_codes
+                )[: cb.num_codes]
     return out
 
 
