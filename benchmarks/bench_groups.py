@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup_vs_loop": key["speedup"],
         "cpu_time_speedup_vs_loop": key["cpu_speedup"],
         "max_speedup_vs_loop": max(r["speedup"] for r in results),
+        "min_speedup_vs_loop": min(r["speedup"] for r in results),
+        "min_speedup_case": {f: min(results, key=lambda r: r["speedup"])[f] for f in KEY},
         "cases": results,
         "machine": machine(),
     }

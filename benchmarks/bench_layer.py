@@ -10,13 +10,21 @@ Contenders, all measured side by side in one run (interleaved, medians over ``--
   similarity (its default EMA codebook update and commitment loss), against our layer at k=1.
 
 Peak memory is the peak of tensor bytes allocated during one forward + backward (see
-``common.peak_extra_bytes``). Also: the issue-2 case (16,384 tokens x C=10,000 x D=64, k=8)
+``common.peak_extra_bytes``).
+
+The machine's limit is measured in the same run, interleaved with the key case: a square
+compute-bound matmul in fp32 and in bf16 gives the peak FLOP/s, and every layer time is
+reported as a multiple of the compute floor ``2 * tokens * groups * C * head_dim / peak_fp32``
+(``compute_floor_ratio``; the bf16 search, ``score_dtype='bfloat16'``, against the same fp32
+floor in ``compute_floor_ratio_bf16``, with ``bf16_code_agreement``: the fraction of tokens
+whose k codes equal the fp32 ones). ``--quick`` measures only that. Also: the issue-2 case (16,384 tokens x C=10,000 x D=64, k=8)
 and its grouped 8-head version, a chunk-size sweep, eval-mode search with a FAISS index, and
 (``--compile``) ``torch.compile`` of the layer.
 
     python benchmarks/bench_layer.py            # representative subset (minutes on 2 cores)
     python benchmarks/bench_layer.py --full     # C in {1k,10k,50k} x tokens {4k,32k} x D {64,512}
     python benchmarks/bench_layer.py --tiny     # seconds; what tests/test_benchmarks.py runs
+    python benchmarks/bench_layer.py --quick    # the machine's peak and the key case's floor ratios
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,6 +219,7 @@ def case_row(r: dict[str, Any]) -> list[str]:
         f"{s['vq_k1']:.3f}" if "vq_k1" in s else "-",
         vq,
         fmt_bytes(m["vq_k1"]) if "vq_k1" in m else "-",
+        f"{r['compute_floor_ratio']:.2f}" if "compute_floor_ratio" in r else "-",
     ]
 
 
@@ -229,7 +239,105 @@ HEADER = [
     "vq k=1 s",
     "vq/ours k=1",
     "vq mem",
+    "ours / compute floor",
 ]
+
+
+# ------------------------------------------------------------------------- the floor
+def cpu_matrix_units() -> dict[str, bool]:
+    """Which bf16 matrix instructions this CPU has (from /proc/cpuinfo flags)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
+
+
+def square_matmul(n: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """A compute-bound ``n x n`` matmul (``run.flops`` = 2 n^3)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def run() -> torch.Tensor:
+        return a @ b
+
+    run.flops = 2 * n**3  # type: ignore[attr-defined]
+    run.size = n  # type: ignore[attr-defined]
+    return run
+
+
+def layer_flops(tokens: int, groups: int, num_codes: int, head_dim: int) -> int:
+    """The scoring's multiply-adds x 2: what no exact search can skip."""
+    return 2 * tokens * groups * num_codes * head_dim
+
+
+def floor_case(key: dict[str, int], repeats: int, device: torch.device) -> dict[str, Any]:
+    """Peak FLOP/s (fp32, bf16) and the key case's fp32/bf16 layer, interleaved in one run."""
+    case = Case(key["tokens"], key["num_codes"], key["dim"], key["k"], 1, device)
+    low = Case(key["tokens"], key["num_codes"], key["dim"], key["k"], 1, device)
+    low.layer = CodebookLayer(
+        key["dim"], key["num_codes"], key["k"], seed=0, score_dtype="bfloat16"
+    ).to(device)
+    low.layer.train()
+    # Fixed sizes, compute-bound on any machine; bf16 without bf16 units is ~30x slower here.
+    units = cpu_matrix_units()
+    fast16 = device.type != "cpu" or units["avx512_bf16"] or units["amx_bf16"]
+    small = key["tokens"] < 4096
+    sq32 = square_matmul(1024 if small else 2048, torch.float32, device)
+    sq16 = square_matmul(256 if small else (2048 if fast16 else 512), torch.bfloat16, device)
+    fns: dict[str, Callable[[], object]] = {
+        "square_fp32": sq32,
+        "square_bf16": sq16,
+        "ours": case.ours,
+        "ours_bf16": low.ours,
+    }
+    secs, cpu = time_wall_cpu(fns, repeats, device=device)
+    peak32, peak16 = sq32.flops / secs["square_fp32"], sq16.flops / secs["square_bf16"]
+    peak32_cpu = sq32.flops / cpu["square_fp32"]
+    floor = layer_flops(key["tokens"], 1, key["num_codes"], key["dim"]) / peak32
+    with torch.no_grad():
+        exact = case.layer(case.x).codes.sort(-1).values
+        approx = low.layer(case.x).codes.sort(-1).values
+    agreement = float((exact == approx).all(-1).double().mean())
+    res = {
+        "key_case": key,
+        "square_sizes": {"fp32": sq32.size, "bf16": sq16.size},
+        "peak_flops_fp32": peak32,
+        "peak_flops_bf16": peak16,
+        "compute_floor_s": floor,
+        "seconds": secs,
+        "cpu_seconds": cpu,
+        "compute_floor_ratio": secs["ours"] / floor,
+        "compute_floor_ratio_bf16": secs["ours_bf16"] / floor,
+        # CPU seconds of ours vs CPU seconds the floor's FLOPs take at the CPU-time peak.
+        "cpu_compute_floor_ratio": cpu["ours"]
+        * peak32_cpu
+        / layer_flops(key["tokens"], 1, key["num_codes"], key["dim"]),
+        "bf16_code_agreement": agreement,
+        "cpu_matrix_units": cpu_matrix_units(),
+    }
+    print_table(
+        ["contender", "s", "GFLOP/s", "x fp32 compute floor"],
+        [
+            ["square matmul fp32", f"{secs['square_fp32']:.3f}", f"{peak32 / 1e9:.1f}", "-"],
+            ["square matmul bf16", f"{secs['square_bf16']:.3f}", f"{peak16 / 1e9:.1f}", "-"],
+            ["ours fp32", f"{secs['ours']:.3f}", "-", f"{res['compute_floor_ratio']:.2f}"],
+            [
+                "ours bf16",
+                f"{secs['ours_bf16']:.3f}",
+                "-",
+                f"{res['compute_floor_ratio_bf16']:.2f}",
+            ],
+        ],
+        f"Machine peak and compute floor, {key['tokens']:,} x {key['num_codes']:,} x "
+        f"{key['dim']}, k={key['k']} (floor {floor:.3f} s; bf16 codes agree on "
+        f"{agreement:.4f} of tokens; bf16 units {cpu_matrix_units()})",
+    )
+    return res
 
 
 # ------------------------------------------------------------------------- extras
@@ -348,6 +456,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="only the torch.compile comparison, merged into the saved layer section",
     )
     ap.add_argument("--no-peers", action="store_true", help="skip vector-quantize-pytorch")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the machine peak and the key case's floor ratios, merged into the section",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -357,6 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = {"tokens": 512, "num_codes": 1000, "dim": 32, "k": 8}
     issue2 = (512, 1000, 32) if args.tiny else (16_384, 10_000, 64)
     print(f"bench_layer on {machine()}", flush=True)
+    if args.quick:
+        fl = floor_case({**key, "k": 8}, repeats, device)
+        keys = ("compute_floor_ratio", "compute_floor_ratio_bf16", "bf16_code_agreement")
+        update_section(args.results, "layer", {"floor": fl, **{k: fl[k] for k in keys}})
+        return fl
     if args.compile_only:
         tokens = key["tokens"] if args.tiny else 16_384
         comp = compiled(tokens, key["num_codes"], key["dim"], 8, repeats, device)
@@ -364,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         update_section(args.results, "layer", {"compile": comp})
         return {"compile": comp}
 
+    fl = floor_case({**key, "k": 8}, repeats, device)
     cases = []
     for tokens, c, d in grid(args.full, args.tiny):
         cases.append(run_case(tokens, c, d, 8, 1, repeats, device, peers=not args.no_peers))
@@ -379,6 +498,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if key_case is None:
         key_case = run_case(key["tokens"], key["num_codes"], key["dim"], 8, 1, repeats, device)
         cases.append(key_case)
+    for r in cases:
+        flops = layer_flops(r["tokens"], r["groups"], r["num_codes"], r["dim"] // r["groups"])
+        r["compute_floor_ratio"] = r["seconds"]["ours"] * fl["peak_flops_fp32"] / flops
     print_table(HEADER, [case_row(r) for r in cases], "Layer forward+backward (k=8 unless said)")
 
     # Issue 2: 16,384 x 10,000 x 64, k=8, single and grouped 8-head (dim 512).
@@ -450,6 +572,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory_ratio_vs_dense": km["ours"] / max(km["dense"], 1),
         "cpu_time_ratio_to_matmul_floor": kc["ours"] / kc["floor"],
         "cpu_time_speedup_vs_dense": kc["dense"] / kc["ours"],
+        "compute_floor_ratio": fl["compute_floor_ratio"],
+        "compute_floor_ratio_bf16": fl["compute_floor_ratio_bf16"],
+        "bf16_code_agreement": fl["bf16_code_agreement"],
+        "floor": fl,
         "vq_k1_over_ours_k1_time": (ks["vq_k1"] / ks["ours_k1"]) if "vq_k1" in ks else None,
         "issue2": {"single": single, "grouped_8_heads": grouped},
         "cases": cases,

@@ -11,6 +11,12 @@ Target (issue 4): codebook model >= 0.6x the base model's tokens/s.
     python benchmarks/bench_train.py            # block 128 x batch 16, C = 1024 and 4096, k = 8
     python benchmarks/bench_train.py --layers 4 --width 256 --vocab 4096   # a larger model
     python benchmarks/bench_train.py --tiny     # seconds; what the test runs
+    python benchmarks/bench_train.py --fsm      # the FSM demo's base and codebook models
+
+``--fsm`` times the FSM demo's own setup (``DemoConfig()``: GPT-2 2 x 64, 4 heads, batch 32 x 65
+TokFSM sequences, head and MLP codebooks C=1,000, k=1, commitment 1.0, k-means init), the
+optimizer step the demo uses (``build_optimizer``, model lr factor 0.1), and writes
+``bench_train.fsm`` (read as ``train.fsm_codebook_vs_base_throughput``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, machine, print_table, save_section, time_wall_cpu
+from common import add_common_args, machine, print_table, time_wall_cpu, update_section
 
 from codebook_lens import CodebookConfig, attach_codebooks
 from codebook_lens.train import TrainConfig, build_optimizer
@@ -65,6 +71,51 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, train_cfg: TrainConfig)
     return step
 
 
+def fsm_steps(repeats: int, device: str) -> dict[str, Any]:
+    """Base vs codebook training step of the FSM demo's models, interleaved."""
+    from codebook_lens.experiments.fsm import DemoConfig, build_base_model
+    from codebook_lens.experiments.fsm_data import TokFSM
+
+    cfg = DemoConfig()
+    fsm = TokFSM(cfg.fsm_config())
+    ids = fsm.sample(cfg.batch_size, torch.Generator().manual_seed(0)).to(device)
+    base_cfg = TrainConfig(lr=cfg.base_lr, model_lr_factor=1.0, weight_decay=0.0)
+    cb_cfg = TrainConfig(lr=cfg.codebook_lr, model_lr_factor=cfg.model_lr_factor, weight_decay=0.0)
+    base = build_base_model(cfg, fsm).to(device)
+    model = attach_codebooks(build_base_model(cfg, fsm).to(device), cfg.codebook_config())
+    steps = {"base": make_step(base, ids, base_cfg), "codebook": make_step(model, ids, cb_cfg)}
+    times, cpu = time_wall_cpu(steps, repeats, warmup=2, device=device)
+    tokens = ids.numel()
+    ratio = times["base"] / times["codebook"]
+    print_table(
+        ["FSM demo model", "ms / step", "tokens / s", "vs base", "CPU ms / step", "vs base (CPU)"],
+        [
+            [
+                name,
+                f"{times[name] * 1e3:.1f}",
+                f"{tokens / times[name]:,.0f}",
+                f"{times['base'] / times[name]:.2f}x",
+                f"{cpu[name] * 1e3:.1f}",
+                f"{cpu['base'] / cpu[name]:.2f}x",
+            ]
+            for name in steps
+        ],
+        f"FSM demo training step (batch {cfg.batch_size} x {cfg.seq_len}), median of {repeats}",
+    )
+    return {
+        "codebook_vs_base_throughput": ratio,
+        "cpu_codebook_vs_base_throughput": cpu["base"] / cpu["codebook"],
+        "step_s": times,
+        "cpu_s": cpu,
+        "tokens_per_step": tokens,
+        "demo_config": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads,
+                        "num_codes": cfg.num_codes, "k": cfg.k, "batch": cfg.batch_size,
+                        "seq_len": cfg.seq_len},
+        "repeats": repeats,
+        "machine": machine(),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(ap)
@@ -76,7 +127,16 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--fsm", action="store_true", help="only the FSM demo's models (see above)")
     args = ap.parse_args()
+    if args.fsm:
+        torch.set_num_threads(args.threads)
+        fsm = fsm_steps(args.repeats or (2 if args.tiny else 15), args.device)
+        print(f"\nFSM demo codebook/base throughput: {fsm['codebook_vs_base_throughput']:.2f}x "
+              "(target >= 0.6)")  # fmt: skip
+        if not args.tiny:
+            update_section(args.results, "bench_train", {"fsm": fsm})
+        return
     if args.tiny:
         args.layers, args.width, args.heads, args.vocab = 1, 32, 2, 64
         args.block, args.batch, args.codes, args.k = 16, 2, "32", 2
@@ -152,7 +212,7 @@ def main() -> None:
         f"\ncodebook/base throughput (worst joint-training C): {worst:.2f}x wall, "
         f"{worst_cpu:.2f}x CPU time (target >= 0.6x)"
     )
-    save_section(
+    update_section(  # keeps the --fsm sub-section
         None if args.tiny else args.results,
         "bench_train",
         {

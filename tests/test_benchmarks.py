@@ -28,8 +28,23 @@ def test_bench_layer_tiny(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     res = load("bench_layer").main(["--tiny", "--results", str(out)])
     saved = json.loads(out.read_text())["layer"]
-    for key in ("ratio_to_matmul_floor", "speedup_vs_dense", "memory_ratio_vs_dense"):
+    for key in (
+        "ratio_to_matmul_floor",
+        "speedup_vs_dense",
+        "memory_ratio_vs_dense",
+        "compute_floor_ratio",
+        "compute_floor_ratio_bf16",
+    ):
         assert saved[key] == pytest.approx(res[key]) and saved[key] > 0
+    floor = saved["floor"]
+    assert floor["peak_flops_fp32"] > 0 and floor["peak_flops_bf16"] > 0
+    assert 0.9 <= saved["bf16_code_agreement"] <= 1.0
+    # The ratio is the key case's time over the FLOP count at the measured peak.
+    k = floor["key_case"]
+    flops = 2 * k["tokens"] * k["num_codes"] * k["dim"]
+    expected = floor["seconds"]["ours"] * floor["peak_flops_fp32"] / flops
+    assert saved["compute_floor_ratio"] == pytest.approx(expected)
+    assert all(c["compute_floor_ratio"] > 0 for c in saved["cases"])
     case = saved["cases"][0]
     assert set(case["seconds"]) >= {"floor", "ours", "dense", "ours_k1"}
     # The chunked layer never holds the whole score matrix; the dense formulation does.
@@ -47,6 +62,8 @@ def test_bench_groups_tiny(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert saved["other"] == {"kept": True}, "other sections must survive"
     assert saved["groups"]["speedup_vs_loop"] == pytest.approx(res["speedup_vs_loop"])
+    speedups = [c["speedup"] for c in saved["groups"]["cases"]]
+    assert saved["groups"]["min_speedup_vs_loop"] == pytest.approx(min(speedups))
     assert all(c["same_codes"] for c in saved["groups"]["cases"])
 
 
@@ -104,3 +121,39 @@ def test_peak_memory_counts_tensor_bytes() -> None:
 
     peak = common.peak_extra_bytes(alloc)
     assert 8_000_000 <= peak < 8_100_000
+
+
+REF_PYTHON = BENCH.parent / ".venv-ref" / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not REF_PYTHON.is_file(),
+    reason="the reference venv (.venv-ref) is missing: run `make venv-ref` to compare with "
+    "codebook-features 0.1.2",
+)
+def test_bench_reference_tiny_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    res = load("bench_reference").main(["--tiny", "--results", str(out)])
+    saved = json.loads(out.read_text())["reference"]
+    assert set(saved["layer_speedup"]) == {"256_x1_d16_C300_k2", "64_x4_d8_C100_k1"}
+    assert saved["layer_speedup"] == pytest.approx(res["layer_speedup"])
+    assert all(v > 0 for v in saved["layer_speedup"].values())
+    assert 0 < saved["memory_ratio"] < 10 and set(saved["train_speedup"]) == {"tiny"}
+    row = saved["layer"]["256_x1_d16_C300_k2"]
+    assert row["reference"]["wall"] > 0 and row["reference_peak_bytes"] > 0
+
+
+def test_bench_reference_without_venv_says_how_to_get_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.json"
+    missing = tmp_path / "no-venv" / "python"
+    assert (
+        load("bench_reference").main(
+            ["--tiny", "--ref-python", str(missing), "--results", str(out)]
+        )
+        == {}
+    )
+    assert "make venv-ref" in capsys.readouterr().out
+    assert not out.exists(), "nothing measured, nothing written"
