@@ -652,4 +652,4 @@ def test_load_benchmark_runs_in_tiny_mode() -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "correct: 10/10" in proc.stdout and "p95" in proc.stdout
+    assert "correct: 20/20" in proc.stdout and "p95 / limit" in proc.stdout

@@ -215,8 +215,8 @@ def _version() -> str:
 def serve(config: AppConfig, *, log_level: str = "info") -> None:
     """Run the app with uvicorn until interrupted (blocking).
 
-    The search workers start (and warm the cache) before the port opens, so the first search
-    is as fast as the rest.
+    The search workers start (and warm the cache) and the overview is computed before the port
+    opens, so the first requests are as fast as the rest.
     """
     import uvicorn
 
@@ -231,6 +231,7 @@ def serve(config: AppConfig, *, log_level: str = "info") -> None:
 
     try:
         lens.searches.start()
+        lens.overview()  # computed once, before the first visitor (it is memoised)
         threading.Thread(target=warm, daemon=True).start()
         if allowed_hosts(config) is None:
             log.warning("serving on %s: the app is reachable from the network", config.host)
