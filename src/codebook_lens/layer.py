@@ -247,6 +247,28 @@ def _neg_half_sq_norm(cb: Tensor) -> Tensor:
     return cb.pow(2).sum(-1).mul_(-0.5)
 
 
+def _storage_users(t: Tensor) -> int:
+    """References to ``t``'s storage, as torch counts them (the count's base varies by version)."""
+    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+
+
+def _sole_user_count() -> int:
+    """What ``_storage_users`` reads for a tensor held once (2 on torch 2.13, 1 on 2.4: whether
+    the temporary storage handle counts changed between versions), or -1 when the count does
+    not see a second reference, in which case the gradient buffer is never reused."""
+    if not hasattr(torch._C, "_storage_Use_Count"):
+        return -1
+    t = torch.zeros(1)
+    alone = _storage_users(t)
+    view = t.view_as(t)
+    shared = _storage_users(t)
+    del view
+    return alone if shared > alone else -1
+
+
+_SOLE_USER = _sole_user_count()
+
+
 class _GradBuffer:
     """A zero-filled codebook gradient that is reused from one backward to the next.
 
@@ -270,15 +292,14 @@ class _GradBuffer:
     def zeros(self, like: Tensor) -> Tensor:
         """A zero tensor shaped like ``like`` (the flattened ``(G * C, d)`` table)."""
         buf = self.buf
-        if like.numel() < self.MIN_ELEMENTS or not hasattr(torch._C, "_storage_Use_Count"):
+        if like.numel() < self.MIN_ELEMENTS or _SOLE_USER < 0:
             return torch.zeros_like(like)
         if (
             buf is None
             or buf.shape != like.shape
             or buf.dtype != like.dtype
             or buf.device != like.device
-            # 2 = this object's tensor + the temporary storage handle; more = someone else.
-            or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2
+            or _storage_users(buf) > _SOLE_USER
         ):
             buf = self.buf = torch.zeros_like(like)
         elif buf._version != self.version or self.rows is None:
