@@ -4,6 +4,9 @@ from .attach import CodebookModel, CodeRecording, HookSite, attach_codebooks
 from .config import CodebookConfig
 from .layer import CodebookLayer, CodebookOutput, LayerStats
 
+# Importing reference registers the paper's checkpoint format with from_pretrained.
+from .reference import convert_reference, load_reference
+
 __all__ = [
     "CodebookConfig",
     "CodebookLayer",
@@ -13,5 +16,7 @@ __all__ = [
     "HookSite",
     "LayerStats",
     "attach_codebooks",
+    "convert_reference",
+    "load_reference",
 ]
 __version__ = "0.1.0"

@@ -29,10 +29,10 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -912,12 +912,9 @@ class CodebookModel(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
-        from . import reference
-
-        if reference.is_reference_checkpoint(path, local_files_only=local_files_only):
-            return reference.load_reference(
-                path, base, device=device, local_files_only=local_files_only
-            )
+        for fmt in _FOREIGN_FORMATS:
+            if fmt.detect(path, local_files_only=local_files_only):
+                return fmt.load(path, base, device=device, local_files_only=local_files_only)
         if base is not None:
             raise ValueError(
                 f"{path}: base={base!r} is only for checkpoints of the reference code; a "
@@ -946,6 +943,28 @@ class CodebookModel(nn.Module):
         origin = manifest.get("origin")
         model.origin = origin if isinstance(origin, dict) else None
         return model
+
+
+class ForeignFormat(NamedTuple):
+    """A checkpoint format other than ours that ``CodebookModel.from_pretrained`` opens.
+
+    Formats register themselves from modules above this one (``reference.py`` for the paper's
+    own code), so loading stays one verb while this module imports nothing above it.
+    """
+
+    name: str
+    detect: Callable[..., bool]
+    """``detect(path, local_files_only=...)``: whether ``path`` holds this format."""
+    load: Callable[..., CodebookModel]
+    """``load(path, base, device=..., local_files_only=...)``: the converted model."""
+
+
+_FOREIGN_FORMATS: list[ForeignFormat] = []
+
+
+def register_format(fmt: ForeignFormat) -> None:
+    """Let ``from_pretrained`` open ``fmt`` (re-registering a name replaces it)."""
+    _FOREIGN_FORMATS[:] = [f for f in _FOREIGN_FORMATS if f.name != fmt.name] + [fmt]
 
 
 def _resolve_files(path: str, *, local_files_only: bool) -> tuple[str, str]:

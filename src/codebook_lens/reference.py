@@ -35,7 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attach import CONFIG_NAME, CodebookModel, attach_codebooks, load_safetensors
+from .attach import (
+    CONFIG_NAME,
+    CodebookModel,
+    ForeignFormat,
+    attach_codebooks,
+    load_safetensors,
+    register_format,
+)
 from .config import CodebookConfig, read_json
 
 REFERENCE_MODEL_TYPE = "codebook"
@@ -742,3 +749,6 @@ def convert_reference(
     tok = resolve_tokenizer(tokenizer, int(getattr(model.base.config, "vocab_size", 0)))
     model.save_pretrained(target, tokenizer=tok)
     return model
+
+
+register_format(ForeignFormat("reference", is_reference_checkpoint, load_reference))
