@@ -209,9 +209,8 @@ def scale_case(
             "index": index,
             "queries": [],
         }
-        search(
-            cache, make_pattern(cache, regex=r"\bMay\b", timeout=LIMIT), top=5
-        )  # start the worker pool
+        warm = make_pattern(cache, regex=r"\bMay\b", timeout=LIMIT)
+        search(cache, warm, top=5, workers=available_cores())  # start the worker pool
         for kind, q in queries:
             kw = (
                 {"regex": q}

@@ -569,3 +569,28 @@ def test_hits_with_wide_keys_equal_brute_force(tmp_path: Path) -> None:
         all_code_hits(c, ["layers.0.attn_heads"], np.arange(1_500))["layers.0.attn_heads"],
         c.code_counts("layers.0.attn_heads"),
     )
+
+
+def test_default_regex_time_limit_grows_with_the_cache(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from codebook_lens.search import DEFAULT_REGEX_TIMEOUT, regex_timeout
+
+    small = synthetic_cache(tmp_path / "c", n_tokens=500)
+    assert regex_timeout(small) == DEFAULT_REGEX_TIMEOUT
+    big = SimpleNamespace(n_tokens=16_000_000)
+    assert regex_timeout(big) == 16 * DEFAULT_REGEX_TIMEOUT  # type: ignore[arg-type]
+    assert make_pattern(small, regex="the").size > 0  # the default limit applies
+
+
+def test_top_is_the_head_of_the_full_ranking(tmp_path: Path) -> None:
+    """Pruning to the codes that can still rank changes nothing, ties included."""
+    c = synthetic_cache(tmp_path / "c", n_tokens=4_000, n_codebooks=3, groups=2, num_codes=40)
+    for query in ({"regex": "the|a"}, {"docs_label": "sport"}):
+        pat = make_pattern(c, **query)  # type: ignore[arg-type]
+        for sort_by in ("f1", "precision", "recall", "count"):
+            full = search(c, pat, top=None, sort_by=sort_by).matches  # type: ignore[arg-type]
+            assert len(full) > 4 * 5
+            for top in (1, 5, 13):
+                got = search(c, pat, top=top, sort_by=sort_by).matches  # type: ignore[arg-type]
+                assert got == full[:top], (query, sort_by, top)

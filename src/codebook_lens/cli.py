@@ -262,8 +262,9 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_REGEX_TIMEOUT,
-        help=f"seconds a regex may run (default: {DEFAULT_REGEX_TIMEOUT:g})",
+        default=None,
+        help=f"seconds a regex may run (default: {DEFAULT_REGEX_TIMEOUT:g} per million tokens "
+        "of the cache, at least that)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--model", help="model folder; with --neuron-baseline")
@@ -292,7 +293,7 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
         cache = CodeCache(args.cache)
         _check_positive("--top", args.top)
         _check_positive("--workers", args.workers)
-        if not args.timeout > 0:
+        if args.timeout is not None and not args.timeout > 0:
             raise ValueError(f"--timeout={args.timeout} is invalid; it must be > 0 seconds")
         pattern = S.make_pattern(
             cache,

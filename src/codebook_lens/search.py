@@ -24,11 +24,14 @@ Every result is a dataclass of plain Python values (``asdict`` gives JSON-ready 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import multiprocessing
 import os
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +49,8 @@ SortKey = Literal["f1", "precision", "recall", "count"]
 SORT_KEYS: tuple[str, ...] = ("f1", "precision", "recall", "count")
 
 DEFAULT_REGEX_TIMEOUT = 2.0
-"""Seconds a user regex may run over the whole cache before it is stopped."""
+"""Seconds a user regex may run per million tokens of the cache (at least this long) before
+it is stopped: generous for any sane pattern, short for catastrophic backtracking."""
 PARALLEL_MIN_ENTRIES = 1 << 25
 """Code entries (pattern tokens x heads x k, over all codebooks) from which a search is split
 over processes when ``workers`` is not given; below it, starting work elsewhere costs more."""
@@ -74,6 +78,14 @@ class Pattern:
 
 # -------------------------------------------------------------- worker pool
 _POOL: tuple[int, Executor] | None = None
+_BOOT = (
+    "import sys, types\n"
+    "if 'codebook_lens' not in sys.modules:\n"
+    "    pkg = types.ModuleType('codebook_lens')\n"
+    "    pkg.__path__ = [{path!r}]\n"
+    "    sys.modules['codebook_lens'] = pkg\n"
+)
+_LAUNCH = threading.Lock()  # one thread at a time edits __main__ while workers start
 _WORKER_CACHES: dict[str, tuple[int, CodeCache]] = {}
 
 
@@ -107,8 +119,13 @@ def _pool(workers: int) -> Executor:
     # forkserver: workers start from a clean process, not a copy of this one with its threads
     # (a web server, torch's thread pools) and locks.
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    _POOL = (workers, ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
-    return _POOL[1]
+    # Workers import this module to run its jobs; its package's __init__ would import torch
+    # and transformers (seconds and ~100 MB each) for nothing, so each worker first registers
+    # the package as a bare namespace (a constant line run by exec before any job).
+    boot = _BOOT.format(path=str(Path(__file__).resolve().parent))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=exec, initargs=(boot,))
+    _POOL = (workers, pool)
+    return pool
 
 
 def _worker_cache(path: str) -> CodeCache:
@@ -121,11 +138,33 @@ def _worker_cache(path: str) -> CodeCache:
     return got[1]
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Hide the caller's ``__main__`` while workers start.
+
+    multiprocessing would import the caller's script in every worker, which re-runs a script
+    without an ``if __name__ == "__main__"`` guard and fails for code read from stdin; the
+    workers need nothing from it (their jobs are functions of this module).
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__.pop(k) for k in ("__file__",) if main and k in main.__dict__}
+    spec = getattr(main, "__spec__", None)
+    if main is not None:
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+            main.__spec__ = spec
+
+
 def _run(jobs: list[tuple[Any, ...]], fn: Any, workers: int) -> list[Any]:
     if workers <= 1 or len(jobs) <= 1:
         return [fn(*job) for job in jobs]
     pool = _pool(workers)
-    futures = [pool.submit(fn, *job) for job in jobs]
+    with _LAUNCH, _main_hidden():  # submit() starts the workers it still needs
+        futures = [pool.submit(fn, *job) for job in jobs]
     return [f.result() for f in futures]
 
 
@@ -134,19 +173,22 @@ def regex_pattern(
     cache: CodeCache,
     pattern: str,
     *,
-    timeout: float = DEFAULT_REGEX_TIMEOUT,
+    timeout: float | None = None,
     flags: int = 0,
     workers: int | None = None,
 ) -> Pattern:
     """Token positions whose character span overlaps a match of ``pattern``.
 
     Uses the ``regex`` package with a time limit over all documents together, so a pattern
-    that backtracks catastrophically raises ``ValueError`` instead of hanging. Documents are
+    that backtracks catastrophically raises ``ValueError`` instead of hanging (``timeout``
+    seconds; default ``regex_timeout(cache)``). Documents are
     read in blocks (memory: a block, not the cache) and, for a large cache, split over
     ``workers`` processes (default: one per core).
     """
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"regex={pattern!r} is invalid; give a non-empty regular expression")
+    if timeout is None:
+        timeout = regex_timeout(cache)
     try:
         regex.compile(pattern, flags)
     except regex.error as e:
@@ -182,6 +224,12 @@ def regex_pattern(
         ) from None
     positions = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
     return Pattern("regex", pattern, positions.astype(np.int64))
+
+
+def regex_timeout(cache: CodeCache) -> float:
+    """The default time limit of a regex over ``cache``: ``DEFAULT_REGEX_TIMEOUT`` seconds per
+    million tokens, at least ``DEFAULT_REGEX_TIMEOUT``."""
+    return DEFAULT_REGEX_TIMEOUT * max(1.0, cache.n_tokens / 1e6)
 
 
 def _text_bytes(part: CodeCache) -> int:
@@ -307,7 +355,7 @@ def make_pattern(
     regex: str | None = None,
     token: str | None = None,
     docs_label: str | None = None,
-    timeout: float = DEFAULT_REGEX_TIMEOUT,
+    timeout: float | None = None,
     workers: int | None = None,
 ) -> Pattern:
     """Exactly one of ``regex``, ``token`` or ``docs_label`` -> ``Pattern``."""
@@ -485,6 +533,20 @@ def search(
     if n_pat == 0:
         return SearchResult(pattern.kind, pattern.query, n_pat, cache.n_tokens, sort_by, [])
     all_hits = all_code_hits(cache, names, positions, workers=workers)
+
+    def scores(hits: np.ndarray, count: np.ndarray) -> dict[str, np.ndarray]:
+        h, c = hits.astype(np.float64), count.astype(np.float64)
+        f1 = 2 * h / (c + n_pat)  # = 2PR / (P + R)
+        return {"f1": f1, "precision": h / c, "recall": h / n_pat, "count": c}
+
+    def best(primary: np.ndarray) -> np.ndarray:
+        """Indices that can be in the top ``top`` by ``primary``: those at least as good as
+        the top-th (all ties with it too, so the tie-breaks below stay exact)."""
+        if top is None or len(primary) <= 4 * top:
+            return np.arange(len(primary))
+        kth = np.partition(primary, len(primary) - top)[len(primary) - top]
+        return np.flatnonzero(primary >= kth)
+
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("cb", "head", "code", "hits", "count")}
     for ci, name in enumerate(names):
         cb = cache.info(name)
@@ -496,6 +558,8 @@ def search(
         if min_recall > 0:
             keep &= hits >= min_recall * n_pat
         idx = np.flatnonzero(keep)
+        # A big pattern makes most codes candidates; keep only those that can still rank.
+        idx = idx[best(scores(hits[idx], count[idx])[sort_by])]
         cols["cb"].append(np.full(len(idx), ci))
         cols["head"].append(idx // cb.num_codes)
         cols["code"].append(idx % cb.num_codes)
@@ -504,12 +568,12 @@ def search(
     if not sum(len(a) for a in cols["cb"]):
         return SearchResult(pattern.kind, pattern.query, n_pat, cache.n_tokens, sort_by, [])
     arr = {k: np.concatenate(v) for k, v in cols.items()}
-    hits_f, count_f = arr["hits"].astype(np.float64), arr["count"].astype(np.float64)
-    prec = hits_f / count_f
-    rec = hits_f / n_pat
-    f1 = 2 * hits_f / (count_f + n_pat)  # = 2PR / (P + R)
-    primary = {"f1": f1, "precision": prec, "recall": rec, "count": count_f}[sort_by]
-    order = np.lexsort((arr["code"], arr["head"], arr["cb"], -hits_f, -primary))
+    score = scores(arr["hits"], arr["count"])
+    prec, rec, f1, primary = score["precision"], score["recall"], score["f1"], score[sort_by]
+    hits_f = arr["hits"].astype(np.float64)
+    sel = best(primary)
+    keys = (arr["code"][sel], arr["head"][sel], arr["cb"][sel], -hits_f[sel], -primary[sel])
+    order = sel[np.lexsort(keys)]
     if top is not None:
         order = order[:top]
     matches = [
@@ -534,7 +598,7 @@ def search_pattern(
     regex: str | None = None,
     token: str | None = None,
     docs_label: str | None = None,
-    timeout: float = DEFAULT_REGEX_TIMEOUT,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> SearchResult:
     """``make_pattern`` then ``search`` (keyword arguments go to ``search``)."""
