@@ -594,3 +594,32 @@ def test_top_is_the_head_of_the_full_ranking(tmp_path: Path) -> None:
             for top in (1, 5, 13):
                 got = search(c, pat, top=top, sort_by=sort_by).matches  # type: ignore[arg-type]
                 assert got == full[:top], (query, sort_by, top)
+
+
+@pytest.mark.slow  # two interpreter start-ups and a worker pool: ~20 s on 2 busy cores
+def test_parallel_search_from_an_unguarded_script_and_from_stdin(tmp_path: Path) -> None:
+    """Workers never import the caller's script: no second run of its top level, and code
+    read from stdin (which has no file to import) works too."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    synthetic_cache(tmp_path / "c", n_tokens=3_000, plant={"May": 7})
+    marker = tmp_path / "runs.txt"
+    script = (
+        "from codebook_lens.cache import CodeCache\n"
+        "from codebook_lens.search import search_pattern\n"
+        f"open({str(marker)!r}, 'a').write('run\\n')\n"
+        f"r = search_pattern(CodeCache({str(tmp_path / 'c')!r}), regex='May', workers=2)\n"
+        "print(r.matches[0].code, r.matches[0].precision)\n"
+    )
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    for argv, stdin in (([str(tmp_path / "script.py")], None), (["-"], script)):
+        proc = subprocess.run(
+            [sys.executable, *argv], input=stdin, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == ["7", "1.0"]
+    assert marker.read_text() == "run\nrun\n"  # once per interpreter, never in a worker
