@@ -247,6 +247,28 @@ def _neg_half_sq_norm(cb: Tensor) -> Tensor:
     return cb.pow(2).sum(-1).mul_(-0.5)
 
 
+def _has_low_precision_cpu_mse() -> bool:
+    try:
+        F.mse_loss(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16))
+    except RuntimeError:  # torch 2.4 has no bf16/fp16 mse kernel on the CPU
+        return False
+    return True
+
+
+_LOW_PRECISION_CPU_MSE = _has_low_precision_cpu_mse()
+
+
+def _mse(a: Tensor, b: Tensor) -> Tensor:
+    """``F.mse_loss``, spelled out where this torch lacks a CPU kernel for the dtype."""
+    if (
+        not _LOW_PRECISION_CPU_MSE
+        and a.device.type == "cpu"
+        and a.dtype in (torch.bfloat16, torch.float16)
+    ):
+        return (a - b).pow(2).mean()
+    return F.mse_loss(a, b)
+
+
 def _storage_users(t: Tensor) -> int:
     """References to ``t``'s storage, as torch counts them (the count's base varies by version)."""
     return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
@@ -739,7 +761,7 @@ class CodebookLayer(nn.Module):
         # Reconstruction: gradient to the codes only; also feeds the mse statistic.
         qr = q if self.recon_weight else q.detach()
         if bad is None:
-            recon = F.mse_loss(qr, xd)
+            recon = _mse(qr, xd)
         else:
             keep = (~bad).unsqueeze(-1).to(q.dtype)  # (N, G, 1)
             n_keep = keep.sum()
@@ -748,7 +770,7 @@ class CodebookLayer(nn.Module):
         if self.commitment_weight:
             xc = xg if bad is None else torch.where(bad.unsqueeze(-1), 0.0, xg)
             if bad is None:
-                loss = loss + self.commitment_weight * F.mse_loss(xc, q.detach())
+                loss = loss + self.commitment_weight * _mse(xc, q.detach())
             else:
                 err = ((xc - q.detach()).pow(2) * keep).sum() / (n_keep * self.head_dim).clamp_min(
                     1

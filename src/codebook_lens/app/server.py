@@ -110,6 +110,9 @@ def create_app(
             "active": None,
             "api_url": None,
         }
+        # Pages link static files by route name; a refusal in a middleware comes before the
+        # router has put itself in the scope (starlette < 0.40 does not fall back to the app).
+        request.scope.setdefault("router", app.router)
         return templates.TemplateResponse(
             request, "error.html", context, status_code=status, headers=headers
         )
