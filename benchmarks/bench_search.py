@@ -23,7 +23,8 @@ no inverted index), each built, measured and deleted: build time, disk size, pea
 the build and of a query, and the time of a query (regex -> ranked codes), with the growth
 exponent of each metric in tokens (the slope of log metric on log tokens). Peak memory is
 the anonymous resident memory (heap, not memory-mapped files) of this process and its worker
-processes above what they held before, sampled every 5 ms.
+processes above what they held before, sampled every 5 ms; the file pages mapped into them
+(page cache, which grows with what is read) are reported beside it as ``mapped``.
 
     python benchmarks/bench_search.py --scale    # about 20 minutes on 2 cores; ~8 GB of disk
 """
@@ -115,16 +116,25 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _anon_bytes(pids: list[int]) -> int:
-    total = 0
+def _rss_bytes(pids: list[int]) -> tuple[int, int]:
+    """``(anonymous, file-backed)`` resident bytes of ``pids`` (RssAnon, RssFile + RssShmem).
+
+    Only the first is memory the processes hold: file pages of memory-mapped arrays are the
+    kernel's page cache, reclaimable, and counted once per mapping, so the plain RSS
+    (``/usr/bin/time``'s "maximum resident set size") grows with the cache size it reads.
+    """
+    anon = mapped = 0
     for p in pids:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1]) * 1024
+                key, _, value = line.partition(":")
+                if key == "RssAnon":
+                    anon += int(value.split()[0]) * 1024
+                elif key in ("RssFile", "RssShmem"):
+                    mapped += int(value.split()[0]) * 1024
         except OSError:
             pass
-    return total
+    return anon, mapped
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -139,16 +149,18 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def measure(fn: Callable[[], Any]) -> tuple[Any, float, float, int]:
-    """``(result, wall s, CPU s of this process tree, peak extra anonymous bytes)``."""
+def measure(fn: Callable[[], Any]) -> tuple[Any, float, float, int, int]:
+    """``(result, wall s, CPU s of this process tree, peak extra anonymous bytes, peak
+    extra file-backed (memory-mapped) resident bytes)``."""
     me = os.getpid()
-    base = _anon_bytes(_tree(me))
-    peak = [base]
+    base, base_mapped = _rss_bytes(_tree(me))
+    peak = [base, base_mapped]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.005):
-            peak[0] = max(peak[0], _anon_bytes(_tree(me)))
+            anon, mapped = _rss_bytes(_tree(me))
+            peak[0], peak[1] = max(peak[0], anon), max(peak[1], mapped)
 
     thread = threading.Thread(target=sample, daemon=True)
     cpu0, t0 = _cpu_seconds(_tree(me)), time.perf_counter()
@@ -159,8 +171,9 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, float, float, int]:
         wall = time.perf_counter() - t0
         done.set()
         thread.join()
-    peak[0] = max(peak[0], _anon_bytes(_tree(me)))
-    return result, wall, _cpu_seconds(_tree(me)) - cpu0, peak[0] - base
+    anon, mapped = _rss_bytes(_tree(me))
+    peak[0], peak[1] = max(peak[0], anon), max(peak[1], mapped)
+    return result, wall, _cpu_seconds(_tree(me)) - cpu0, peak[0] - base, peak[1] - base_mapped
 
 
 def _disk(path: Path) -> int:
@@ -186,7 +199,7 @@ def scale_case(
         raise SystemExit(f"{root}: {free / 1e9:.1f} GB free, a {n_tokens:,}-token case needs "
                          f"{need / 1e9:.1f} GB (+5 GB margin); not building it")  # fmt: skip
     try:
-        cache, b_wall, b_cpu, b_peak = measure(
+        cache, b_wall, b_cpu, b_peak, b_mapped = measure(
             lambda: synthetic_cache(
                 path,
                 n_tokens=n_tokens,
@@ -205,6 +218,7 @@ def scale_case(
             "build_seconds": b_wall,
             "build_cpu_seconds": b_cpu,
             "build_peak_bytes": b_peak,
+            "build_mapped_peak_bytes": b_mapped,
             "disk_bytes": disk,
             "index": index,
             "queries": [],
@@ -219,16 +233,16 @@ def scale_case(
                 if kind == "token"
                 else {"docs_label": q}
             )
-            best: tuple[float, float, int] | None = None
+            best: tuple[float, float, int, int] | None = None
             for _ in range(repeats):
                 fresh = CodeCache(path)  # nothing memoised from the last query
-                res, wall, cpu, peak = measure(
+                res, wall, cpu, peak, mapped = measure(
                     lambda fresh=fresh, kw=kw: search(
                         fresh, make_pattern(fresh, timeout=LIMIT, **kw), top=50
                     )  # type: ignore[misc]
                 )
                 if best is None or wall < best[0]:
-                    best = (wall, cpu, peak)
+                    best = (wall, cpu, peak, mapped)
             assert best is not None
             serial = CodeCache(path)
             t0 = time.perf_counter()
@@ -245,6 +259,7 @@ def scale_case(
                     "seconds": best[0],
                     "cpu_seconds": best[1],
                     "peak_bytes": best[2],
+                    "mapped_peak_bytes": best[3],
                     "serial_seconds": t_serial,
                 }  # fmt: skip
             )
@@ -281,6 +296,9 @@ def run_scale(args: argparse.Namespace) -> int:
         "query_seconds": [c["queries"][0]["seconds"] for c in cases],
         "query_cpu_seconds": [c["queries"][0]["cpu_seconds"] for c in cases],
         "query_peak_bytes": [c["queries"][0]["peak_bytes"] for c in cases],
+        # Page cache mapped into the processes (not memory they hold; see _rss_bytes).
+        "build_mapped_peak_bytes": [c["build_mapped_peak_bytes"] for c in cases],
+        "query_mapped_peak_bytes": [c["queries"][0]["mapped_peak_bytes"] for c in cases],
     }
     section: dict[str, Any] = {
         "tokens": tokens,
@@ -299,11 +317,12 @@ def run_scale(args: argparse.Namespace) -> int:
     print_table(header, rows, title="growth in tokens (8 codebooks, k=8, C=1024, index all)")
     wide_rows = [
         (f"{q['kind']} {q['query'][:24]}", f"{q['pattern_tokens']:,}", f"{q['seconds']:.2f}",
-         f"{q['cpu_seconds']:.2f}", f"{q['serial_seconds']:.2f}", f"{q['peak_bytes'] / 1e6:,.1f} MB")
+         f"{q['cpu_seconds']:.2f}", f"{q['serial_seconds']:.2f}", f"{q['peak_bytes'] / 1e6:,.1f} MB",
+         f"{q['mapped_peak_bytes'] / 1e6:,.0f} MB")
         for q in wide_case["queries"]
     ]  # fmt: skip
     print_table(
-        ("query", "pattern tokens", "seconds", "CPU s", "serial s", "peak"),
+        ("query", "pattern tokens", "seconds", "CPU s", "serial s", "peak", "mapped"),
         wide_rows,
         title=f"{wide_case['tokens']:,} tokens x {wide_case['codebooks']} codebooks (index none): "
         f"build {wide_case['build_seconds']:.0f} s, {wide_case['disk_bytes'] / 1e9:.2f} GB, "

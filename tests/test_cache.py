@@ -222,3 +222,51 @@ def test_build_cache_needs_fast_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a fast tokenizer"):
         build_cache(small_model(64), Slow(), docs(), tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_identity_covers_the_affine_layer_norm(tmp_path: Path, tok) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from codebook_lens.cache import model_identity
+
+    def model(affine: bool):  # type: ignore[no-untyped-def]
+        cfg = CodebookConfig(
+            num_codes=16, k=2, placements=["mlp_out"], seed=0, layer_norm=True,
+            layer_norm_affine=affine,
+        )  # fmt: skip
+        return attach_codebooks(tiny_model("gpt2", vocab=len(tok)), cfg)
+
+    plain, affine = model(False), model(True)
+    # Without the option the identity is what it was before the option existed (old caches
+    # still open): the same fields and code vectors, hashed the same way.
+    full = plain.config.to_dict()
+    old_fields = ("num_codes", "k", "similarity", "reduction", "layer_norm", "placements",
+                  "layers", "modules")  # fmt: skip
+    old_cfg = json.dumps({f: full.get(f) for f in old_fields}, sort_keys=True)
+    h = hashlib.sha256()
+    for name, layer in plain.codebooks.items():
+        h.update(name.encode())
+        h.update(layer.codebook.detach().float().numpy().tobytes())
+    got = model_identity(plain)
+    assert got["config_hash"] == hashlib.sha256(old_cfg.encode()).hexdigest()[:16]
+    assert got["codebook_hash"] == h.hexdigest()[:16]
+    # Same code vectors (same seed), affine LayerNorm on: a different config and codebooks.
+    for name in plain.codebooks:
+        assert torch.equal(plain.codebooks[name].codebook, affine.codebooks[name].codebook)
+    ident = model_identity(affine)
+    assert ident["config_hash"] != got["config_hash"]
+    assert ident["codebook_hash"] != got["codebook_hash"]
+    cache = build_cache(affine, tok, docs(1), tmp_path / "c", max_tokens=20, progress=False)
+    check_identity(cache, affine)
+    with pytest.raises(ValueError, match="config_hash"):
+        check_identity(cache, plain)
+    # Two affine models that differ only in a LayerNorm weight (or bias) differ too.
+    other = model(True)
+    with torch.no_grad():
+        next(iter(other.codebooks.values())).ln_weight[0, 0] += 0.5  # type: ignore[index]
+    with pytest.raises(ValueError, match="codebook_hash"):
+        check_identity(cache, other)
+    other = model(True)
+    with torch.no_grad():
+        next(iter(other.codebooks.values())).ln_bias[0, 0] += 0.5  # type: ignore[index]
+    assert model_identity(other)["codebook_hash"] != ident["codebook_hash"]

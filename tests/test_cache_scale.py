@@ -224,7 +224,8 @@ def test_cli_cache_codebooks_index_none_and_search_notes(
     tmp_path: Path,
     tok,
     model,
-    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
     model.save_pretrained(tmp_path / "m", tokenizer=tok)
     data = tmp_path / "data"
@@ -244,6 +245,20 @@ def test_cli_cache_codebooks_index_none_and_search_notes(
     assert "note: 2 of the model's 4 codebooks are not in this cache" in text
     assert main(["search", str(out), "--regex", "May", "--codebook", "layers.1.mlp_out"]) == 2
     assert "was not stored in this cache" in capsys.readouterr().err
+    assert main(["search", str(out), "--regex", "May", "--json"]) == 0
+    got = capsys.readouterr()
+    json.loads(got.out)  # the JSON stays clean; the notes go to stderr
+    assert "note: 2 of the model's 4 codebooks are not in this cache" in got.err
+    assert "2 of 2 codebooks have no inverted index" in got.err
+    # serve says the same before it starts the app
+    import codebook_lens.app as app_mod
+
+    started = []
+    monkeypatch.setattr(app_mod, "serve", lambda config: started.append(config.cache_dir))
+    assert main(["serve", str(out), "--port", "0"]) == 0
+    assert started == [str(out)]
+    text = capsys.readouterr().out
+    assert "note: 2 of the model's 4 codebooks are not in this cache" in text
 
 
 # --------------------------------------------------------------- resume
@@ -514,6 +529,68 @@ def test_cli_shards_under_torchrun_env(
     same_cache(CodeCache(out), CodeCache(tmp_path / "whole"))
 
 
+@pytest.mark.slow  # three interpreters importing torch: ~20-60 s on 2 busy cores
+def test_torchrun_ranks_write_one_cache(tmp_path: Path, tok, model) -> None:  # type: ignore[no-untyped-def]
+    """Under a real ``torchrun`` the ranks run at once, each writing its shard; whichever
+    finishes last merges, and the result reads as the cache of one process."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, d in enumerate(corpus(3)):
+        (data / f"{i:02d}.txt").write_text(d.text)
+    args = ["cache", str(tmp_path / "m"), "--data", str(data), "--seq-len", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(root / "src")}  # fmt: skip
+    env.pop("WORLD_SIZE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    run = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", "-m", "codebook_lens.cli", *args,
+         "--out", str(tmp_path / "c")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    sharded = CodeCache(tmp_path / "c")
+    assert sharded.sharded and [p.path.name for p in sharded.parts] == [
+        shard_name(0, 2), shard_name(1, 2)
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' threads: the same floats
+    try:
+        assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    same_cache(sharded, CodeCache(tmp_path / "whole"))
+    assert verify_cache(tmp_path / "c") == []
+
+
+def test_a_dropped_cache_is_freed_at_once(tmp_path: Path) -> None:
+    """No reference cycle keeps a cache (and its memory-mapped pages) alive after its last
+    reference goes: repeated opens do not pile up mappings until a garbage collection."""
+    import gc
+    import weakref
+
+    one = synthetic_cache(tmp_path / "one", n_tokens=2_000)
+    four = synthetic_cache(tmp_path / "four", n_tokens=2_000, shards=4)
+    gc.disable()
+    try:
+        for path in (one.path, four.path):
+            c = CodeCache(path)
+            for name in c.codebooks:
+                c.codes(name)[:10]
+                c.code_counts(name)
+            search_pattern(c, regex="the")
+            ref = weakref.ref(c)
+            parts = [weakref.ref(p) for p in c.parts]
+            del c
+            assert ref() is None and all(p() is None for p in parts), path
+    finally:
+        gc.enable()
+
+
 def test_merge_shards_is_a_manifest(tmp_path: Path) -> None:
     c = synthetic_cache(tmp_path / "c", n_tokens=3_000, shards=3)
     before = {p: p.stat().st_size for p in c.path.rglob("*.npy")}
@@ -547,6 +624,8 @@ def test_bench_search_scale_tiny_writes_exponents(tmp_path: Path) -> None:
         "build_peak_bytes",
         "query_seconds",
         "query_peak_bytes",
+        "build_mapped_peak_bytes",
+        "query_mapped_peak_bytes",
     ):
         assert len(scale[key]["values"]) == 3 and np.isfinite(scale[key]["exponent"])
     # disk grows with tokens: more tokens, more bytes

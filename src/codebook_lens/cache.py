@@ -194,18 +194,28 @@ def select_index(spec: str | Sequence[str] | bool, names: Sequence[str]) -> list
 
 # ------------------------------------------------------------------ identity
 def model_identity(model: CodebookModel) -> dict[str, Any]:
-    """What makes a model's codes comparable: its config, codebook names and code vectors."""
+    """What makes a model's codes comparable: its config, codebook names, code vectors and (if
+    affine) the codebooks' LayerNorm weights."""
     base_cfg = getattr(model.base, "config", None)
     # Only the fields that decide which codes a token gets: new config fields with defaults
     # (training options, say) must not make every existing cache look foreign.
     code_fields = ("num_codes", "k", "similarity", "reduction", "layer_norm", "placements",
                    "layers", "modules")  # fmt: skip
     full = model.config.to_dict()
-    cfg_json = json.dumps({f: full.get(f) for f in code_fields}, sort_keys=True)
+    fields = {f: full.get(f) for f in code_fields}
+    # The affine LayerNorm changes every code, so it is part of the identity; only when on,
+    # so the identity of a model without it (and every cache built before) stays the same.
+    if full.get("layer_norm_affine"):
+        fields["layer_norm_affine"] = True
+    cfg_json = json.dumps(fields, sort_keys=True)
     h = hashlib.sha256()
     for name, layer in model.codebooks.items():
         h.update(name.encode())
         h.update(layer.codebook.detach().float().cpu().numpy().tobytes())
+        for tag, p in ((b"ln_weight", layer.ln_weight), (b"ln_bias", layer.ln_bias)):
+            if p is not None:  # affine LayerNorm only: absent parameters hash as before
+                h.update(tag)
+                h.update(p.detach().float().cpu().numpy().tobytes())
     return {
         "base_model": str(getattr(base_cfg, "_name_or_path", "") or ""),
         "model_type": str(getattr(base_cfg, "model_type", "") or ""),
@@ -1200,13 +1210,13 @@ class CodeCache:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
         self._derived: dict[str, Any] = {}
+        self._shards: list[CodeCache] = []
         if self.sharded:
             self._open_shards()
         else:
             problems = check_files(self.path, manifest)
             if problems:
                 raise ValueError(_problems_message(self.path, problems))
-            self.parts: list[CodeCache] = [self]
             self.token_starts = np.array([0, self.n_tokens], dtype=np.int64)
             self.doc_starts = np.array([0, self.n_docs], dtype=np.int64)
             self.tokens: Any = self._load("tokens.npy")
@@ -1238,7 +1248,7 @@ class CodeCache:
             parts.append(part)
         if sum(p.n_tokens for p in parts) != self.n_tokens:
             raise ValueError(f"{self.path}/manifest.json: n_tokens is not the sum of its shards'")
-        self.parts = parts
+        self._shards = parts
         self.token_starts = np.concatenate([[0], np.cumsum([p.n_tokens for p in parts])]).astype(
             np.int64
         )
@@ -1248,6 +1258,14 @@ class CodeCache:
         self.tokens = ShardedArray([p.tokens for p in parts])
         self.doc_ids = ShardedArray([p.doc_ids for p in parts], add=self.doc_starts[:-1].tolist())
         self.offsets = ShardedArray([p.offsets for p in parts])
+
+    @property
+    def parts(self) -> list[CodeCache]:
+        """The unsharded caches this one reads: its shards in order, or ``[self]``."""
+        # Not stored as [self]: that cycle would keep a dropped cache (and its memory-mapped
+        # pages, counted in the process's RSS once per mapping) alive until a garbage
+        # collection instead of freeing it at once.
+        return self._shards if self.sharded else [self]
 
     def __repr__(self) -> str:
         shards = f", shards={len(self.parts)}" if self.sharded else ""

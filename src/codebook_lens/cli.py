@@ -335,6 +335,8 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
                 else {"matches": matches, "neuron_baseline": baseline.to_dict()}
             )
             print(json.dumps(out))
+            for note in cache.notes():  # what the cache leaves out, beside the JSON
+                print(f"note: {note}", file=sys.stderr)
         else:
             print(S.format_matches(result))
             for note in cache.notes():
@@ -487,6 +489,10 @@ def _serve_setup(p: argparse.ArgumentParser) -> None:
             max_new_tokens=args.max_new_tokens,
             search_workers=args.search_workers,
         )
+        from .cache import CodeCache
+
+        for note in CodeCache(args.cache_dir).notes():  # codebooks or indices left out
+            print(f"note: {note}")
         serve(config)
         return 0
 
