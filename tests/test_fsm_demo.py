@@ -137,11 +137,32 @@ def test_patching_codes_from_the_same_sequence_changes_nothing(scope: str) -> No
         ({"k": 5, "num_codes": 4}, "k=5 is invalid"),
         ({"codebook_warmup_steps": 1500}, "codebook_warmup_steps=1500 is invalid"),
         ({"commitment_weight": -1.0}, "commitment_weight=-1.0 is invalid"),
+        ({"rotary_scale": 0.0}, "rotary_scale=0.0 must be in"),
     ],
 )
 def test_bad_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DemoConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_rotary_scale_multiplies_the_frequencies_and_survives_saving(arch: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = DemoConfig.quick(arch=arch, width=32, heads=2, mlp_width=32, rotary_scale=math.pi)
+    fsm = TokFSM(cfg.fsm_config())
+    model = build_base_model(cfg, fsm).eval()
+    plain = build_base_model(DemoConfig.quick(arch=arch, width=32, heads=2, mlp_width=32), fsm)
+    (freq,) = {m.inv_freq for n, m in model.named_modules() if n.endswith("rotary_emb")}
+    (ref,) = {m.inv_freq for n, m in plain.named_modules() if n.endswith("rotary_emb")}
+    torch.testing.assert_close(freq, ref * math.pi)
+    assert freq[0].item() == pytest.approx(math.pi)  # the fastest frequency: period 2 tokens
+    x = fsm.sample(2, torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, model(input_ids=x).logits)
+        assert not torch.allclose(plain.eval()(input_ids=x).logits, model(input_ids=x).logits)
 
 
 def test_cli_bad_option_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
