@@ -146,7 +146,9 @@ def test_bad_options(kwargs: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
-def test_rotary_scale_multiplies_the_frequencies_and_survives_saving(arch: str, tmp_path: Path) -> None:
+def test_rotary_scale_multiplies_the_frequencies_and_survives_saving(
+    arch: str, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     cfg = DemoConfig.quick(arch=arch, width=32, heads=2, mlp_width=32, rotary_scale=math.pi)

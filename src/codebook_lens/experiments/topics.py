@@ -23,7 +23,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -231,6 +231,11 @@ class TopicsConfig:
     """Codes per head codebook."""
     k: int = 8
     """Codes chosen per token and head."""
+    placements: list[str] = field(default_factory=lambda: ["attn_heads"])
+    """Codebook placements of the fine-tuned model ('attn_heads': one codebook per head, the
+    steering codes; 'mlp_out' adds one per MLP output)."""
+    reduction: Literal["sum", "mean"] = "sum"
+    """A codebook's output is the 'sum' of its k codes (the paper's choice) or their 'mean'."""
 
     # code search
     cache_tokens: int = 200_000
@@ -275,6 +280,7 @@ class TopicsConfig:
         check_range("scale", self.scale)
         check_range("temperature", self.temperature, 0.0)
         check_choice("slot", self.slot, ("replace-lowest", "append"))
+        check_choice("reduction", self.reduction, ("sum", "mean"))
         for name in (
             "width",
             "num_layers",
@@ -318,8 +324,9 @@ class TopicsConfig:
         self.prompts = self.prompts[:2]
         self.samples_per_prompt, self.max_new_tokens = 2, 12
 
-    def model_key(self) -> dict[str, Any]:
-        """Settings that determine the trained model (a saved one is reused when equal)."""
+    def base_key(self) -> dict[str, Any]:
+        """Settings that determine the pretrained base LM (reused when equal, so changing only
+        codebook settings does not pretrain again)."""
         keys = (
             "data",
             "heldout_fraction",
@@ -330,14 +337,22 @@ class TopicsConfig:
             "tokenizer",
             "block_size",
             "pretrain_steps",
-            "finetune_steps",
             "batch_size",
             "lr",
-            "num_codes",
-            "k",
             "seed",
         )
         return {k: getattr(self, k) for k in keys}
+
+    def model_key(self) -> dict[str, Any]:
+        """Settings that determine the trained model (a saved one is reused when equal)."""
+        return {
+            **self.base_key(),
+            "finetune_steps": self.finetune_steps,
+            "num_codes": self.num_codes,
+            "k": self.k,
+            "placements": list(self.placements),
+            "reduction": self.reduction,
+        }
 
 
 # -------------------------------------------------------------------- data
@@ -421,23 +436,21 @@ def prepare_model(
         loaded.to(device)
         return model.eval(), tokenizer, loaded.eval(), f"{model_dir} (reused)"
 
-    for stale in (model_dir, base_dir, key_file, out / "train_base", out / "train_codebooks"):
+    base_key_file = out / "base_key.json"
+    reuse_base = (
+        base_key_file.is_file()
+        and read_json(base_key_file) == cfg.base_key()
+        and (base_dir / "config.json").is_file()
+        and (base_dir / "tokenizer.json").is_file()
+    )
+    stale_paths = [model_dir, key_file, out / "train_codebooks"]
+    if not reuse_base:
+        stale_paths += [base_dir, base_key_file, out / "train_base"]
+    for stale in stale_paths:
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    tokenizer = load_tokenizer(cfg.tokenizer, lm_docs)
-    mcfg = ModelConfig(
-        arch="gpt2",
-        num_layers=cfg.num_layers,
-        width=cfg.width,
-        heads=cfg.heads,
-        context=max(cfg.block_size, 256),
-        tokenizer=cfg.tokenizer,
-    )
-    torch.manual_seed(cfg.seed)
-    base = build_model(mcfg, tokenizer).to(device)
-    blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
     common = {
         "batch_size": cfg.batch_size,
         "eval_every": 0,
@@ -446,18 +459,41 @@ def prepare_model(
         "seed": cfg.seed,
         "progress": cfg.progress,
     }
-    pre = TrainConfig(
-        steps=cfg.pretrain_steps,
-        lr=cfg.lr,
-        warmup_steps=min(100, cfg.pretrain_steps // 10),
-        **common,  # type: ignore[arg-type]
-    )
-    train(base, BatchStream(blocks, cfg.batch_size, seed=cfg.seed), pre, out / "train_base")
+    if reuse_base:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir)).to(device)
+        blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer, lm_docs)
+        mcfg = ModelConfig(
+            arch="gpt2",
+            num_layers=cfg.num_layers,
+            width=cfg.width,
+            heads=cfg.heads,
+            context=max(cfg.block_size, 256),
+            tokenizer=cfg.tokenizer,
+        )
+        torch.manual_seed(cfg.seed)
+        base = build_model(mcfg, tokenizer).to(device)
+        blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
+        pre = TrainConfig(
+            steps=cfg.pretrain_steps,
+            lr=cfg.lr,
+            warmup_steps=min(100, cfg.pretrain_steps // 10),
+            **common,  # type: ignore[arg-type]
+        )
+        train(base, BatchStream(blocks, cfg.batch_size, seed=cfg.seed), pre, out / "train_base")
+        tmp = out / f".base.tmp-{os.getpid()}"
+        base.save_pretrained(tmp)  # type: ignore[operator]
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, base_dir)
+        write_json_atomic(base_key_file, cfg.base_key())
     base.eval()
     cb_cfg = CodebookConfig(
         num_codes=cfg.num_codes,
         k=cfg.k,
-        placements=["attn_heads"],
+        placements=list(cfg.placements),
+        reduction=cfg.reduction,
         kmeans_init=True,
         dead_code_steps=50,
         seed=cfg.seed,
@@ -475,9 +511,6 @@ def prepare_model(
     )
     model.eval()
     model.save_pretrained(model_dir, tokenizer=tokenizer)
-    tmp = out / f".base.tmp-{os.getpid()}"
-    base.save_pretrained(tmp)  # type: ignore[operator]
-    os.replace(tmp, base_dir)
     write_json_atomic(key_file, key)
     return model, tokenizer, base, str(model_dir)
 
@@ -534,6 +567,11 @@ class TopicCode:
     """Fraction of the topic's documents in which the code fires at least once."""
     count: int
     """Tokens on which the code fires (whole cache)."""
+    effect: float | None = None
+    """Forced alone: change of the next token's expected topic log-likelihood ratio (nats;
+    ``code_effects``), ``None`` until measured."""
+    cost: float | None = None
+    """Forced alone: change of the next-token cross-entropy against the base model (nats)."""
 
     @property
     def score(self) -> float:
@@ -578,15 +616,126 @@ def find_topic_codes(
         coverage = float(topic_docs[fired].sum()) / n_topic
         scored.append(TopicCode(m.codebook, m.head, m.code, m.precision, coverage, m.count))
     scored.sort(key=lambda c: (-c.score, -c.count, c.codebook, c.head or 0, c.code))
+    return cap_per_head(scored, n, max_per_head)
+
+
+def cap_per_head(ranked: Sequence[TopicCode], n: int | None, max_per_head: int) -> list[TopicCode]:
+    """The first ``n`` (``None`` = all) of ``ranked`` with at most ``max_per_head`` per head."""
     chosen: list[TopicCode] = []
     per_head: Counter[tuple[str, int | None]] = Counter()
-    for c in scored:
-        if len(chosen) >= n:
+    for c in ranked:
+        if n is not None and len(chosen) >= n:
             break
         if per_head[(c.codebook, c.head)] < max_per_head:
             chosen.append(c)
             per_head[(c.codebook, c.head)] += 1
     return chosen
+
+
+def token_topic_llr(cache: CodeCache, topics: Sequence[str], *, alpha: float = 0.5) -> np.ndarray:
+    """``(topics, vocab)`` log P(token | topic) - log P(token | the other topics), from the
+    tokens of the cache's documents (the LM's own text, not the judge's articles)."""
+    tokens = np.asarray(cache.tokens)
+    labels = np.array([str(d.label) for d in cache.docs])[np.asarray(cache.doc_ids)]
+    vocab = len(cache.vocab)
+    counts = np.stack(
+        [np.bincount(tokens[labels == t], minlength=vocab).astype(np.float64) for t in topics]
+    )
+    counts += alpha
+    out = np.zeros_like(counts)
+    for i in range(len(topics)):
+        rest = np.delete(counts, i, axis=0).sum(0)
+        out[i] = np.log(counts[i] / counts[i].sum()) - np.log(rest / rest.sum())
+    return out
+
+
+def steering_contexts(
+    model: CodebookModel,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    per_prompt: int,
+    length: int,
+    seed: int,
+) -> torch.Tensor:
+    """``(n, length)`` token ids: unsteered samples from ``prompts`` (after the end-of-text
+    token), cut to ``length``; the teacher-forced contexts on which ``code_effects`` measures
+    what a forced code does to the next-token distribution."""
+    import torch
+
+    from ..intervene import generate
+
+    rows = []
+    for pi, p in enumerate(prompts):
+        ids = prompt_ids(tokenizer, p)
+        gens = generate(
+            model,
+            tokenizer,
+            ids,
+            None,
+            max_new_tokens=max(1, length - len(ids)),
+            top_k=50,
+            num_samples=per_prompt,
+            seed=seed + 1000 + pi,
+            stop_at_eos=False,
+        )
+        rows += [(ids + g.ids)[:length] for g in gens]
+    width = min(len(r) for r in rows)
+    return torch.tensor([r[:width] for r in rows], dtype=torch.long)
+
+
+def code_effects(
+    model: CodebookModel,
+    base: nn.Module | None,
+    codes: Sequence[TopicCode],
+    contexts: torch.Tensor,
+    llr: np.ndarray,
+    *,
+    slot: str,
+    scale: float,
+    progress: bool = False,
+) -> list[TopicCode]:
+    """Force each code alone at every position of ``contexts`` ``(n, length)`` and measure, at
+    every position, the change of E[``llr``(next token)] (``effect``, nats) and of the
+    next-token cross-entropy against the base model (``cost``, nats; the codebook model with
+    codebooks off when ``base`` is None). Returns copies of ``codes`` with both set.
+
+    Where a code fires says what it *detects*; this says what it *does* when forced, which is
+    what steering needs (a code that fires throughout a topic's documents may only mark, say,
+    proper names there, and forcing it writes name fragments, not the topic's words).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from ..intervene import EditSpec, InterventionSpec, intervene
+
+    device = next(model.parameters()).device
+    x = contexts.to(device)
+    w = torch.as_tensor(llr, dtype=torch.float32, device=device)
+    plen = x.shape[1]
+    with torch.no_grad():
+        if base is not None:
+            ref = F.log_softmax(base(input_ids=x).logits.float(), -1)
+        else:
+            with model.disabled():
+                ref = F.log_softmax(model(input_ids=x).logits.float(), -1)
+
+        def measure(spec: InterventionSpec | None) -> tuple[float, float]:
+            with intervene(model, spec, prompt_length=plen, length=plen):
+                p = F.softmax(model(input_ids=x).logits.float(), -1)
+            return float((p @ w).mean()), float(-(p * ref).sum(-1).mean())
+
+        e0, c0 = measure(None)
+        out = []
+        for c in tqdm(codes, desc="code effects", disable=not progress):
+            edit = EditSpec(
+                c.codebook, [c.code], positions="all", action="force", slot=slot, scale=scale,  # type: ignore[arg-type]
+                head=c.head,
+            )  # fmt: skip
+            e, cost = measure(InterventionSpec([edit]))
+            out.append(replace(c, effect=e - e0, cost=cost - c0))
+    return out
 
 
 def steering_spec(
