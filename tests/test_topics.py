@@ -120,6 +120,90 @@ def test_steering_spec_forces_codes_per_head_everywhere() -> None:
     )
 
 
+def test_cap_per_head_keeps_rank_order() -> None:
+    from codebook_lens.experiments.topics import TopicCode, cap_per_head
+
+    ranked = [TopicCode("cb", h, c, 1.0, 1.0, 1) for h, c in [(0, 1), (0, 2), (1, 3), (0, 4)]]
+    assert [c.code for c in cap_per_head(ranked, None, 2)] == [1, 2, 3]
+    assert [c.code for c in cap_per_head(ranked, 2, 1)] == [1, 3]
+
+
+def test_token_topic_llr_counts_tokens_per_topic(tmp_path: Path) -> None:
+    """sport docs: tokens 0,0,0,1; business docs: 1,1,2,2 (2 docs each, vocab of 4)."""
+    from codebook_lens.cache import CacheWriter, CodebookInfo
+    from codebook_lens.experiments.topics import token_topic_llr
+
+    info = CodebookInfo("layers.0.mlp_out", "mlp_out", 0, 1, False, 1, 8, 4)
+    with CacheWriter(
+        tmp_path / "cache", codebooks=[info], identity={"base_model": "t"}, vocab=list("abcd")
+    ) as w:
+        for d in range(4):
+            label = "sport" if d % 2 == 0 else "business"
+            toks = [0, 0, 0, 1] if label == "sport" else [1, 1, 2, 2]
+            w.add_document(f"d{d}", "x", label)
+            w.add_tokens(
+                np.array(toks, np.int32), np.zeros((4, 2), np.int64), {info.name: np.zeros((4, 1))}
+            )
+        cache = w.finish()
+    llr = token_topic_llr(cache, ["sport", "business"], alpha=0.5)
+    assert llr.shape == (2, 4)
+    sport = np.array([6, 2, 0, 0]) + 0.5  # token counts per topic + alpha
+    business = np.array([0, 4, 4, 0]) + 0.5
+    expected = np.log(sport / sport.sum()) - np.log(business / business.sum())
+    np.testing.assert_allclose(llr[0], expected)
+    np.testing.assert_allclose(llr[1], -expected)  # two topics: each is the other's "rest"
+    assert llr[0, 0] > 0 > llr[0, 2] and abs(llr[0, 3]) < 1e-12  # unseen token: no evidence
+
+
+def test_code_effects_measure_what_a_forced_code_does() -> None:
+    import torch
+    import torch.nn.functional as F
+    from conftest import tiny_model
+
+    from codebook_lens import CodebookConfig, attach_codebooks
+    from codebook_lens.experiments.topics import TopicCode, code_effects
+    from codebook_lens.intervene import EditSpec, InterventionSpec, run_with_codes
+
+    model = attach_codebooks(
+        tiny_model("gpt2"), CodebookConfig(num_codes=16, k=2, placements=["attn_heads"])
+    ).eval()
+    ids = torch.randint(1, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    codes = [
+        TopicCode("layers.1.attn_heads", 2, 5, 1.0, 1.0, 1),
+        TopicCode("layers.0.attn_heads", 0, 9, 0.8, 0.5, 2),
+    ]
+    llr = np.zeros(64)
+    llr[7] = 1.0  # effect = change of the mean probability of token 7
+    got = code_effects(model, None, codes, ids, llr, slot="append", scale=2.0)
+    assert [(c.codebook, c.head, c.code, c.precision) for c in got] == [
+        (c.codebook, c.head, c.code, c.precision) for c in codes
+    ]
+    assert all(c.effect is None for c in codes)  # copies, the inputs are left alone
+    with torch.no_grad():
+        with model.disabled():
+            ref = F.log_softmax(model(input_ids=ids).logits, -1)
+        p0 = F.softmax(model(input_ids=ids).logits, -1)
+    for c, g in zip(codes, got, strict=True):
+        edit = EditSpec(
+            c.codebook, [c.code], positions="all", slot="append", scale=2.0, head=c.head
+        )
+        with torch.no_grad():
+            p = F.softmax(run_with_codes(model, ids, InterventionSpec([edit])).logits, -1)
+        assert g.effect == pytest.approx(float((p[..., 7] - p0[..., 7]).mean()), abs=1e-6)
+        cost = -(p * ref).sum(-1).mean() + (p0 * ref).sum(-1).mean()
+        assert g.cost == pytest.approx(float(cost), abs=1e-5)
+        assert g.effect != 0.0
+    # A constant llr carries no topic: every code's effect is 0 (probabilities sum to 1).
+    flat = code_effects(model, None, codes, ids, np.full(64, 3.0), slot="append", scale=2.0)
+    assert all(abs(c.effect) < 1e-5 for c in flat)  # type: ignore[arg-type]
+    # A code the head never chooses, forced at scale 0 in an appended slot, adds nothing.
+    used = set(model.get_codes(ids)["layers.1.attn_heads"][:, :, 2].reshape(-1).tolist())
+    unused = next(c for c in range(16) if c not in used)
+    idle = [TopicCode("layers.1.attn_heads", 2, unused, 1.0, 1.0, 1)]
+    zero = code_effects(model, None, idle, ids, llr, slot="append", scale=0.0)
+    assert abs(zero[0].effect) < 1e-6 and abs(zero[0].cost) < 1e-5  # type: ignore[arg-type]
+
+
 def test_interleave_round_robins_labels() -> None:
     from codebook_lens.data import Document
     from codebook_lens.experiments.topics import interleave

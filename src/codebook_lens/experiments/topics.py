@@ -461,7 +461,8 @@ def prepare_model(
     }
     if reuse_base:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir)).to(device)
+        base: nn.Module = AutoModelForCausalLM.from_pretrained(str(base_dir))
+        base.to(device)
         blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer, lm_docs)
