@@ -461,6 +461,14 @@ def test_cli_convert_then_cache_search_generate_and_serve(
     out = json.loads(capsys.readouterr().out)
     assert len(out["unsteered"]) == 1
 
+    argv = ["eval", str(model_dir), "--data", str(text), "--split", "all", "--block-size", "32",
+            "--device", "cpu", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] > 300 and set(report["codebooks"]) == set(cache.codebooks)
+    for side in ("base", "codebook"):
+        assert 0 < report[side]["loss"] < 10, report[side]
+
     pytest.importorskip("fastapi")
     import dataclasses
 
