@@ -204,6 +204,21 @@ def test_code_effects_measure_what_a_forced_code_does() -> None:
     assert abs(zero[0].effect) < 1e-6 and abs(zero[0].cost) < 1e-5  # type: ignore[arg-type]
 
 
+def test_choose_setting_best_gain_within_the_perplexity_bound() -> None:
+    from codebook_lens.experiments.topics import choose_setting
+
+    pts = [
+        {"codes": 8, "gain": 0.2, "perplexity_ratio": 1.1},
+        {"codes": 16, "gain": 0.4, "perplexity_ratio": 1.4},
+        {"codes": 32, "gain": 0.4, "perplexity_ratio": 1.2},
+        {"codes": 64, "gain": 0.9, "perplexity_ratio": 2.0},
+    ]
+    assert choose_setting(pts, 1.5)["codes"] == 32  # equal gain: the more fluent one
+    assert choose_setting(pts, 2.0)["codes"] == 64
+    # Nothing qualifies: the most fluent point.
+    assert choose_setting(pts[1:], 1.05)["codes"] == 32
+
+
 def test_interleave_round_robins_labels() -> None:
     from codebook_lens.data import Document
     from codebook_lens.experiments.topics import interleave
@@ -224,6 +239,15 @@ def test_config_errors() -> None:
         TopicsConfig(codes_per_topic=0)
     with pytest.raises(ValueError, match="prompts=.* is invalid"):
         TopicsConfig(prompts=[" "])
+    with pytest.raises(ValueError, match=r"tune_prompts=.* is invalid: \['The'\] are also"):
+        TopicsConfig(prompts=["The", "A"], tune_prompts=["The", "So"])
+    with pytest.raises(ValueError, match="tune_scales=.* is invalid; give numbers"):
+        TopicsConfig(tune_scales=["big"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="tune_codes=.* is invalid"):
+        TopicsConfig(tune_codes=[0])
+    with pytest.raises(ValueError, match="selection='where' is invalid"):
+        TopicsConfig(selection="where")  # type: ignore[arg-type]
+    assert TopicsConfig(tune_scales=["1.5", 2]).tune_scales == [1.5, 2.0]  # type: ignore[list-item]
 
 
 # ------------------------------------------------------------------ end to end
@@ -260,8 +284,37 @@ def test_quick_experiment_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
             forced = sorted((e.codebook, e.head, c) for e in spec.edits for c in e.code_list)
             assert forced == sorted((c["codebook"], c["head"], c["code"]) for c in m["codes"])
     report = (out / "report.md").read_text()
-    assert "| topic | codes | unsteered on-topic | steered on-topic |" in report
+    assert "| topic | codes | scale | unsteered on-topic | steered on-topic |" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
     # A second run reuses the trained model instead of training again.
     assert main(argv) == 0
     assert json.loads((out / "metrics.json").read_text())["model"].endswith("(reused)")
+
+
+@pytest.mark.slow
+def test_quick_experiment_effect_selection_and_tuning(tmp_path: Path) -> None:
+    import json
+
+    from codebook_lens.cli import main
+
+    out = tmp_path / "topics"
+    argv = ["experiment", "topics", "--quick", "--out", str(out), "--no-progress"]
+    argv += ["--selection", "effect", "--tune-codes", "2,4", "--tune-scales", "1,2"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selection"] == "effect"
+    tuning = metrics["tuning"]
+    assert tuning["prompts"] == metrics["tuning_prompts"]
+    assert not set(metrics["tuning_prompts"]) & set(metrics["evaluation_prompts"])
+    for t, m in metrics["topics"].items():
+        # Effect selection keeps only codes measured to raise the topic's words.
+        assert all(c["effect"] is not None and c["effect"] > 0 for c in m["codes"])
+        pts = tuning["topics"][t]["points"]
+        if pts:  # the evaluated setting is the one chosen on the tuning prompts
+            chosen = tuning["topics"][t]["chosen"]
+            assert chosen in pts and len(pts) == 4
+            assert m["setting"] == {"codes": chosen["codes"], "scale": chosen["scale"]}
+            assert len(m["codes"]) == chosen["codes"]
+    report = (out / "report.md").read_text()
+    assert "Tuning prompts (code effects and the tuning sweep only): 'Last night'" in report
+    assert (out / "topics_tradeoff.png").is_file()

@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -181,6 +181,18 @@ NEUTRAL_PROMPTS = (
     "This week",
 )
 
+# Prompts on which the steering settings are chosen; the evaluation prompts never are.
+TUNE_PROMPTS = (
+    "Last night",
+    "Earlier today",
+    "In a report,",
+    "There are",
+    "After the",
+    "For many",
+    "Meanwhile,",
+    "Speaking to",
+)
+
 
 @dataclass
 class TopicsConfig:
@@ -249,13 +261,38 @@ class TopicsConfig:
     min_count: int = 20
     """A topic code must fire on at least this many tokens of the cache."""
 
+    selection: Literal["firing", "effect"] = "firing"
+    """How a topic's codes are ranked: 'firing' = where they fire (precision x document
+    coverage); 'effect' = what they do when forced alone on contexts sampled from the tuning
+    prompts (change of the next token's expected topic log-likelihood ratio, ``code_effects``);
+    the candidates are the same in both."""
+    effect_contexts: int = 2
+    """'effect': unsteered samples per tuning prompt used as contexts."""
+    effect_length: int = 32
+    """'effect': tokens per context."""
+
     # steering
     slot: Literal["replace-lowest", "append"] = "append"
     """Where forced codes go: 'replace-lowest' or 'append'."""
     scale: float = 2.0
     """Weight of the forced code vectors."""
     prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
-    """Neutral prompts; each starts a new document (after the end-of-text token)."""
+    """Neutral evaluation prompts; each starts a new document (after the end-of-text token).
+    Never used to choose a setting."""
+    tune_prompts: list[str] = field(default_factory=lambda: list(TUNE_PROMPTS))
+    """Neutral prompts on which settings are chosen (code effects, the tuning sweep); must not
+    overlap ``prompts``."""
+    tune_codes: list[int] = field(default_factory=list)
+    """Tuning sweep: numbers of forced codes tried per topic on the tuning prompts (with every
+    ``tune_scales`` value); per topic the setting with the best gain whose perplexity stays
+    within ``max_perplexity_ratio`` of the unsteered one is evaluated. Empty = no sweep
+    (``codes_per_topic`` and ``scale`` for every topic)."""
+    tune_scales: list[float] = field(default_factory=list)
+    """Tuning sweep: scales tried (empty = just ``scale``)."""
+    tune_samples_per_prompt: int = 4
+    """Samples per tuning prompt and setting."""
+    max_perplexity_ratio: float = 1.5
+    """Tuning: a setting qualifies when its perplexity is at most this times the unsteered."""
     samples_per_prompt: int = 8
     """Samples per prompt and condition (unsteered, each topic)."""
     max_new_tokens: int = 48
@@ -281,6 +318,22 @@ class TopicsConfig:
         check_range("temperature", self.temperature, 0.0)
         check_choice("slot", self.slot, ("replace-lowest", "append"))
         check_choice("reduction", self.reduction, ("sum", "mean"))
+        check_choice("selection", self.selection, ("firing", "effect"))
+        check_range("max_perplexity_ratio", self.max_perplexity_ratio, 1.0)
+        try:  # flags give "1.5,2" as strings
+            self.tune_scales = [float(v) for v in self.tune_scales]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"tune_scales={self.tune_scales!r} is invalid; give numbers, e.g. 1,2,3"
+            ) from None
+        for v in self.tune_scales:
+            check_range("tune_scales", v, 0.0)
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.tune_codes
+        ):
+            raise ValueError(
+                f"tune_codes={self.tune_codes!r} is invalid; give integers >= 1, e.g. 16,32,64"
+            )
         for name in (
             "width",
             "num_layers",
@@ -296,6 +349,9 @@ class TopicsConfig:
             "max_codes_per_head",
             "samples_per_prompt",
             "max_new_tokens",
+            "effect_contexts",
+            "effect_length",
+            "tune_samples_per_prompt",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -307,6 +363,18 @@ class TopicsConfig:
             )
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError(f"prompts={self.prompts!r} is invalid; give non-empty strings")
+        if not self.tune_prompts or not all(
+            isinstance(p, str) and p.strip() for p in self.tune_prompts
+        ):
+            raise ValueError(
+                f"tune_prompts={self.tune_prompts!r} is invalid; give non-empty strings"
+            )
+        shared = sorted(set(self.prompts) & set(self.tune_prompts))
+        if shared:
+            raise ValueError(
+                f"tune_prompts={self.tune_prompts!r} is invalid: {shared} are also evaluation "
+                "prompts; settings must be chosen on prompts the evaluation never uses"
+            )
         if self.quick:
             self.apply_quick()
 
@@ -322,7 +390,11 @@ class TopicsConfig:
         self.codes_per_topic, self.min_count = 4, 3
         self.max_codes_per_head = min(self.max_codes_per_head, self.k)
         self.prompts = self.prompts[:2]
+        self.tune_prompts = self.tune_prompts[:2]
         self.samples_per_prompt, self.max_new_tokens = 2, 12
+        self.tune_samples_per_prompt, self.effect_contexts, self.effect_length = 1, 1, 8
+        self.tune_codes = sorted({min(v, self.codes_per_topic) for v in self.tune_codes[:2]})
+        self.tune_scales = self.tune_scales[:2]
 
     def base_key(self) -> dict[str, Any]:
         """Settings that determine the pretrained base LM (reused when equal, so changing only
@@ -583,7 +655,7 @@ def find_topic_codes(
     cache: CodeCache,
     topic: str,
     *,
-    n: int,
+    n: int | None,
     max_per_head: int,
     min_precision: float,
     min_count: int,
@@ -593,7 +665,8 @@ def find_topic_codes(
 
     Candidates come from ``search.search`` over the topic's documents (precision >=
     ``min_precision``, firing >= ``min_count`` times); each is scored by precision x document
-    coverage, and the best ``n`` are kept with at most ``max_per_head`` per head.
+    coverage, and the best ``n`` (``None`` = all) are kept with at most ``max_per_head`` per
+    head.
     """
     from ..search import docs_pattern, search
 
@@ -791,18 +864,103 @@ def generation_nll(
     return float(nll[m].sum()), int(m.sum())
 
 
+def sample_condition(
+    model: CodebookModel,
+    tokenizer: Any,
+    ppl_model: nn.Module | None,
+    spec: InterventionSpec | None,
+    prompts: Sequence[str],
+    cfg: TopicsConfig,
+    *,
+    samples_per_prompt: int,
+) -> tuple[list[tuple[int, Generation]], float, int]:
+    """Samples from every prompt under ``spec`` (seed ``cfg.seed`` + prompt index, so the
+    conditions are paired), with the summed NLL of the generated tokens and their number under
+    ``ppl_model`` (``None``: the codebook model with its codebooks off)."""
+    from ..intervene import generate
+
+    device = next(model.parameters()).device
+    gens: list[tuple[int, Generation]] = []
+    total, count = 0.0, 0
+    for pi, prompt in enumerate(prompts):
+        ids = prompt_ids(tokenizer, prompt)
+        samples = generate(
+            model,
+            tokenizer,
+            ids,
+            spec,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            num_samples=samples_per_prompt,
+            seed=cfg.seed + pi,
+        )
+        gens += [(pi, g) for g in samples]
+        if ppl_model is None:
+            with model.disabled():
+                s, n = generation_nll(model, ids, samples, device)
+        else:
+            s, n = generation_nll(ppl_model, ids, samples, device)
+        total += s
+        count += n
+    return gens, total, count
+
+
+def rank_by_effect(
+    model: CodebookModel,
+    tokenizer: Any,
+    base: nn.Module | None,
+    cache: CodeCache,
+    candidates: Mapping[str, Sequence[TopicCode]],
+    cfg: TopicsConfig,
+) -> dict[str, list[TopicCode]]:
+    """Each topic's candidates with ``effect``/``cost`` measured on contexts sampled from the
+    tuning prompts, best effect first; codes that do not raise the topic's words are dropped."""
+    topics = list(candidates)
+    llr = token_topic_llr(cache, topics)
+    ctx = steering_contexts(
+        model,
+        tokenizer,
+        cfg.tune_prompts,
+        per_prompt=cfg.effect_contexts,
+        length=cfg.effect_length,
+        seed=cfg.seed,
+    )
+    out = {}
+    for i, t in enumerate(topics):
+        measured = code_effects(
+            model,
+            base,
+            candidates[t],
+            ctx,
+            llr[i],
+            slot=cfg.slot,
+            scale=cfg.scale,
+            progress=cfg.progress,
+        )
+        kept = [c for c in measured if (c.effect or 0.0) > 0.0]
+        kept.sort(key=lambda c: (-(c.effect or 0.0), c.codebook, c.head or 0, c.code))
+        out[t] = kept
+    return out
+
+
+def choose_setting(points: Sequence[Mapping[str, Any]], max_ratio: float) -> Mapping[str, Any]:
+    """The tuning point with the best gain among those whose perplexity ratio is at most
+    ``max_ratio`` (ties: lower ratio); the lowest-ratio point when none qualifies."""
+    ok = [p for p in points if p["perplexity_ratio"] <= max_ratio]
+    if not ok:
+        return min(points, key=lambda p: p["perplexity_ratio"])
+    return max(ok, key=lambda p: (p["gain"], -p["perplexity_ratio"]))
+
+
 # -------------------------------------------------------------- experiment
 def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
     """Run the whole experiment; writes the report, returns ``metrics.json``'s content."""
-    import torch
     from tqdm.auto import tqdm
-
-    from ..intervene import generate
 
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
 
     # 1. Data and the judge (trained on documents the LM never sees).
     splits = split_corpus(cfg)
@@ -829,57 +987,114 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
             f"model={model_source}: has no attention-head codebooks (placement 'attn_heads'); "
             f"its codebooks are {list(model.codebooks)}"
         )
-    topic_codes = {
+    # Candidates: every code that fires mostly in the topic's documents, ranked by where it
+    # fires; 'effect' re-ranks them by what they do when forced (on the tuning prompts).
+    ranked = {
         t: find_topic_codes(
             cache,
             t,
-            n=cfg.codes_per_topic,
-            max_per_head=cfg.max_codes_per_head,
+            n=None,
+            max_per_head=10**9,
             min_precision=cfg.min_precision,
             min_count=cfg.min_count,
             codebooks=heads,
         )
         for t in topics
     }
+    if cfg.selection == "effect":
+        ranked = rank_by_effect(model, tokenizer, base, cache, ranked, cfg)
+    pool = {t: cap_per_head(ranked[t], None, cfg.max_codes_per_head) for t in topics}
+    setting: dict[str, dict[str, Any]] = {
+        t: {"codes": cfg.codes_per_topic, "scale": cfg.scale} for t in topics
+    }
 
-    # 3. Generate without and with steering; the same seed per prompt pairs the draws.
+    # 3a. Tuning sweep on the tuning prompts only: gain and perplexity per (codes, scale).
+    tuning: dict[str, Any] | None = None
+    if cfg.tune_codes:
+        scales = cfg.tune_scales or [cfg.scale]
+        bar = tqdm(
+            total=(1 + len(topics) * len(cfg.tune_codes) * len(scales)) * len(cfg.tune_prompts),
+            desc="tune",
+            disable=not cfg.progress,
+        )
+
+        def tune_run(spec: InterventionSpec | None) -> tuple[list[str], float | None]:
+            g, s_, n_ = sample_condition(
+                model,
+                tokenizer,
+                base,
+                spec,
+                cfg.tune_prompts,
+                cfg,
+                samples_per_prompt=cfg.tune_samples_per_prompt,
+            )
+            bar.update(len(cfg.tune_prompts))
+            return [x.text or "" for _, x in g], (math.exp(s_ / n_) if n_ else None)
+
+        base_texts, base_ppl = tune_run(None)
+        base_pred = clf.predict(base_texts)
+        tuning = {
+            "prompts": list(cfg.tune_prompts),
+            "samples_per_prompt": cfg.tune_samples_per_prompt,
+            "baseline_perplexity": base_ppl,
+            "topics": {},
+        }
+        for t in topics:
+            rate0 = sum(p == t for p in base_pred) / len(base_pred)
+            points = []
+            for n_codes in cfg.tune_codes:
+                for sc in scales:
+                    if not pool[t]:
+                        bar.update(len(cfg.tune_prompts))
+                        continue
+                    texts_t, p = tune_run(steering_spec(pool[t][:n_codes], slot=cfg.slot, scale=sc))
+                    pred = clf.predict(texts_t)
+                    rate = sum(x == t for x in pred) / len(pred)
+                    points.append(
+                        {
+                            "codes": min(n_codes, len(pool[t])),
+                            "scale": sc,
+                            "steered_rate": rate,
+                            "gain": rate - rate0,
+                            "perplexity": p,
+                            "perplexity_ratio": (p / base_ppl) if p and base_ppl else math.inf,
+                        }
+                    )
+            chosen = choose_setting(points, cfg.max_perplexity_ratio) if points else None
+            tuning["topics"][t] = {"baseline_rate": rate0, "points": points, "chosen": chosen}
+            if chosen is not None:
+                setting[t] = {"codes": int(chosen["codes"]), "scale": float(chosen["scale"])}
+        bar.close()
+    topic_codes = {t: pool[t][: int(setting[t]["codes"])] for t in topics}
+
+    # 3b. Evaluation prompts (never used above): without and with steering, paired seeds.
+    spec: InterventionSpec | None
     conditions: list[str | None] = [None, *topics]
     gens: dict[str | None, list[tuple[int, Generation]]] = {c: [] for c in conditions}
     nll: dict[str | None, list[float]] = {c: [0.0, 0.0] for c in conditions}
-    ppl_model: nn.Module = base if base is not None else model
-    bar = tqdm(total=len(conditions) * len(cfg.prompts), desc="generate", disable=not cfg.progress)
+    bar = tqdm(total=len(conditions), desc="generate", disable=not cfg.progress)
     for cond in conditions:
         spec = None
         if cond is not None:
             if not topic_codes[cond]:
-                bar.update(len(cfg.prompts))
+                bar.update(1)
                 continue
-            spec = steering_spec(topic_codes[cond], slot=cfg.slot, scale=cfg.scale)
+            spec = steering_spec(topic_codes[cond], slot=cfg.slot, scale=setting[cond]["scale"])
             # Saved so the steering replays from the shell: codebook-lens generate ... --intervene
             (out / "specs").mkdir(exist_ok=True)
             spec.save(out / "specs" / f"{cond}.yaml")
-        for pi, prompt in enumerate(cfg.prompts):
-            ids = prompt_ids(tokenizer, prompt)
-            samples = generate(
-                model,
-                tokenizer,
-                ids,
-                spec,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                num_samples=cfg.samples_per_prompt,
-                seed=cfg.seed + pi,
-            )
-            gens[cond] += [(pi, g) for g in samples]
-            if base is None:
-                with model.disabled():
-                    s, n = generation_nll(model, ids, samples, device)
-            else:
-                s, n = generation_nll(ppl_model, ids, samples, device)
-            nll[cond][0] += s
-            nll[cond][1] += n
-            bar.update(1)
+        g, s_, n_ = sample_condition(
+            model,
+            tokenizer,
+            base,
+            spec,
+            cfg.prompts,
+            cfg,
+            samples_per_prompt=cfg.samples_per_prompt,
+        )
+        gens[cond] = g
+        nll[cond] = [s_, float(n_)]
+        bar.update(1)
     bar.close()
 
     # 4. Judge.
@@ -923,14 +1138,29 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
             "samples": len(pred),
             "baseline_samples": len(baseline_pred),
             "steered_perplexity": ppl(t),
+            "perplexity_ratio": ratio(ppl(t), ppl(None)),
+            "setting": setting[t],
             "codes": [asdict(c) for c in topic_codes[t]],
         }
     gains = [m["gain"] for m in metrics["topics"].values()]
+    ratios = [m["perplexity_ratio"] for m in metrics["topics"].values()]
     metrics["target"] = {
         "topics_with_gain_ge_30pts": sum(g >= 0.30 for g in gains),
         "needed": 3,
         "met": sum(g >= 0.30 for g in gains) >= 3,
     }
+    fluent = sum(r is not None and r <= cfg.max_perplexity_ratio for r in ratios)
+    metrics["target_every_topic"] = {
+        "topics": len(topics),
+        "topics_with_gain_ge_30pts": sum(g >= 0.30 for g in gains),
+        "topics_within_perplexity_ratio": fluent,
+        "max_perplexity_ratio": cfg.max_perplexity_ratio,
+        "met": all(g >= 0.30 for g in gains) and fluent == len(topics),
+    }
+    metrics["selection"] = cfg.selection
+    metrics["evaluation_prompts"] = list(cfg.prompts)
+    metrics["tuning_prompts"] = list(cfg.tune_prompts)
+    metrics["tuning"] = tuning
     metrics["config"] = asdict(cfg)
     metrics["seconds"] = time.perf_counter() - started
     write_json_atomic(out / "metrics.json", metrics)
@@ -960,17 +1190,40 @@ def write_topics_report(
     topics = list(metrics["topics"])
     clf_m = metrics["classifier"]
     rep = Report("Topic steering with codebook features")
+    if cfg.selection == "effect":
+        ranking = (
+            "re-ranked by what each does when forced alone (slot "
+            f"'{cfg.slot}', scale {cfg.scale}) on {cfg.effect_contexts} unsteered samples of "
+            f"{cfg.effect_length} tokens from each tuning prompt: the rise of the next token's "
+            "expected log-likelihood ratio of the topic against the other topics (token counts "
+            "of the cache's documents); codes that do not raise it are dropped"
+        )
+    else:
+        ranking = "ranked by precision x the fraction of the topic's documents they fire in"
+    if metrics.get("tuning"):
+        how_many = (
+            "the number of forced codes and their scale are chosen per topic on the tuning "
+            "prompts (best gain with perplexity <= "
+            f"{cfg.max_perplexity_ratio}x the unsteered; see the trade-off below)"
+        )
+    else:
+        how_many = f"the best {cfg.codes_per_topic} are forced at scale {cfg.scale}"
     rep.paragraph(
         f"Model: {metrics['model']} (codebooks on every attention head), trained on "
         f"{metrics['lm_docs']} {cfg.data} documents. Topic codes were searched in a code cache of "
         f"{metrics['cache_tokens']:,} tokens of those documents: codes whose firings land in the "
-        f"topic's documents at least {cfg.min_precision:.0%} of the time, ranked by precision x "
-        f"the fraction of the topic's documents they fire in; the best {cfg.codes_per_topic} "
-        f"(at most {cfg.max_codes_per_head} per head) are forced at every position "
-        f"(slot '{cfg.slot}', scale {cfg.scale}) while sampling {cfg.max_new_tokens} tokens "
-        f"from each of {len(cfg.prompts)} neutral prompts x {cfg.samples_per_prompt} samples "
-        f"(temperature {cfg.temperature}, top-k {cfg.top_k}); the unsteered samples use the same "
-        "prompts and seeds."
+        f"topic's documents at least {cfg.min_precision:.0%} of the time, {ranking}; {how_many} "
+        f"(at most {cfg.max_codes_per_head} per head, slot '{cfg.slot}', every position) while "
+        f"sampling {cfg.max_new_tokens} tokens from each of {len(cfg.prompts)} neutral "
+        f"evaluation prompts x {cfg.samples_per_prompt} samples (temperature {cfg.temperature}, "
+        f"top-k {cfg.top_k}); the unsteered samples use the same prompts and seeds."
+    )
+    rep.paragraph(
+        "Evaluation prompts (never used to choose anything): "
+        + ", ".join(repr(p) for p in metrics.get("evaluation_prompts", cfg.prompts))
+        + ". Tuning prompts (code effects and the tuning sweep only): "
+        + ", ".join(repr(p) for p in metrics.get("tuning_prompts", cfg.tune_prompts))
+        + "."
     )
     rep.paragraph(
         f"Judge: {clf_m['kind']}, trained on {clf_m['train_docs']} held-out articles the LM never "
@@ -982,15 +1235,18 @@ def write_topics_report(
     rows = []
     for t in topics:
         m = metrics["topics"][t]
+        r = m.get("perplexity_ratio")
         rows.append(
             {
                 "topic": t,
                 "codes": len(m["codes"]),
+                "scale": m.get("setting", {}).get("scale", cfg.scale),
                 "unsteered on-topic": f"{m['baseline_rate']:.0%}",
                 "steered on-topic": f"{m['steered_rate']:.0%}",
                 "gain (points)": f"{100 * m['gain']:+.0f}",
                 "samples": m["samples"],
                 "perplexity (steered)": m["steered_perplexity"],
+                "x unsteered": "n/a" if r is None else f"{r:.2f}",
             }
         )
     target = metrics["target"]
@@ -1003,6 +1259,14 @@ def write_topics_report(
         f"Target (>= 30 points gain for >= 3 of 5 topics): {target['topics_with_gain_ge_30pts']} "
         f"topics reach it -> {'met' if target['met'] else 'NOT met'}."
     )
+    every = metrics.get("target_every_topic")
+    if every:
+        rep.paragraph(
+            f"Target (every topic >= +30 points and perplexity <= {every['max_perplexity_ratio']}x "
+            f"the unsteered): {every['topics_with_gain_ge_30pts']}/{every['topics']} topics gain "
+            f">= 30 points, {every['topics_within_perplexity_ratio']}/{every['topics']} stay "
+            f"within the perplexity bound -> {'met' if every['met'] else 'NOT met'}."
+        )
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = np.arange(len(topics))
     ax.bar(x - 0.2, [metrics["topics"][t]["baseline_rate"] for t in topics], 0.4, label="unsteered")
@@ -1012,6 +1276,50 @@ def write_topics_report(
     ax.set_ylabel("on-topic rate")
     ax.legend()
     rep.figure(fig, "topics_chart", caption="Fraction of generations judged on-topic")
+    tuning = metrics.get("tuning")
+    if tuning:
+        rep.heading("Trade-off: gain against perplexity (tuning prompts)")
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        tune_rows = []
+        for t in topics:
+            pts = tuning["topics"][t]["points"]
+            if not pts:
+                continue
+            for sc in sorted({p["scale"] for p in pts}):
+                line = sorted((p for p in pts if p["scale"] == sc), key=lambda p: p["codes"])
+                ax.plot(
+                    [p["perplexity_ratio"] for p in line],
+                    [100 * p["gain"] for p in line],
+                    marker="o",
+                    label=f"{t} x{sc:g}",
+                )
+            for p in pts:
+                tune_rows.append(
+                    {
+                        "topic": t,
+                        "codes": p["codes"],
+                        "scale": p["scale"],
+                        "gain (points)": f"{100 * p['gain']:+.0f}",
+                        "perplexity": p["perplexity"],
+                        "x unsteered": f"{p['perplexity_ratio']:.2f}",
+                        "chosen": "yes" if p == tuning["topics"][t]["chosen"] else "",
+                    }
+                )
+        ax.axhline(30, color="grey", ls="--", lw=0.8)
+        ax.axvline(cfg.max_perplexity_ratio, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("perplexity / unsteered perplexity")
+        ax.set_ylabel("gain in on-topic rate (points)")
+        ax.legend(fontsize=6, ncol=2)
+        rep.figure(
+            fig,
+            "topics_tradeoff",
+            caption="Each line: one topic and scale, more forced codes to the right (tuning "
+            f"prompts, {tuning['samples_per_prompt']} samples per prompt)",
+        )
+        rep.table(
+            tune_rows,
+            caption=f"Tuning sweep (unsteered perplexity {format_ppl(tuning['baseline_perplexity'])})",
+        )
     rep.heading("Topic codes")
     code_rows = []
     for t in topics:
@@ -1050,6 +1358,10 @@ def write_topics_report(
     )
     rep.paragraph(f"Run time: {metrics['seconds']:.0f} s. Full settings in metrics.json.")
     return rep.write(out)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def format_ppl(v: float | None) -> str:
