@@ -153,6 +153,12 @@ def test_token_topic_llr_counts_tokens_per_topic(tmp_path: Path) -> None:
     np.testing.assert_allclose(llr[0], expected)
     np.testing.assert_allclose(llr[1], -expected)  # two topics: each is the other's "rest"
     assert llr[0, 0] > 0 > llr[0, 2] and abs(llr[0, 3]) < 1e-12  # unseen token: no evidence
+    # Document counts: token 0 is in both sport docs and no business doc; token 1 in all 4.
+    docs = token_topic_llr(cache, ["sport", "business"], alpha=0.5, count="documents")
+    rate = lambda df, n: np.log((df + 0.5) / (n + 1.0))  # noqa: E731
+    np.testing.assert_allclose(docs[0, 0], rate(2, 2) - rate(0, 2))
+    np.testing.assert_allclose(docs[0, 1], 0.0, atol=1e-12)  # in every document: no evidence
+    np.testing.assert_allclose(docs[0, 2], rate(0, 2) - rate(2, 2))
 
 
 def test_code_effects_measure_what_a_forced_code_does() -> None:

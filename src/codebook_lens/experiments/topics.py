@@ -266,6 +266,10 @@ class TopicsConfig:
     coverage); 'effect' = what they do when forced alone on contexts sampled from the tuning
     prompts (change of the next token's expected topic log-likelihood ratio, ``code_effects``);
     the candidates are the same in both."""
+    effect_evidence: Literal["tokens", "documents"] = "tokens"
+    """'effect': a token's topic evidence from its counts in the topic's documents ('tokens')
+    or from the share of the topic's documents that contain it ('documents', robust to names
+    repeated through a few articles); see ``token_topic_llr``."""
     effect_contexts: int = 2
     """'effect': unsteered samples per tuning prompt used as contexts."""
     effect_length: int = 32
@@ -319,6 +323,7 @@ class TopicsConfig:
         check_choice("slot", self.slot, ("replace-lowest", "append"))
         check_choice("reduction", self.reduction, ("sum", "mean"))
         check_choice("selection", self.selection, ("firing", "effect"))
+        check_choice("effect_evidence", self.effect_evidence, ("tokens", "documents"))
         check_range("max_perplexity_ratio", self.max_perplexity_ratio, 1.0)
         try:  # flags give "1.5,2" as strings
             self.tune_scales = [float(v) for v in self.tune_scales]
@@ -706,17 +711,44 @@ def cap_per_head(ranked: Sequence[TopicCode], n: int | None, max_per_head: int) 
     return chosen
 
 
-def token_topic_llr(cache: CodeCache, topics: Sequence[str], *, alpha: float = 0.5) -> np.ndarray:
-    """``(topics, vocab)`` log P(token | topic) - log P(token | the other topics), from the
-    tokens of the cache's documents (the LM's own text, not the judge's articles)."""
-    tokens = np.asarray(cache.tokens)
-    labels = np.array([str(d.label) for d in cache.docs])[np.asarray(cache.doc_ids)]
+def token_topic_llr(
+    cache: CodeCache,
+    topics: Sequence[str],
+    *,
+    alpha: float = 0.5,
+    count: Literal["tokens", "documents"] = "tokens",
+) -> np.ndarray:
+    """``(topics, vocab)`` topic evidence of each token, from the cache's documents (the LM's
+    own text, not the judge's articles).
+
+    ``count='tokens'``: log P(token | topic) - log P(token | the other topics) over token
+    counts. ``count='documents'``: log P(a topic document contains the token) - log P(another
+    document does); a name repeated through a few articles then carries little evidence, a
+    word used across the topic's articles carries much. ``alpha``: additive smoothing.
+    """
+    tokens = np.asarray(cache.tokens).astype(np.int64)
+    doc_ids = np.asarray(cache.doc_ids).astype(np.int64)
+    doc_labels = np.array([str(d.label) for d in cache.docs])
     vocab = len(cache.vocab)
+    out = np.zeros((len(topics), vocab))
+    if count == "documents":
+        pairs = np.unique(doc_ids * vocab + tokens)  # each (document, token) once
+        d, t = pairs // vocab, pairs % vocab
+        df = np.stack([np.bincount(t[doc_labels[d] == x], minlength=vocab) for x in topics]).astype(
+            np.float64
+        )
+        nd = np.array([(doc_labels == x).sum() for x in topics], dtype=np.float64)
+        for i in range(len(topics)):
+            rest, n_rest = np.delete(df, i, axis=0).sum(0), np.delete(nd, i).sum()
+            out[i] = np.log((df[i] + alpha) / (nd[i] + 2 * alpha)) - np.log(
+                (rest + alpha) / (n_rest + 2 * alpha)
+            )
+        return out
+    labels = doc_labels[doc_ids]
     counts = np.stack(
         [np.bincount(tokens[labels == t], minlength=vocab).astype(np.float64) for t in topics]
     )
     counts += alpha
-    out = np.zeros_like(counts)
     for i in range(len(topics)):
         rest = np.delete(counts, i, axis=0).sum(0)
         out[i] = np.log(counts[i] / counts[i].sum()) - np.log(rest / rest.sum())
@@ -917,7 +949,7 @@ def rank_by_effect(
     """Each topic's candidates with ``effect``/``cost`` measured on contexts sampled from the
     tuning prompts, best effect first; codes that do not raise the topic's words are dropped."""
     topics = list(candidates)
-    llr = token_topic_llr(cache, topics)
+    llr = token_topic_llr(cache, topics, count=cfg.effect_evidence)
     ctx = steering_contexts(
         model,
         tokenizer,
