@@ -1313,17 +1313,30 @@ def write_topics_report(
         rep.heading("Trade-off: gain against perplexity (tuning prompts)")
         fig, ax = plt.subplots(figsize=(7, 4.2))
         tune_rows = []
-        for t in topics:
+        styles = ["-", "--", ":", "-."]
+        for ti, t in enumerate(topics):
             pts = tuning["topics"][t]["points"]
             if not pts:
                 continue
-            for sc in sorted({p["scale"] for p in pts}):
+            for si, sc in enumerate(sorted({p["scale"] for p in pts})):
                 line = sorted((p for p in pts if p["scale"] == sc), key=lambda p: p["codes"])
                 ax.plot(
                     [p["perplexity_ratio"] for p in line],
                     [100 * p["gain"] for p in line],
                     marker="o",
-                    label=f"{t} x{sc:g}",
+                    markersize=3,
+                    color=f"C{ti % 10}",
+                    ls=styles[si % len(styles)],
+                    label=f"{t}, scale {sc:g}",
+                )
+            chosen = tuning["topics"][t]["chosen"]
+            if chosen is not None:
+                ax.plot(
+                    [chosen["perplexity_ratio"]],
+                    [100 * chosen["gain"]],
+                    marker="*",
+                    markersize=12,
+                    color=f"C{ti % 10}",
                 )
             for p in pts:
                 tune_rows.append(
@@ -1339,14 +1352,16 @@ def write_topics_report(
                 )
         ax.axhline(30, color="grey", ls="--", lw=0.8)
         ax.axvline(cfg.max_perplexity_ratio, color="grey", ls=":", lw=0.8)
-        ax.set_xlabel("perplexity / unsteered perplexity")
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity / unsteered perplexity (log scale)")
         ax.set_ylabel("gain in on-topic rate (points)")
         ax.legend(fontsize=6, ncol=2)
         rep.figure(
             fig,
             "topics_tradeoff",
-            caption="Each line: one topic and scale, more forced codes to the right (tuning "
-            f"prompts, {tuning['samples_per_prompt']} samples per prompt)",
+            caption="Each line: one topic (colour) and scale (line style), points = more forced "
+            f"codes; star = the setting chosen (tuning prompts, {tuning['samples_per_prompt']} "
+            "samples per prompt)",
         )
         rep.table(
             tune_rows,
