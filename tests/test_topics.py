@@ -251,6 +251,8 @@ def test_config_errors() -> None:
         TopicsConfig(tune_scales=["big"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="tune_codes=.* is invalid"):
         TopicsConfig(tune_codes=[0])
+    with pytest.raises(ValueError, match="selection='both' is invalid without tune_codes"):
+        TopicsConfig(selection="both")
     with pytest.raises(ValueError, match="selection='where' is invalid"):
         TopicsConfig(selection="where")  # type: ignore[arg-type]
     assert TopicsConfig(tune_scales=["1.5", 2]).tune_scales == [1.5, 2.0]  # type: ignore[list-item]
@@ -290,7 +292,7 @@ def test_quick_experiment_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
             forced = sorted((e.codebook, e.head, c) for e in spec.edits for c in e.code_list)
             assert forced == sorted((c["codebook"], c["head"], c["code"]) for c in m["codes"])
     report = (out / "report.md").read_text()
-    assert "| topic | codes | scale | unsteered on-topic | steered on-topic |" in report
+    assert "| topic | ranking | codes | scale | unsteered on-topic | steered on-topic |" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
     # A second run reuses the trained model instead of training again.
     assert main(argv) == 0
@@ -305,21 +307,23 @@ def test_quick_experiment_effect_selection_and_tuning(tmp_path: Path) -> None:
 
     out = tmp_path / "topics"
     argv = ["experiment", "topics", "--quick", "--out", str(out), "--no-progress"]
-    argv += ["--selection", "effect", "--tune-codes", "2,4", "--tune-scales", "1,2"]
+    argv += ["--selection", "both", "--tune-codes", "2,4", "--tune-scales", "1,2"]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["selection"] == "effect"
+    assert metrics["selection"] == "both"
     tuning = metrics["tuning"]
     assert tuning["prompts"] == metrics["tuning_prompts"]
     assert not set(metrics["tuning_prompts"]) & set(metrics["evaluation_prompts"])
     for t, m in metrics["topics"].items():
-        # Effect selection keeps only codes measured to raise the topic's words.
-        assert all(c["effect"] is not None and c["effect"] > 0 for c in m["codes"])
+        if m["setting"]["ranking"] == "effect":
+            # Effect ranking keeps only codes measured to raise the topic's words.
+            assert all(c["effect"] is not None and c["effect"] > 0 for c in m["codes"])
         pts = tuning["topics"][t]["points"]
         if pts:  # the evaluated setting is the one chosen on the tuning prompts
             chosen = tuning["topics"][t]["chosen"]
-            assert chosen in pts and len(pts) == 4
-            assert m["setting"] == {"codes": chosen["codes"], "scale": chosen["scale"]}
+            assert chosen in pts and {p["ranking"] for p in pts} <= {"firing", "effect"}
+            assert len([p for p in pts if p["ranking"] == "firing"]) == 4  # 2 codes x 2 scales
+            assert m["setting"] == {k: chosen[k] for k in ("ranking", "codes", "scale")}
             assert len(m["codes"]) == chosen["codes"]
     report = (out / "report.md").read_text()
     assert "Tuning prompts (code effects and the tuning sweep only): 'Last night'" in report

@@ -261,11 +261,12 @@ class TopicsConfig:
     min_count: int = 20
     """A topic code must fire on at least this many tokens of the cache."""
 
-    selection: Literal["firing", "effect"] = "firing"
+    selection: Literal["firing", "effect", "both"] = "firing"
     """How a topic's codes are ranked: 'firing' = where they fire (precision x document
     coverage); 'effect' = what they do when forced alone on contexts sampled from the tuning
     prompts (change of the next token's expected topic log-likelihood ratio, ``code_effects``);
-    the candidates are the same in both."""
+    'both' = the tuning sweep tries both rankings and keeps the better per topic (needs
+    ``tune_codes``). The candidates are the same in all."""
     effect_evidence: Literal["tokens", "documents"] = "tokens"
     """'effect': a token's topic evidence from its counts in the topic's documents ('tokens')
     or from the share of the topic's documents that contain it ('documents', robust to names
@@ -322,7 +323,12 @@ class TopicsConfig:
         check_range("temperature", self.temperature, 0.0)
         check_choice("slot", self.slot, ("replace-lowest", "append"))
         check_choice("reduction", self.reduction, ("sum", "mean"))
-        check_choice("selection", self.selection, ("firing", "effect"))
+        check_choice("selection", self.selection, ("firing", "effect", "both"))
+        if self.selection == "both" and not self.tune_codes:
+            raise ValueError(
+                "selection='both' is invalid without tune_codes: the tuning sweep chooses "
+                "between the rankings (give tune_codes, e.g. 16,32,64)"
+            )
         check_choice("effect_evidence", self.effect_evidence, ("tokens", "documents"))
         check_range("max_perplexity_ratio", self.max_perplexity_ratio, 1.0)
         try:  # flags give "1.5,2" as strings
@@ -1033,11 +1039,18 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
         )
         for t in topics
     }
+    rankings = {"firing": ranked}
+    if cfg.selection in ("effect", "both"):
+        rankings["effect"] = rank_by_effect(model, tokenizer, base, cache, ranked, cfg)
     if cfg.selection == "effect":
-        ranked = rank_by_effect(model, tokenizer, base, cache, ranked, cfg)
-    pool = {t: cap_per_head(ranked[t], None, cfg.max_codes_per_head) for t in topics}
+        del rankings["firing"]
+    pools = {
+        r: {t: cap_per_head(rk[t], None, cfg.max_codes_per_head) for t in topics}
+        for r, rk in rankings.items()
+    }
+    first = next(iter(pools))
     setting: dict[str, dict[str, Any]] = {
-        t: {"codes": cfg.codes_per_topic, "scale": cfg.scale} for t in topics
+        t: {"ranking": first, "codes": cfg.codes_per_topic, "scale": cfg.scale} for t in topics
     }
 
     # 3a. Tuning sweep on the tuning prompts only: gain and perplexity per (codes, scale).
@@ -1045,7 +1058,8 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
     if cfg.tune_codes:
         scales = cfg.tune_scales or [cfg.scale]
         bar = tqdm(
-            total=(1 + len(topics) * len(cfg.tune_codes) * len(scales)) * len(cfg.tune_prompts),
+            total=(1 + len(topics) * len(pools) * len(cfg.tune_codes) * len(scales))
+            * len(cfg.tune_prompts),
             desc="tune",
             disable=not cfg.progress,
         )
@@ -1074,30 +1088,40 @@ def run_topics(cfg: TopicsConfig) -> dict[str, Any]:
         for t in topics:
             rate0 = sum(p == t for p in base_pred) / len(base_pred)
             points = []
-            for n_codes in cfg.tune_codes:
-                for sc in scales:
-                    if not pool[t]:
-                        bar.update(len(cfg.tune_prompts))
-                        continue
-                    texts_t, p = tune_run(steering_spec(pool[t][:n_codes], slot=cfg.slot, scale=sc))
-                    pred = clf.predict(texts_t)
-                    rate = sum(x == t for x in pred) / len(pred)
-                    points.append(
-                        {
-                            "codes": min(n_codes, len(pool[t])),
-                            "scale": sc,
-                            "steered_rate": rate,
-                            "gain": rate - rate0,
-                            "perplexity": p,
-                            "perplexity_ratio": (p / base_ppl) if p and base_ppl else math.inf,
-                        }
-                    )
+            for r, pool in pools.items():
+                for n_codes in cfg.tune_codes:
+                    for sc in scales:
+                        if not pool[t]:
+                            bar.update(len(cfg.tune_prompts))
+                            continue
+                        texts_t, p = tune_run(
+                            steering_spec(pool[t][:n_codes], slot=cfg.slot, scale=sc)
+                        )
+                        pred = clf.predict(texts_t)
+                        rate = sum(x == t for x in pred) / len(pred)
+                        points.append(
+                            {
+                                "ranking": r,
+                                "codes": min(n_codes, len(pool[t])),
+                                "scale": sc,
+                                "steered_rate": rate,
+                                "gain": rate - rate0,
+                                "perplexity": p,
+                                "perplexity_ratio": (p / base_ppl) if p and base_ppl else math.inf,
+                            }
+                        )
             chosen = choose_setting(points, cfg.max_perplexity_ratio) if points else None
             tuning["topics"][t] = {"baseline_rate": rate0, "points": points, "chosen": chosen}
             if chosen is not None:
-                setting[t] = {"codes": int(chosen["codes"]), "scale": float(chosen["scale"])}
+                setting[t] = {
+                    "ranking": str(chosen["ranking"]),
+                    "codes": int(chosen["codes"]),
+                    "scale": float(chosen["scale"]),
+                }
         bar.close()
-    topic_codes = {t: pool[t][: int(setting[t]["codes"])] for t in topics}
+    topic_codes = {
+        t: pools[str(setting[t]["ranking"])][t][: int(setting[t]["codes"])] for t in topics
+    }
 
     # 3b. Evaluation prompts (never used above): without and with steering, paired seeds.
     spec: InterventionSpec | None
@@ -1222,13 +1246,15 @@ def write_topics_report(
     topics = list(metrics["topics"])
     clf_m = metrics["classifier"]
     rep = Report("Topic steering with codebook features")
-    if cfg.selection == "effect":
+    if cfg.selection in ("effect", "both"):
         ranking = (
-            "re-ranked by what each does when forced alone (slot "
+            ("ranked by where they fire AND, separately, " if cfg.selection == "both" else "")
+            + "re-ranked by what each does when forced alone (slot "
             f"'{cfg.slot}', scale {cfg.scale}) on {cfg.effect_contexts} unsteered samples of "
             f"{cfg.effect_length} tokens from each tuning prompt: the rise of the next token's "
             "expected log-likelihood ratio of the topic against the other topics (token counts "
             "of the cache's documents); codes that do not raise it are dropped"
+            + ("; the sweep keeps the better ranking per topic" if cfg.selection == "both" else "")
         )
     else:
         ranking = "ranked by precision x the fraction of the topic's documents they fire in"
@@ -1271,6 +1297,7 @@ def write_topics_report(
         rows.append(
             {
                 "topic": t,
+                "ranking": m.get("setting", {}).get("ranking", cfg.selection),
                 "codes": len(m["codes"]),
                 "scale": m.get("setting", {}).get("scale", cfg.scale),
                 "unsteered on-topic": f"{m['baseline_rate']:.0%}",
@@ -1318,17 +1345,26 @@ def write_topics_report(
             pts = tuning["topics"][t]["points"]
             if not pts:
                 continue
+            names = sorted({str(p.get("ranking", cfg.selection)) for p in pts})
             for si, sc in enumerate(sorted({p["scale"] for p in pts})):
-                line = sorted((p for p in pts if p["scale"] == sc), key=lambda p: p["codes"])
-                ax.plot(
-                    [p["perplexity_ratio"] for p in line],
-                    [100 * p["gain"] for p in line],
-                    marker="o",
-                    markersize=3,
-                    color=f"C{ti % 10}",
-                    ls=styles[si % len(styles)],
-                    label=f"{t}, scale {sc:g}",
-                )
+                for ri, r in enumerate(names):
+                    line = sorted(
+                        (
+                            p
+                            for p in pts
+                            if p["scale"] == sc and p.get("ranking", cfg.selection) == r
+                        ),
+                        key=lambda p: p["codes"],
+                    )
+                    ax.plot(
+                        [p["perplexity_ratio"] for p in line],
+                        [100 * p["gain"] for p in line],
+                        marker="os^"[ri % 3],
+                        markersize=3,
+                        color=f"C{ti % 10}",
+                        ls=styles[si % len(styles)],
+                        label=f"{t}, scale {sc:g}" + (f", {r}" if len(names) > 1 else ""),
+                    )
             chosen = tuning["topics"][t]["chosen"]
             if chosen is not None:
                 ax.plot(
@@ -1342,6 +1378,7 @@ def write_topics_report(
                 tune_rows.append(
                     {
                         "topic": t,
+                        "ranking": p.get("ranking", cfg.selection),
                         "codes": p["codes"],
                         "scale": p["scale"],
                         "gain (points)": f"{100 * p['gain']:+.0f}",
