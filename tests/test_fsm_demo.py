@@ -167,6 +167,23 @@ def test_rotary_scale_multiplies_the_frequencies_and_survives_saving(
         assert not torch.allclose(plain.eval()(input_ids=x).logits, model(input_ids=x).logits)
 
 
+def test_layer_norm_option_puts_the_codes_on_a_fixed_scale() -> None:
+    cfg = DemoConfig.quick(width=32, heads=2, mlp_width=32, layer_norm=True)
+    assert cfg.codebook_config().layer_norm and not DemoConfig.quick().codebook_config().layer_norm
+    fsm = TokFSM(cfg.fsm_config())
+    model = attach_codebooks(build_base_model(cfg, fsm), cfg.codebook_config()).eval()
+    plain = attach_codebooks(build_base_model(cfg, fsm), DemoConfig.quick().codebook_config())
+    x = torch.randn(64, 32)
+    shifted = 5.0 * x + 3.0  # another scale, and an offset on every feature
+    with torch.no_grad():
+        # normalised, the codes chosen for an input ignore its scale and offset; the plain
+        # (cosine) codebook sees the offset
+        layer = model.codebooks["layers.0.mlp_out"]
+        assert torch.equal(layer(x).codes, layer(shifted).codes)
+        layer = plain.eval().codebooks["layers.0.mlp_out"]
+        assert not torch.equal(layer(x).codes, layer(shifted).codes)
+
+
 def test_cli_bad_option_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["demo", "--quick", "--num-edges", "50", "--out", str(tmp_path / "x")]) == 2
     assert "num_edges=50 is invalid" in capsys.readouterr().err

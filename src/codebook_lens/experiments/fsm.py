@@ -115,6 +115,10 @@ class DemoConfig:
     commitment_weight: float = 1.0
     """Pulls each codebook's input toward its chosen code. Without it the straight-through
     gradient lets activations drift away from the codes and joint fine-tuning diverges."""
+    layer_norm: bool = False
+    """LayerNorm each codebook's input before choosing and reconstructing (the codes live on the
+    normalised scale, so the transformer cannot inflate the quantisation error by growing its
+    activations)."""
     dead_code_steps: int = 0
     """Revive codes unused for this many steps (0: never). Off by default here: every revival
     splits a state's activations between two near-identical codes, which destroys the
@@ -212,6 +216,7 @@ class DemoConfig:
             placements=["attn_heads", "mlp_out"],
             kmeans_init=True,
             commitment_weight=self.commitment_weight,
+            layer_norm=self.layer_norm,
             dead_code_steps=self.dead_code_steps,
             seed=self.seed,
         )
