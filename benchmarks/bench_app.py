@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import RESULTS, machine, save_section  # noqa: E402
 
-from codebook_lens.cache import CodeCache, synthetic_cache
-from codebook_lens.search import make_pattern, search
+from codebook_lens.codes.cache import CodeCache, synthetic_cache
+from codebook_lens.codes.search import make_pattern, search
 
 PER_PAGE = 10
 

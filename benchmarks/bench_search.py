@@ -48,8 +48,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, print_table, save_section  # noqa: E402
 
-from codebook_lens.cache import CodeCache, synthetic_cache
-from codebook_lens.search import Pattern, available_cores, code_hits, make_pattern, search
+from codebook_lens.codes.cache import CodeCache, synthetic_cache
+from codebook_lens.codes.search import Pattern, available_cores, code_hits, make_pattern, search
 
 MONTHS = (
     r"\b(January|February|March|April|May|June|July|August|September|October|November|December)\b"

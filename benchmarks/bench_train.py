@@ -1,7 +1,7 @@
 """Training throughput: codebook model vs its base model, same settings, side by side.
 
 One training step = forward with labels, codebook loss, backward, gradient clipping, AdamW step
-and ``model.step()`` (dead-code clock), i.e. the inner loop of ``codebook_lens.train.train``
+and ``model.step()`` (dead-code clock), i.e. the inner loop of ``codebook_lens.training.loop.train``
 without its logging. Contenders are timed round-robin in one run (median of repeats), on random
 token batches, for the default ``codebook-lens pretrain`` model (GPT-NeoX, 2 layers, width 128,
 4 heads, BPE vocabulary 2048) with codebooks on every attention head (k-means init, mean of k).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, machine, print_table, time_wall_cpu, update_section
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens.train import TrainConfig, build_optimizer
+from codebook_lens.training.loop import TrainConfig, build_optimizer
 
 
 def make_model(args: argparse.Namespace, device: str) -> torch.nn.Module:

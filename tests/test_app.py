@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from codebook_lens import CodebookConfig, attach_codebooks  # noqa: E402
 from codebook_lens.app import AppConfig, create_app  # noqa: E402
-from codebook_lens.cache import build_cache, synthetic_cache  # noqa: E402
+from codebook_lens.codes.cache import build_cache, synthetic_cache  # noqa: E402
 
 BASE = "http://127.0.0.1"
 
@@ -137,7 +137,7 @@ def test_planted_code_ranks_first_with_perfect_scores(client: TestClient, plante
 
 
 def test_search_equals_library_and_pages_continue(client: TestClient, planted: Any) -> None:
-    from codebook_lens.search import make_pattern, search
+    from codebook_lens.codes.search import make_pattern, search
 
     pattern = make_pattern(planted, regex=r"\b(the|of)\b")
     want = search(planted, pattern, codebooks=["layers.1.mlp_out"], top=None, sort_by="recall")
@@ -214,7 +214,7 @@ def test_search_rejects_bad_input(
 
 
 def test_catastrophic_regex_times_out(tmp_path: Path) -> None:
-    from codebook_lens.cache import CacheWriter, CodebookInfo
+    from codebook_lens.codes.cache import CacheWriter, CodebookInfo
 
     info = CodebookInfo("layers.0.mlp_out", "mlp_out", 0, 1, False, 1, 4, 8)
     with CacheWriter(tmp_path / "c", codebooks=[info], identity={}, vocab=["a"]) as w:
@@ -240,7 +240,7 @@ def test_catastrophic_regex_times_out(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- code
 def test_code_page_highlights_the_firing_token(client: TestClient, planted: Any) -> None:
-    from codebook_lens.search import code_profile
+    from codebook_lens.codes.search import code_profile
 
     data = ok(client.get("/api/code/layers.0.mlp_out/7", params={"contexts": 8}))
     want = code_profile(planted, "layers.0.mlp_out", 7, n_contexts=8).to_dict()
@@ -332,7 +332,7 @@ def test_document_list_paginates(client: TestClient, planted: Any) -> None:
 
 
 def test_overview_matches_library_health(client: TestClient, planted: Any) -> None:
-    from codebook_lens.analysis import codebook_health
+    from codebook_lens.codes.analysis import codebook_health
 
     data = ok(client.get("/api/overview"))
     assert data["cache"]["n_tokens"] == planted.n_tokens
@@ -364,7 +364,7 @@ def test_steering_and_pasted_text_need_a_model(client: TestClient) -> None:
 
 # --------------------------------------------------------- with a real model
 def test_pasted_text_codes_equal_a_forward_pass(served: tuple[TestClient, Any]) -> None:
-    from codebook_lens.intervene import run_with_codes
+    from codebook_lens.codes.intervene import run_with_codes
 
     client, lens = served
     text = "In May the team won."
@@ -384,7 +384,7 @@ def test_pasted_text_codes_equal_a_forward_pass(served: tuple[TestClient, Any]) 
 
 
 def test_steering_equals_library_and_changes_generation(served: tuple[TestClient, Any]) -> None:
-    from codebook_lens.intervene import InterventionSpec, compare
+    from codebook_lens.codes.intervene import InterventionSpec, compare
 
     client, lens = served
     edit = {"codebook": "layers.1.mlp_out", "codes": [3], "scale": 8.0}
@@ -482,7 +482,7 @@ def test_steering_rejects_bad_requests(
 
 
 def test_code_page_with_model_has_promoted_tokens(served: tuple[TestClient, Any]) -> None:
-    from codebook_lens.analysis import promoted_tokens
+    from codebook_lens.codes.analysis import promoted_tokens
 
     client, lens = served
     data = ok(client.get("/api/code/layers.1.mlp_out/2"))

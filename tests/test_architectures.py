@@ -1,7 +1,7 @@
 """attach_codebooks on every causal-LM architecture of the installed transformers.
 
 One session fixture builds each tiny model once and runs every check on it
-(``codebook_lens.architectures``); the tests below assert on those results, and
+(``codebook_lens.model.architecture_checks``); the tests below assert on those results, and
 ``docs/architectures.md`` must equal what the same results render to.
 """
 
@@ -15,8 +15,8 @@ import torch
 import transformers
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens import architectures as A
-from codebook_lens.config import PLACEMENTS
+from codebook_lens.model import architecture_checks as A
+from codebook_lens.model.config import PLACEMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architectures.md"

@@ -213,7 +213,7 @@ def test_failed_save_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_eval_mode_restores_each_modules_own_mode_even_on_error() -> None:
-    from codebook_lens.attach import eval_mode
+    from codebook_lens.model.codebook_model import eval_mode
 
     model = attach_codebooks(tiny_model("gpt2"), CodebookConfig(num_codes=16, k=2))
     model.train()

@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens import cache as cache_mod
-from codebook_lens.cache import (
+from codebook_lens.codes import cache as cache_mod
+from codebook_lens.codes.cache import (
     CacheWriter,
     CodebookInfo,
     CodeCache,
@@ -227,7 +227,7 @@ def test_build_cache_needs_fast_tokenizer(tmp_path: Path) -> None:
 def test_identity_covers_the_affine_layer_norm(tmp_path: Path, tok) -> None:  # type: ignore[no-untyped-def]
     import hashlib
 
-    from codebook_lens.cache import model_identity
+    from codebook_lens.codes.cache import model_identity
 
     def model(affine: bool):  # type: ignore[no-untyped-def]
         cfg = CodebookConfig(

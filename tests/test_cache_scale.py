@@ -13,8 +13,9 @@ import pytest
 import torch
 from test_cache import TEXTS, Doc, docs, small_model, small_tokenizer
 
-from codebook_lens import cache as cache_mod
-from codebook_lens.cache import (
+from codebook_lens.cli import main
+from codebook_lens.codes import cache as cache_mod
+from codebook_lens.codes.cache import (
     CacheWriter,
     CodeCache,
     ShardedArray,
@@ -26,8 +27,7 @@ from codebook_lens.cache import (
     synthetic_cache,
     verify_cache,
 )
-from codebook_lens.cli import main
-from codebook_lens.search import (
+from codebook_lens.codes.search import (
     all_code_hits,
     code_contexts,
     code_profile,
@@ -653,7 +653,7 @@ def test_hits_with_wide_keys_equal_brute_force(tmp_path: Path) -> None:
 def test_default_regex_time_limit_grows_with_the_cache(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from codebook_lens.search import DEFAULT_REGEX_TIMEOUT, regex_timeout
+    from codebook_lens.codes.search import DEFAULT_REGEX_TIMEOUT, regex_timeout
 
     small = synthetic_cache(tmp_path / "c", n_tokens=500)
     assert regex_timeout(small) == DEFAULT_REGEX_TIMEOUT
@@ -686,8 +686,8 @@ def test_parallel_search_from_an_unguarded_script_and_from_stdin(tmp_path: Path)
     synthetic_cache(tmp_path / "c", n_tokens=3_000, plant={"May": 7})
     marker = tmp_path / "runs.txt"
     script = (
-        "from codebook_lens.cache import CodeCache\n"
-        "from codebook_lens.search import search_pattern\n"
+        "from codebook_lens.codes.cache import CodeCache\n"
+        "from codebook_lens.codes.search import search_pattern\n"
         f"open({str(marker)!r}, 'a').write('run\\n')\n"
         f"r = search_pattern(CodeCache({str(tmp_path / 'c')!r}), regex='May', workers=2)\n"
         "print(r.matches[0].code, r.matches[0].precision)\n"

@@ -11,7 +11,9 @@ from conftest import ARCHS, tiny_model
 from transformers import DynamicCache
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens.compat import (
+from codebook_lens.codes.intervene import EditSpec, InterventionSpec, generate, intervene
+from codebook_lens.experiments.fsm_data import FSMConfig, TokFSM, sample_sequences
+from codebook_lens.model.kv_cache import (
     CACHE_NAMES,
     cache_keyword,
     cache_kwargs,
@@ -19,8 +21,6 @@ from codebook_lens.compat import (
     find_cache_length,
     output_cache,
 )
-from codebook_lens.experiments.fsm_data import FSMConfig, TokFSM, sample_sequences
-from codebook_lens.intervene import EditSpec, InterventionSpec, generate, intervene
 
 
 class _OldStyle(torch.nn.Module):

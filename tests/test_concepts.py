@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import regex
 
-from codebook_lens.cache import synthetic_cache
+from codebook_lens.codes.cache import synthetic_cache
 from codebook_lens.experiments.concepts import (
     Concept,
     ConceptsConfig,
@@ -197,7 +197,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A tiny saved codebook model (heads + MLP codebooks) and a cache of it."""
     from test_cache import docs, small_model, small_tokenizer
 
-    from codebook_lens.cache import build_cache
+    from codebook_lens.codes.cache import build_cache
 
     root = tmp_path_factory.mktemp("concepts")
     tok = small_tokenizer()
@@ -210,8 +210,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
 def test_module_activations_equal_site_activations(tiny: tuple[Any, Path]) -> None:
     """Layer 0's codebook input does not depend on any quantization: the plain model's capture
     at the same module equals ``analysis.site_activations``."""
-    from codebook_lens.analysis import site_activations
-    from codebook_lens.cache import load_cache
+    from codebook_lens.codes.analysis import site_activations
+    from codebook_lens.codes.cache import load_cache
     from codebook_lens.experiments.concepts import module_activations
 
     model, root = tiny

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from codebook_lens.data import (
+from codebook_lens.model.tokenizer import gpt2_tokenizer, load_tokenizer
+from codebook_lens.training.data import (
     BatchStream,
     DataConfig,
     Document,
     check_block_size,
     fixed_batches,
-    gpt2_tokenizer,
     load_documents,
-    load_tokenizer,
     pack_tokens,
     split_documents,
 )

@@ -46,8 +46,8 @@ def _model() -> torch.nn.Module:
 
 
 def run_training(rank: int, world: int, out: Path) -> dict[str, torch.Tensor]:
-    from codebook_lens.data import BatchStream
-    from codebook_lens.train import TrainConfig, train
+    from codebook_lens.training.data import BatchStream
+    from codebook_lens.training.loop import TrainConfig, train
 
     model = _model()
     stream = BatchStream(_blocks(), GLOBAL_BATCH // world, seed=3, rank=rank, world_size=world)
@@ -71,7 +71,7 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from codebook_lens import distributed
+    from codebook_lens.model import distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -126,7 +126,7 @@ def test_two_gloo_ranks_equal_each_other_and_a_single_process(tmp_path: Path) ->
 
 
 def test_helpers_are_plain_ops_without_a_process_group() -> None:
-    from codebook_lens import distributed
+    from codebook_lens.model import distributed
 
     x = torch.arange(12.0).view(4, 3)
     assert distributed.rank_world() == (0, 1) and not distributed.active()

@@ -40,7 +40,7 @@ def test_doc_has_rows_for_every_command() -> None:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from test_cache import docs, small_model, small_tokenizer
 
-    from codebook_lens.cache import build_cache
+    from codebook_lens.codes.cache import build_cache
 
     root = tmp_path_factory.mktemp("errors")
     tok = small_tokenizer()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens.data import fixed_batches
-from codebook_lens.evaluate import evaluate, flatten_metrics, format_table
+from codebook_lens.training.data import fixed_batches
+from codebook_lens.training.evaluate import evaluate, flatten_metrics, format_table
 
 IDS = torch.randint(1, 64, (6, 12), generator=torch.Generator().manual_seed(2))
 BATCHES = fixed_batches(IDS, 4)  # batches of 4 and 2 rows

@@ -29,7 +29,7 @@ from codebook_lens.experiments.fsm import (
     train_stage,
 )
 from codebook_lens.experiments.fsm_data import TokFSM
-from codebook_lens.train import TrainConfig
+from codebook_lens.training.loop import TrainConfig
 
 REQUIRED_KEYS = [
     "wall_seconds", "base.transition_accuracy", "codebook.transition_accuracy",

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens.intervene import (
+from codebook_lens.codes.intervene import (
     EditSpec,
     InterventionSpec,
     Positions,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from codebook_lens import CodebookLayer
-from codebook_lens.layer import _block_size, topk_indices
+from codebook_lens.model.layer import _block_size, topk_indices
 
 
 def brute_force_codes(layer: CodebookLayer, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_search_with_no_tokens() -> None:
 
 
 def test_bag_sum_gradients_match_autograd_reference() -> None:
-    from codebook_lens.layer import _BagSum
+    from codebook_lens.model.layer import _BagSum
 
     torch.manual_seed(0)
     table = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, CodebookLayer, attach_codebooks
-from codebook_lens.layer import NonFiniteInputError
+from codebook_lens.model.layer import NonFiniteInputError
 
 
 def poisoned(n: int = 12, dim: int = 16) -> torch.Tensor:

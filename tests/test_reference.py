@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, CodebookLayer, CodebookModel, attach_codebooks
-from codebook_lens.reference import (
+from codebook_lens.model.reference import (
     convert_reference,
     digits_tokenizer,
     is_reference_checkpoint,
@@ -418,8 +418,8 @@ def digit_walks(folder: Path) -> Path:
 def test_cli_convert_then_cache_search_generate_and_serve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from codebook_lens.cache import CodeCache
     from codebook_lens.cli import main
+    from codebook_lens.codes.cache import CodeCache
 
     src, base = fixture(NAMES[0]) / "bin", fixture(NAMES[0]) / "base_model"
     model_dir, cache_dir = tmp_path / "model", tmp_path / "cache"

@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_cache import TEXTS, docs, small_model, small_tokenizer
 
-from codebook_lens.analysis import (
+from codebook_lens.cli import main
+from codebook_lens.codes.analysis import (
     best_neuron,
     best_neurons,
     codebook_health,
@@ -23,9 +24,14 @@ from codebook_lens.analysis import (
     promoted_tokens,
     site_activations,
 )
-from codebook_lens.cache import CacheWriter, CodebookInfo, CodeCache, build_cache, synthetic_cache
-from codebook_lens.cli import main
-from codebook_lens.search import (
+from codebook_lens.codes.cache import (
+    CacheWriter,
+    CodebookInfo,
+    CodeCache,
+    build_cache,
+    synthetic_cache,
+)
+from codebook_lens.codes.search import (
     code_contexts,
     code_labels,
     code_profile,

@@ -56,7 +56,7 @@ def _planted_cache(tmp_path: Path):
     (precision 0.5). Head 1: code 5 fires on every sport token (precision 1, coverage 1).
     Everything else is background codes 10..19.
     """
-    from codebook_lens.cache import CacheWriter, CodebookInfo
+    from codebook_lens.codes.cache import CacheWriter, CodebookInfo
 
     info = CodebookInfo("layers.0.attn_heads", "attn_heads", 0, 2, True, 2, 32, 8)
     rng = np.random.default_rng(0)
@@ -130,7 +130,7 @@ def test_cap_per_head_keeps_rank_order() -> None:
 
 def test_token_topic_llr_counts_tokens_per_topic(tmp_path: Path) -> None:
     """sport docs: tokens 0,0,0,1; business docs: 1,1,2,2 (2 docs each, vocab of 4)."""
-    from codebook_lens.cache import CacheWriter, CodebookInfo
+    from codebook_lens.codes.cache import CacheWriter, CodebookInfo
     from codebook_lens.experiments.topics import token_topic_llr
 
     info = CodebookInfo("layers.0.mlp_out", "mlp_out", 0, 1, False, 1, 8, 4)
@@ -167,8 +167,8 @@ def test_code_effects_measure_what_a_forced_code_does() -> None:
     from conftest import tiny_model
 
     from codebook_lens import CodebookConfig, attach_codebooks
+    from codebook_lens.codes.intervene import EditSpec, InterventionSpec, run_with_codes
     from codebook_lens.experiments.topics import TopicCode, code_effects
-    from codebook_lens.intervene import EditSpec, InterventionSpec, run_with_codes
 
     model = attach_codebooks(
         tiny_model("gpt2"), CodebookConfig(num_codes=16, k=2, placements=["attn_heads"])
@@ -226,8 +226,8 @@ def test_choose_setting_best_gain_within_the_perplexity_bound() -> None:
 
 
 def test_interleave_round_robins_labels() -> None:
-    from codebook_lens.data import Document
     from codebook_lens.experiments.topics import interleave
+    from codebook_lens.training.data import Document
 
     docs = [Document(f"{lab}{i}", "x", lab) for lab in ("a", "b") for i in range(3)]
     docs.append(Document("c0", "x", "c"))
@@ -284,7 +284,7 @@ def test_quick_experiment_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     for name in ("report.md", "report.html", "topics_chart.png", "generations.json"):
         assert (out / name).is_file(), name
-    from codebook_lens.intervene import InterventionSpec
+    from codebook_lens.codes.intervene import InterventionSpec
 
     for topic, m in topics.items():
         if m["codes"]:  # the saved spec forces exactly the reported codes

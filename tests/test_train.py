@@ -11,15 +11,15 @@ import torch
 from conftest import tiny_model
 
 from codebook_lens import CodebookConfig, CodebookModel, attach_codebooks
-from codebook_lens.checkpoint import (
+from codebook_lens.cli import main
+from codebook_lens.training.checkpoint import (
     flatten_state,
     list_checkpoints,
     load_checkpoint_model,
     unflatten_state,
 )
-from codebook_lens.cli import main
-from codebook_lens.data import BatchStream, fixed_batches
-from codebook_lens.train import TrainConfig, build_optimizer, lr_multiplier, train
+from codebook_lens.training.data import BatchStream, fixed_batches
+from codebook_lens.training.loop import TrainConfig, build_optimizer, lr_multiplier, train
 
 BLOCKS = torch.randint(1, 64, (48, 16), generator=torch.Generator().manual_seed(1))
 # A learnable pattern: each row counts up modulo 60, so loss can fall well below log(64).
@@ -464,7 +464,8 @@ def test_bench_train_tiny_runs() -> None:
 @pytest.fixture(scope="module")
 def crash_base(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny saved base model with its own BPE tokenizer."""
-    from codebook_lens.data import load_documents, load_tokenizer
+    from codebook_lens.model.tokenizer import load_tokenizer
+    from codebook_lens.training.data import load_documents
 
     tok = load_tokenizer("bpe:300", load_documents(str(corpus)))
     out = tmp_path_factory.mktemp("crash") / "base"

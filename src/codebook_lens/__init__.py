@@ -1,13 +1,20 @@
 """codebook-lens: sparse, discrete, steerable codebook features for any Hugging Face causal LM."""
 
-from .attach import CodebookModel, CodeRecording, HookSite, attach_codebooks
-from .config import CodebookConfig
-from .layer import CodebookLayer, CodebookOutput, LayerStats
+from codebook_lens.config import __version__
+from codebook_lens.model.codebook_model import (
+    CodebookModel,
+    CodeRecording,
+    HookSite,
+    attach_codebooks,
+)
+from codebook_lens.model.config import CodebookConfig
+from codebook_lens.model.layer import CodebookLayer, CodebookOutput, LayerStats
 
 # Importing reference registers the paper's checkpoint format with from_pretrained.
-from .reference import convert_reference, load_reference
+from codebook_lens.model.reference import convert_reference, load_reference
 
 __all__ = [
+    "__version__",
     "CodebookConfig",
     "CodebookLayer",
     "CodebookModel",
@@ -19,4 +26,3 @@ __all__ = [
     "convert_reference",
     "load_reference",
 ]
-__version__ = "0.1.0"

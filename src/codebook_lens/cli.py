@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .flags import add_dataclass_args, dataclass_from_args
+from codebook_lens.flags import add_dataclass_args, dataclass_from_args
 
 EXIT_USAGE = 2
 
@@ -86,7 +86,7 @@ def _convert_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
 
     def run(args: argparse.Namespace) -> int:
-        from .reference import convert_reference
+        from codebook_lens.model.reference import convert_reference
 
         model = convert_reference(
             args.src, args.out, args.base, tokenizer=args.tokenizer, overwrite=args.overwrite
@@ -119,7 +119,7 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
     def run(args: argparse.Namespace) -> int:
         import shutil
 
-        from . import intervene as iv
+        from codebook_lens.codes import intervene as iv
 
         spec = iv.InterventionSpec.load(args.intervene) if args.intervene else None
         model, tokenizer = iv.load_model_and_tokenizer(args.model, device=args.device)
@@ -153,7 +153,7 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------ code analysis
 def _load_model(path: str, device: str | None = None) -> tuple[Any, Any]:
-    from .intervene import load_model_and_tokenizer
+    from codebook_lens.codes.intervene import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, device=device)
 
@@ -206,8 +206,14 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from .cache import DEFAULT_CHUNK_TOKENS, build_cache, interleave_labels, resolve_shard
-        from .data import load_documents, load_tokenizer
+        from codebook_lens.codes.cache import (
+            DEFAULT_CHUNK_TOKENS,
+            build_cache,
+            interleave_labels,
+            resolve_shard,
+        )
+        from codebook_lens.model.tokenizer import load_tokenizer
+        from codebook_lens.training.data import load_documents
 
         _check_positive("--tokens", args.tokens)
         _check_positive("--batch-size", args.batch_size)
@@ -246,7 +252,7 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
 
 @command("search", "rank codes by precision/recall/F1 against a regex, token or document set")
 def _search_setup(p: argparse.ArgumentParser) -> None:
-    from .search import DEFAULT_REGEX_TIMEOUT, SORT_KEYS
+    from codebook_lens.codes.search import DEFAULT_REGEX_TIMEOUT, SORT_KEYS
 
     p.add_argument("cache", help="cache folder written by `codebook-lens cache`")
     g = p.add_mutually_exclusive_group(required=True)
@@ -287,8 +293,8 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from . import search as S
-        from .cache import CodeCache
+        from codebook_lens.codes import search as S
+        from codebook_lens.codes.cache import CodeCache
 
         cache = CodeCache(args.cache)
         _check_positive("--top", args.top)
@@ -320,7 +326,7 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
                 raise ValueError(
                     "--neuron-baseline needs --model (the model the cache was built with)"
                 )
-            from .analysis import neuron_baseline
+            from codebook_lens.codes.analysis import neuron_baseline
 
             target = (args.codebook or [m.codebook for m in result.matches[:1]] or [None])[0]
             if target is None:
@@ -383,8 +389,8 @@ def _code_setup(p: argparse.ArgumentParser) -> None:
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from . import search as S
-        from .cache import CodeCache
+        from codebook_lens.codes import search as S
+        from codebook_lens.codes.cache import CodeCache
 
         cache = CodeCache(args.cache)
         cache.check_code(args.codebook, args.code, args.head)
@@ -411,7 +417,7 @@ def _verify_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print {cache, ok, problems} as JSON")
 
     def run(args: argparse.Namespace) -> int:
-        from .cache import verify_cache
+        from codebook_lens.codes.cache import verify_cache
 
         problems = verify_cache(args.cache, checksums=not args.quick)
         if args.json:
@@ -438,8 +444,8 @@ def _stats_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots", metavar="DIR", help="save usage plots (PNG) into DIR")
 
     def run(args: argparse.Namespace) -> int:
-        from .analysis import codebook_health, format_health, plot_health
-        from .cache import CodeCache
+        from codebook_lens.codes.analysis import codebook_health, format_health, plot_health
+        from codebook_lens.codes.cache import CodeCache
 
         cache = CodeCache(args.cache)
         stats = codebook_health(cache, args.codebook)
@@ -478,7 +484,7 @@ def _serve_setup(p: argparse.ArgumentParser) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from .app import AppConfig, serve
+        from codebook_lens.app import AppConfig, serve
 
         config = AppConfig(
             cache_dir=args.cache_dir,
@@ -489,7 +495,7 @@ def _serve_setup(p: argparse.ArgumentParser) -> None:
             max_new_tokens=args.max_new_tokens,
             search_workers=args.search_workers,
         )
-        from .cache import CodeCache
+        from codebook_lens.codes.cache import CodeCache
 
         for note in CodeCache(args.cache_dir).notes():  # codebooks or indices left out
             print(f"note: {note}")
@@ -515,10 +521,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 @command("pretrain", "train a small causal LM from scratch on a corpus (a base model)")
 def _pretrain_setup(p: argparse.ArgumentParser) -> None:
-    from .data import DataConfig
-    from .models import ModelConfig
-    from .pipeline import run_pretrain
-    from .train import TrainConfig
+    from codebook_lens.training.base_models import ModelConfig
+    from codebook_lens.training.data import DataConfig
+    from codebook_lens.training.loop import TrainConfig
+    from codebook_lens.training.pipeline import run_pretrain
 
     _add_run_args(p)
     add_dataclass_args(p, ModelConfig)
@@ -529,10 +535,10 @@ def _pretrain_setup(p: argparse.ArgumentParser) -> None:
 
 @command("train", "attach codebooks to a base model and train them on a corpus")
 def _train_setup(p: argparse.ArgumentParser) -> None:
-    from .config import CodebookConfig
-    from .data import DataConfig
-    from .pipeline import run_train
-    from .train import TrainConfig
+    from codebook_lens.model.config import CodebookConfig
+    from codebook_lens.training.data import DataConfig
+    from codebook_lens.training.loop import TrainConfig
+    from codebook_lens.training.pipeline import run_train
 
     p.add_argument("--base", default=None, help="base model: a folder or a hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's own)")
@@ -545,8 +551,8 @@ def _train_setup(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "loss, accuracy, reconstruction and code usage: base vs codebook model")
 def _eval_setup(p: argparse.ArgumentParser) -> None:
-    from .data import DataConfig
-    from .pipeline import run_eval
+    from codebook_lens.training.data import DataConfig
+    from codebook_lens.training.pipeline import run_eval
 
     p.add_argument("model", help="a model folder (or run folder) or a hub id")
     p.add_argument("--data", default=None, help="corpus (default: the one it was trained on)")
@@ -564,8 +570,8 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
 
 @command("experiment", "run a paper experiment end to end and write its report (topics, concepts)")
 def _experiment_setup(p: argparse.ArgumentParser) -> None:
-    from .experiments.concepts import ConceptsConfig
-    from .experiments.topics import TopicsConfig
+    from codebook_lens.experiments.concepts import ConceptsConfig
+    from codebook_lens.experiments.topics import TopicsConfig
 
     sub = p.add_subparsers(dest="name", metavar="name", required=True)
     t = sub.add_parser("topics", help="topic steering on BBC News", description="topic steering")
@@ -581,7 +587,7 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from .experiments.topics import run_topics
+        from codebook_lens.experiments.topics import run_topics
 
         cfg = dataclass_from_args(TopicsConfig, args)
         if args.prompt_list:
@@ -610,7 +616,7 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
     def run_concepts_cmd(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from .experiments.concepts import format_summary, run_concepts
+        from codebook_lens.experiments.concepts import format_summary, run_concepts
 
         cfg = dataclass_from_args(ConceptsConfig, args)
         print(format_summary(run_concepts(cfg)))
@@ -622,7 +628,7 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "the finite-state-machine experiment end to end (what `make demo` runs)")
 def _demo_setup(p: argparse.ArgumentParser) -> None:
-    from .experiments.fsm import DemoConfig
+    from codebook_lens.experiments.fsm import DemoConfig
 
     p.add_argument("--out", default=None, help="output folder (default: runs/fsm-<timestamp>)")
     p.add_argument("--quick", action="store_true", help="a tiny run (about a minute) for tests")
@@ -635,7 +641,13 @@ def _demo_setup(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, DemoConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from .experiments.fsm import parse_seeds, run_demo, run_seeds, seeds_summary, summary
+        from codebook_lens.experiments.fsm import (
+            parse_seeds,
+            run_demo,
+            run_seeds,
+            seeds_summary,
+            summary,
+        )
 
         base = DemoConfig.quick() if args.quick else DemoConfig()
         cfg = dataclass_from_args(DemoConfig, args, base=base)
@@ -664,7 +676,7 @@ def _architectures_setup(p: argparse.ArgumentParser) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from .architectures import (
+        from codebook_lens.model.architecture_checks import (
             architectures_markdown,
             check_architectures,
             check_doc_path,

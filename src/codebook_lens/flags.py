@@ -17,7 +17,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
-from .config import config_from_dict
+from codebook_lens.config import config_from_dict
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -12,9 +12,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from . import schemas as S
-from .parsing import steering_from_body
-from .state import Lens
+from codebook_lens.app import schemas as S
+from codebook_lens.app.parsing import steering_from_body
+from codebook_lens.app.state import Lens
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

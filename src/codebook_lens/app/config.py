@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..config import check_range
+from codebook_lens.config import check_range
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

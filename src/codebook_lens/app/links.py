@@ -6,7 +6,7 @@ import math
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from .config import AppError
+from codebook_lens.app.config import AppError
 
 
 def code_url(codebook: str, code: int, head: int | None = None) -> str:

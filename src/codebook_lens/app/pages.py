@@ -15,11 +15,11 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from . import schemas as S
-from .config import AppError
-from .links import code_url, with_query
-from .parsing import read_form, steering_from_form
-from .state import Lens
+from codebook_lens.app import schemas as S
+from codebook_lens.app.config import AppError
+from codebook_lens.app.links import code_url, with_query
+from codebook_lens.app.parsing import read_form, steering_from_form
+from codebook_lens.app.state import Lens
 
 HERE = Path(__file__).resolve().parent
 HTML = {"text/html": {"schema": {"type": "string"}}}

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import AppConfig
+from codebook_lens.app.config import AppConfig
 
 
 # ------------------------------------------------------------------- bodies
@@ -133,14 +133,14 @@ class Steering:
 
 
 def _spec_from_text(text: str) -> Any:
-    from ..intervene import InterventionSpec
+    from codebook_lens.codes.intervene import InterventionSpec
 
     return InterventionSpec.from_yaml(text, source="spec")  # YAML is a JSON superset
 
 
 def steering_from_body(body: Any) -> Steering:
     """The JSON API's ``SteerRequest`` (already shape-checked) -> ``Steering``."""
-    from ..intervene import InterventionSpec
+    from codebook_lens.codes.intervene import InterventionSpec
 
     if body.spec is not None:
         spec = _spec_from_text(body.spec)
@@ -169,7 +169,7 @@ def steering_from_form(form: Any) -> Steering:
     ``codebook``, ``codes`` (``"12, 40"``), ``head``, ``positions``, ``action``, ``slot``,
     ``scale``, else nothing.
     """
-    from ..intervene import InterventionSpec
+    from codebook_lens.codes.intervene import InterventionSpec
 
     if not form.prompt.strip():
         raise ValueError("prompt is missing; give the text to continue")

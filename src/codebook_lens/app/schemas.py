@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from .config import AppConfig
+from codebook_lens.app.config import AppConfig
 
 
 class Doc(BaseModel):

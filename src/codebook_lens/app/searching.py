@@ -24,8 +24,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 from urllib.parse import urlencode
 
-from .config import AppError
-from .links import code_ref, with_query
+from codebook_lens.app.config import AppError
+from codebook_lens.app.links import code_ref, with_query
 
 log = logging.getLogger("codebook_lens.app")
 
@@ -64,7 +64,7 @@ class Searcher:
 
     def pattern(self, kind: str, query: str) -> Any:
         """The library's ``Pattern`` for a query (``kind``: regex, token or topic)."""
-        from ..search import make_pattern
+        from codebook_lens.codes.search import make_pattern
 
         key = (kind, query)
         with self._lock:
@@ -92,7 +92,7 @@ class Searcher:
 
     def warm(self) -> None:
         """Touch what the first search would load (texts, spans, code counts, code pages)."""
-        from ..search import search
+        from codebook_lens.codes.search import search
 
         if self.cache.n_tokens:
             search(self.cache, self.pattern("regex", r"\A."), top=1, workers=self.library_workers)
@@ -104,7 +104,7 @@ class Searcher:
         list; the library ranks ``page * per_page + 1`` codes so the next page's existence is
         known without ranking everything.
         """
-        from ..search import search
+        from codebook_lens.codes.search import search
 
         cache = self.cache
         codebook = p["codebook"] or None
@@ -179,7 +179,7 @@ def _init_worker(cache_dir: str, regex_timeout: float) -> None:
     global _worker
     import os
 
-    from ..cache import load_cache
+    from codebook_lens.codes.cache import load_cache
 
     if hasattr(os, "nice"):
         os.nice(WORKER_NICENESS)

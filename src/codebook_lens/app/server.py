@@ -31,12 +31,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from . import schemas as S
-from .api import api_router
-from .config import LOOPBACK_HOSTS, AppConfig, AppError
-from .pages import HERE, make_templates, page_router
-from .parsing import BodyLimit, body_limits, validation_message
-from .state import Lens
+from codebook_lens.app import schemas as S
+from codebook_lens.app.api import api_router
+from codebook_lens.app.config import LOOPBACK_HOSTS, AppConfig, AppError
+from codebook_lens.app.pages import HERE, make_templates, page_router
+from codebook_lens.app.parsing import BodyLimit, body_limits, validation_message
+from codebook_lens.app.state import Lens
 
 log = logging.getLogger("codebook_lens.app")
 
@@ -210,7 +210,7 @@ def create_app(
 
 
 def _version() -> str:
-    from .. import __version__
+    from codebook_lens.config import __version__
 
     return __version__
 

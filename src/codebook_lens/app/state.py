@@ -16,9 +16,9 @@ from urllib.parse import quote, urlencode
 
 import numpy as np
 
-from .config import AppConfig, AppError
-from .links import code_ref, code_url, paginate, with_query
-from .searching import SearchPool
+from codebook_lens.app.config import AppConfig, AppError
+from codebook_lens.app.links import code_ref, code_url, paginate, with_query
+from codebook_lens.app.searching import SearchPool
 
 log = logging.getLogger("codebook_lens.app")
 
@@ -29,7 +29,7 @@ MAX_CODE_REFS = 100_000
 def open_cache(path: str) -> Any:
     """Open the cache or refuse to serve it: a cache that fails its checks raises ``ValueError``
     (or ``FileNotFoundError``) naming the file and what is wrong, before the server starts."""
-    from ..cache import load_cache
+    from codebook_lens.codes.cache import load_cache
 
     return load_cache(path)
 
@@ -59,12 +59,12 @@ class Lens:
     def __init__(
         self, config: AppConfig, *, cache: Any = None, model: Any = None, tokenizer: Any = None
     ) -> None:
-        from ..cache import check_identity
+        from codebook_lens.codes.cache import check_identity
 
         self.config = config
         self.cache = open_cache(config.cache_dir) if cache is None else cache
         if model is None and config.model_dir is not None:
-            from ..intervene import load_model_and_tokenizer
+            from codebook_lens.codes.intervene import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(config.model_dir)
         if model is not None:
@@ -106,7 +106,7 @@ class Lens:
     # ------------------------------------------------------------- plots
     def plot(self, name: str) -> Path:
         """A health plot by name (``summary`` or a codebook); made once, kept in a temp dir."""
-        from ..analysis import plot_health
+        from codebook_lens.codes.analysis import plot_health
 
         names = [*self.cache.codebooks, "summary"]
         if name not in names:
@@ -126,7 +126,7 @@ class Lens:
         return self._overview
 
     def _make_overview(self) -> dict[str, Any]:
-        from ..analysis import codebook_health
+        from codebook_lens.codes.analysis import codebook_health
 
         cache = self.cache
         m = cache.manifest
@@ -192,7 +192,7 @@ class Lens:
         self, codebook: str, code: int, head: int | None, *, n_contexts: int, window: int
     ) -> dict[str, Any]:
         """The library's code profile, with links to documents, similar codes and steering."""
-        from ..search import code_profile
+        from codebook_lens.codes.search import code_profile
 
         h = self.check_code(codebook, code, head)
         kw: dict[str, Any] = {"n_contexts": n_contexts, "window": window}
@@ -311,7 +311,7 @@ class Lens:
 
     def text_paste(self, text: str, codebook: str | None) -> dict[str, Any]:
         """Tokenize pasted text, run the model once and show every token's codes."""
-        from ..intervene import run_with_codes
+        from codebook_lens.codes.intervene import run_with_codes
 
         self.needs_model("pasted text (or pick a cached document)")
         if not text.strip():
@@ -357,7 +357,7 @@ class Lens:
 
         ``req`` is a ``parsing.Steering``: the prompt, an ``InterventionSpec`` and sampling.
         """
-        from ..intervene import compare, parse_prompt
+        from codebook_lens.codes.intervene import compare, parse_prompt
 
         self.needs_model("steering")
         prompt = parse_prompt(self.tokenizer, req.prompt)

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..config import check_range, write_json_atomic
+from codebook_lens.config import check_range, write_json_atomic
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..analysis import NeuronResult
-    from ..cache import CodeCache
-    from ..search import CodeMatch
+    from codebook_lens.codes.analysis import NeuronResult
+    from codebook_lens.codes.cache import CodeCache
+    from codebook_lens.codes.search import CodeMatch
 
 ConceptKind = Literal["regex", "token", "tokens", "docs"]
 CONCEPT_KINDS: tuple[str, ...] = ("regex", "token", "tokens", "docs")
@@ -128,7 +128,7 @@ def concept_positions(cache: CodeCache, concept: Concept, *, timeout: float = 10
     ``ValueError`` for an invalid regex (or one that times out); a document label absent from
     the cache gives no positions (the concept is then skipped, not an error).
     """
-    from ..search import docs_pattern, regex_pattern, token_pattern
+    from codebook_lens.codes.search import docs_pattern, regex_pattern, token_pattern
 
     if concept.kind == "regex":
         assert isinstance(concept.query, str)
@@ -216,7 +216,7 @@ def code_counts(codes: np.ndarray, num_codes: int, rows: np.ndarray | None = Non
 def _match(
     codebook: str, grouped: bool, flat: int, num_codes: int, hits: int, count: int, n_pos: int
 ) -> CodeMatch:
-    from ..search import CodeMatch
+    from codebook_lens.codes.search import CodeMatch
 
     return CodeMatch(
         codebook=codebook,
@@ -297,7 +297,7 @@ def score_concepts(
     ``activations``: site -> ``(n_tokens, D)`` inputs of that codebook for the neuron baseline.
     Sites are visited in the order of ``trained``; ties go to the earlier site.
     """
-    from ..analysis import best_neurons
+    from codebook_lens.codes.analysis import best_neurons
 
     names = [c.name for c in concepts]
     pos = {n: np.asarray(positions[n], dtype=np.int64) for n in names}
@@ -480,7 +480,7 @@ def module_activations(
     """
     import torch
 
-    from ..attach import eval_mode
+    from codebook_lens.model.codebook_model import eval_mode
 
     mods = dict(model.named_modules())
     if module not in mods:
@@ -545,7 +545,7 @@ def kmeans_codes(
     import torch
     import torch.nn.functional as F
 
-    from ..layer import CodebookLayer
+    from codebook_lens.model.layer import CodebookLayer
 
     n, d = acts.shape
     layer = CodebookLayer(
@@ -668,10 +668,15 @@ def prepare(cfg: ConceptsConfig, out: Path) -> Prepared:
     ``experiment topics`` (same sizes, same splits) into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..attach import CodebookModel
-    from ..cache import build_cache, check_identity, load_cache
-    from ..data import load_documents
-    from .topics import TopicsConfig, interleave, prepare_model_and_cache, split_corpus
+    from codebook_lens.codes.cache import build_cache, check_identity, load_cache
+    from codebook_lens.experiments.topics import (
+        TopicsConfig,
+        interleave,
+        prepare_model_and_cache,
+        split_corpus,
+    )
+    from codebook_lens.model.codebook_model import CodebookModel
+    from codebook_lens.training.data import load_documents
 
     run = Path(cfg.topics_run) if cfg.topics_run is not None else None
     if run is not None and not (run / "model" / "config.json").is_file():
@@ -731,8 +736,8 @@ def run_concepts(cfg: ConceptsConfig) -> dict[str, Any]:
     """Run the battery; writes report.md/report.html/metrics.json, returns the metrics."""
     from tqdm.auto import tqdm
 
-    from ..analysis import site_activations
-    from ..search import code_contexts
+    from codebook_lens.codes.analysis import site_activations
+    from codebook_lens.codes.search import code_contexts
 
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -859,7 +864,7 @@ def write_concepts_report(
     """report.md + report.html + concepts_scatter.png + concepts_precise.png."""
     import matplotlib.pyplot as plt
 
-    from ..report import Report
+    from codebook_lens.report import Report
 
     s = metrics["summary"]
     rep = Report("Concept battery: codes against neurons and a k-means control")

@@ -30,10 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attach import CodebookModel, attach_codebooks, eval_mode
-from ..config import CodebookConfig, check_choice, write_json_atomic
-from ..train import TrainConfig, train
-from .fsm_data import (
+from codebook_lens.config import check_choice, write_json_atomic
+from codebook_lens.experiments.fsm_data import (
     FSMConfig,
     TokFSM,
     first_transition_accuracy,
@@ -41,6 +39,9 @@ from .fsm_data import (
     sample_sequences,
     transition_stats,
 )
+from codebook_lens.model.codebook_model import CodebookModel, attach_codebooks, eval_mode
+from codebook_lens.model.config import CodebookConfig
+from codebook_lens.training.loop import TrainConfig, train
 
 PatchGroup = Literal["none", "attn", "mlp", "all"]
 PATCH_GROUPS: tuple[PatchGroup, ...] = ("none", "attn", "mlp", "all")
@@ -534,7 +535,7 @@ def pure_states(tables: Sequence[StateCodeTable], threshold: float) -> np.ndarra
 @torch.no_grad()
 def mlp_neuron_activations(base: nn.Module, tokens: Tensor, layers: int) -> list[Tensor]:
     """Hidden MLP neurons (after the nonlinearity) of every block: ``[(B, L, mlp_width)]``."""
-    from ..attach import _MLP_NAMES, _child, find_blocks
+    from codebook_lens.model.codebook_model import _MLP_NAMES, _child, find_blocks
 
     _, blocks = find_blocks(base)
     acts: list[Tensor] = [torch.empty(0)] * layers
@@ -559,7 +560,7 @@ def mlp_neuron_activations(base: nn.Module, tokens: Tensor, layers: int) -> list
 
 def neuron_table(acts: Tensor, labels: Tensor, num_states: int) -> dict[str, np.ndarray]:
     """Best single neuron (and threshold) per state, by F1: arrays of precision/recall/f1."""
-    from ..analysis import best_neurons
+    from codebook_lens.codes.analysis import best_neurons
 
     a = acts.reshape(-1, acts.shape[-1]).double().numpy()
     lab = labels.reshape(-1).numpy()
@@ -857,7 +858,7 @@ def _plot_interventions(rep: Any, inter: dict[str, Any]) -> None:
 def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist: list[dict[str, Any]],
                  cb_hist: list[dict[str, Any]], tables: list[StateCodeTable], neurons: list[dict[str, np.ndarray]],
                  floor: float) -> Path:  # fmt: skip
-    from ..report import Report
+    from codebook_lens.report import Report
 
     rep = Report("Codebook features on a finite state machine")
     rep.paragraph(
@@ -1271,7 +1272,7 @@ def run_seeds(
             continue
         _log(f"seed {s} ({len(runs) + 1}/{len(configs)})", progress)
         runs[s] = run_demo(c, folder, progress=progress)
-    from ..report import write_bytes_atomic
+    from codebook_lens.report import write_bytes_atomic
 
     summary_data = summarize_seeds(runs)
     write_json_atomic(out / "summary.json", summary_data)
@@ -1319,7 +1320,7 @@ def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def seeds_report(cfg: DemoConfig, data: dict[str, Any]) -> Any:
     """The summary report of a multi-seed run (a ``report.Report``)."""
-    from ..report import Report
+    from codebook_lens.report import Report
 
     n = len(data["seeds"])
     rep = Report(f"FSM demo at {n} seeds")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compat import cache_kwargs, output_cache
+from codebook_lens.model.kv_cache import cache_kwargs, output_cache
 
 ModelLike = Callable[..., Any]
 """A callable ``model(input_ids) -> logits`` or ``-> output with .logits`` (HF causal LM)."""

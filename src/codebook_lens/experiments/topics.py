@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..config import check_choice, check_range, read_json, write_json_atomic
+from codebook_lens.config import check_choice, check_range, read_json, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..attach import CodebookModel
-    from ..cache import CodeCache
-    from ..data import Document
-    from ..intervene import Generation, InterventionSpec
+    from codebook_lens.codes.cache import CodeCache
+    from codebook_lens.codes.intervene import Generation, InterventionSpec
+    from codebook_lens.model.codebook_model import CodebookModel
+    from codebook_lens.training.data import Document
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -464,7 +464,7 @@ class Splits:
 
 
 def split_corpus(cfg: TopicsConfig) -> Splits:
-    from ..data import load_documents, split_documents
+    from codebook_lens.training.data import load_documents, split_documents
 
     docs = load_documents(cfg.data, limit=cfg.doc_limit)
     unlabelled = [d.id for d in docs if d.label is None]
@@ -492,11 +492,12 @@ def prepare_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..attach import CodebookModel, attach_codebooks
-    from ..config import CodebookConfig
-    from ..data import BatchStream, load_tokenizer, pack_tokens
-    from ..models import ModelConfig, build_model
-    from ..train import TrainConfig, train
+    from codebook_lens.model.codebook_model import CodebookModel, attach_codebooks
+    from codebook_lens.model.config import CodebookConfig
+    from codebook_lens.model.tokenizer import load_tokenizer
+    from codebook_lens.training.base_models import ModelConfig, build_model
+    from codebook_lens.training.data import BatchStream, pack_tokens
+    from codebook_lens.training.loop import TrainConfig, train
 
     device = torch.device(cfg.device)
     if cfg.model is not None:
@@ -605,7 +606,7 @@ def prepare_model_and_cache(
     """``prepare_model`` plus the code cache of ``cfg.cache_tokens`` tokens of ``lm_docs``
     (round-robin over topics) in ``out/cache``; the cache is a pure function of the model and
     these settings, so it is reused when they match (``experiment concepts`` shares it)."""
-    from ..cache import build_cache, load_cache
+    from codebook_lens.codes.cache import build_cache, load_cache
 
     model, tokenizer, base, model_source = prepare_model(cfg, lm_docs, out)
     cache_key = {
@@ -679,7 +680,7 @@ def find_topic_codes(
     coverage, and the best ``n`` (``None`` = all) are kept with at most ``max_per_head`` per
     head.
     """
-    from ..search import docs_pattern, search
+    from codebook_lens.codes.search import docs_pattern, search
 
     pattern = docs_pattern(cache, topic)
     found = search(
@@ -775,7 +776,7 @@ def steering_contexts(
     what a forced code does to the next-token distribution."""
     import torch
 
-    from ..intervene import generate
+    from codebook_lens.codes.intervene import generate
 
     rows = []
     for pi, p in enumerate(prompts):
@@ -820,7 +821,7 @@ def code_effects(
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from ..intervene import EditSpec, InterventionSpec, intervene
+    from codebook_lens.codes.intervene import EditSpec, InterventionSpec, intervene
 
     device = next(model.parameters()).device
     x = contexts.to(device)
@@ -854,7 +855,7 @@ def steering_spec(
     codes: Sequence[TopicCode], *, slot: str = "replace-lowest", scale: float = 1.0
 ) -> InterventionSpec:
     """Force ``codes`` at every position: one edit per (codebook, head)."""
-    from ..intervene import EditSpec, InterventionSpec
+    from codebook_lens.codes.intervene import EditSpec, InterventionSpec
 
     groups: dict[tuple[str, int | None], list[int]] = {}
     for c in codes:
@@ -870,7 +871,7 @@ def steering_spec(
 # ---------------------------------------------------------------- judging
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """End-of-text token (a document starts) followed by the prompt's tokens."""
-    from ..data import separator_id
+    from codebook_lens.model.tokenizer import separator_id
 
     return [separator_id(tokenizer), *tokenizer.encode(prompt, add_special_tokens=False)]
 
@@ -915,7 +916,7 @@ def sample_condition(
     """Samples from every prompt under ``spec`` (seed ``cfg.seed`` + prompt index, so the
     conditions are paired), with the summed NLL of the generated tokens and their number under
     ``ppl_model`` (``None``: the codebook model with its codebooks off)."""
-    from ..intervene import generate
+    from codebook_lens.codes.intervene import generate
 
     device = next(model.parameters()).device
     gens: list[tuple[int, Generation]] = []
@@ -1241,7 +1242,7 @@ def write_topics_report(
     """report.md + report.html + topics_chart.png (via ``report.Report``)."""
     import matplotlib.pyplot as plt
 
-    from ..report import Report
+    from codebook_lens.report import Report
 
     topics = list(metrics["topics"])
     clf_m = metrics["classifier"]

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attach import (
+from codebook_lens.config import read_json
+from codebook_lens.model.codebook_model import (
     CONFIG_NAME,
     CodebookModel,
     ForeignFormat,
@@ -43,7 +44,7 @@ from .attach import (
     load_safetensors,
     register_format,
 )
-from .config import CodebookConfig, read_json
+from codebook_lens.model.config import CodebookConfig
 
 REFERENCE_MODEL_TYPE = "codebook"
 SAFE_WEIGHTS = "model.safetensors"
@@ -705,7 +706,7 @@ def digits_tokenizer() -> Any:
 def resolve_tokenizer(spec: Any, vocab_size: int) -> Any:
     """``"digits"`` (TokFSM), ``"gpt2"`` (offline GPT-2 BPE), a folder or hub id, or a tokenizer
     object; checked to fit the model's vocabulary."""
-    from .data import load_tokenizer
+    from codebook_lens.model.tokenizer import load_tokenizer
 
     if spec is None:
         return None

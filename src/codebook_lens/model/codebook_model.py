@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import PLACEMENTS, CodebookConfig, read_json, write_json_atomic
-from .layer import CodebookLayer
+from codebook_lens.config import read_json, write_json_atomic
+from codebook_lens.model.config import PLACEMENTS, CodebookConfig
+from codebook_lens.model.layer import CodebookLayer
 
 CONFIG_NAME = "codebook_config.json"
 WEIGHTS_NAME = "codebooks.safetensors"

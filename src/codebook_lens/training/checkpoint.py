@@ -26,8 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attach import CONFIG_NAME, CodebookModel, attach_codebooks, load_safetensors
-from .config import CodebookConfig, read_json, write_json_atomic
+from codebook_lens.config import read_json, write_json_atomic
+from codebook_lens.model.codebook_model import (
+    CONFIG_NAME,
+    CodebookModel,
+    attach_codebooks,
+    load_safetensors,
+)
+from codebook_lens.model.config import CodebookConfig
 
 CHECKPOINT_FORMAT = 1
 

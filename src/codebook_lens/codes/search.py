@@ -40,9 +40,9 @@ from typing import Any, Literal
 import numpy as np
 import regex
 
-from .cache import CodeCache
-from .config import check_choice
-from .direct_effect import PromotedToken, promoted_tokens
+from codebook_lens.codes.cache import CodeCache
+from codebook_lens.codes.direct_effect import PromotedToken, promoted_tokens
+from codebook_lens.config import check_choice
 
 PatternKind = Literal["regex", "token", "docs"]
 SortKey = Literal["f1", "precision", "recall", "count"]
@@ -122,7 +122,7 @@ def _pool(workers: int) -> Executor:
     # Workers import this module to run its jobs; its package's __init__ would import torch
     # and transformers (seconds and ~100 MB each) for nothing, so each worker first registers
     # the package as a bare namespace (a constant line run by exec before any job).
-    boot = _BOOT.format(path=str(Path(__file__).resolve().parent))
+    boot = _BOOT.format(path=str(Path(__file__).resolve().parents[1]))
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=exec, initargs=(boot,))
     _POOL = (workers, pool)
     return pool

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attach import CodebookModel
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import _check_int, check_choice, check_range, write_json_atomic
-from .distributed import rank_world
-from .evaluate import evaluate, flatten_metrics
+from codebook_lens.config import check_choice, check_int, check_range, write_json_atomic
+from codebook_lens.model.codebook_model import CodebookModel
+from codebook_lens.model.distributed import rank_world
+from codebook_lens.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from codebook_lens.training.evaluate import evaluate, flatten_metrics
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -114,10 +114,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        _check_int("log_every", self.log_every, 1)
+            check_int(name, getattr(self, name), 0)
+        check_int("log_every", self.log_every, 1)
         check_range("lr", self.lr, 0.0, low_open=True)
         check_range("model_lr_factor", self.model_lr_factor, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)

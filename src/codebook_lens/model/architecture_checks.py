@@ -28,8 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import CodebookModel, _text_config, attach_codebooks, find_blocks
-from .config import PLACEMENTS, CodebookConfig
+from codebook_lens.model.codebook_model import (
+    CodebookModel,
+    _text_config,
+    attach_codebooks,
+    find_blocks,
+)
+from codebook_lens.model.config import PLACEMENTS, CodebookConfig
 
 TINY_SIZES: dict[str, Any] = {
     "vocab_size": 96,
@@ -644,7 +649,7 @@ def architectures_markdown(
         "Every causal-LM `model_type` of that transformers version is built as a tiny random "
         "model (`AutoConfig.for_model(model_type, ...)`: 2 blocks, width 64, 4 query heads, "
         "grouped-query attention and 4 experts where the config has them; "
-        "`codebook_lens.architectures.tiny_config`). "
+        "`codebook_lens.model.architecture_checks.tiny_config`). "
         "For each placement: codebooks attach, codes have the documented shapes "
         "(`(batch, seq, heads, k)` for `attn_heads`, `(batch, seq, k)` otherwise), codes "
         "change the logits, and codebooks off (`model.disabled()`) or detached give logits "
@@ -696,7 +701,7 @@ def write_architectures_doc(
     path: str | os.PathLike[str], checks: Sequence[ArchitectureCheck]
 ) -> Path:
     """Write ``architectures_markdown(checks)`` to ``path`` atomically."""
-    from .report import write_bytes_atomic
+    from codebook_lens.report import write_bytes_atomic
 
     out = check_doc_path(path)
     write_bytes_atomic(out, architectures_markdown(checks).encode("utf-8"))

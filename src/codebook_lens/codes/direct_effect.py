@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import CodeCache, check_identity
+from codebook_lens.codes.cache import CodeCache, check_identity
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .attach import CodebookModel
+    from codebook_lens.model.codebook_model import CodebookModel
 
 PROMOTED_NOTE = (
     "direct logit effect: the code vector (for a head, after the attention output projection) "
@@ -35,7 +35,7 @@ class PromotedToken:
 
 
 def _final_norm(base: nn.Module) -> nn.Module | None:
-    from .attach import find_blocks
+    from codebook_lens.model.codebook_model import find_blocks
 
     prefix, _ = find_blocks(base)
     found = None

@@ -29,15 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
-from .config import (
-    NONFINITE_POLICIES,
-    REDUCTIONS,
-    SCORE_DTYPES,
-    SIMILARITIES,
-    check_choice,
-    check_range,
-)
+from codebook_lens.config import check_choice, check_range
+from codebook_lens.model import distributed
+from codebook_lens.model.config import NONFINITE_POLICIES, REDUCTIONS, SCORE_DTYPES, SIMILARITIES
 
 
 class CodebookOutput(NamedTuple):

@@ -61,10 +61,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .config import read_json, write_json_atomic
+from codebook_lens.config import read_json, write_json_atomic
 
 if TYPE_CHECKING:
-    from .attach import CodebookModel
+    from codebook_lens.model.codebook_model import CodebookModel
 
 CACHE_FORMAT = "codebook-lens-cache"
 CACHE_VERSION = 2
@@ -853,7 +853,7 @@ class CacheWriter:
 
 
 def _version() -> str:
-    from . import __version__
+    from codebook_lens.config import __version__
 
     return __version__
 
@@ -1734,7 +1734,7 @@ def build_cache(
     import torch
     from tqdm.auto import tqdm
 
-    from .attach import eval_mode
+    from codebook_lens.model.codebook_model import eval_mode
 
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens!r} is invalid; it must be an integer >= 1")

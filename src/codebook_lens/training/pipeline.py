@@ -32,9 +32,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import CONFIG_NAME, CodebookModel, attach_codebooks
-from .config import CodebookConfig, config_from_dict, read_json, write_json_atomic
-from .data import (
+from codebook_lens.config import config_from_dict, read_json, write_json_atomic
+from codebook_lens.flags import configs_from_args, dataclass_from_args
+from codebook_lens.model.codebook_model import CONFIG_NAME, CodebookModel, attach_codebooks
+from codebook_lens.model.config import CodebookConfig
+from codebook_lens.model.distributed import rank_world
+from codebook_lens.model.tokenizer import load_tokenizer
+from codebook_lens.training.base_models import (
+    MODEL_DIR,
+    ModelConfig,
+    build_model,
+    load_base_model,
+    resolve_model_path,
+)
+from codebook_lens.training.data import (
     DataConfig,
     Document,
     Split,
@@ -43,16 +54,12 @@ from .data import (
     fixed_batches,
     load_documents,
     load_split,
-    load_tokenizer,
     pack_tokens,
     split_documents,
     training_data,
 )
-from .distributed import rank_world
-from .evaluate import evaluate, format_table
-from .flags import configs_from_args, dataclass_from_args
-from .models import MODEL_DIR, ModelConfig, build_model, load_base_model, resolve_model_path
-from .train import TrainConfig, seed_everything, train
+from codebook_lens.training.evaluate import evaluate, format_table
+from codebook_lens.training.loop import TrainConfig, seed_everything, train
 
 RUN_CONFIG = "run_config.json"
 

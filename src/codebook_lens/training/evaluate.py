@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attach import CodebookModel, eval_mode
+from codebook_lens.model.codebook_model import CodebookModel, eval_mode
 
 
 class _Totals:

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import CodeCache, check_identity
-from .direct_effect import PROMOTED_NOTE, PromotedToken, promoted_tokens
-from .search import CodeMatch, Pattern, code_hits
+from codebook_lens.codes.cache import CodeCache, check_identity
+from codebook_lens.codes.direct_effect import PROMOTED_NOTE, PromotedToken, promoted_tokens
+from codebook_lens.codes.search import CodeMatch, Pattern, code_hits
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .attach import CodebookModel
+    from codebook_lens.model.codebook_model import CodebookModel
 
 __all__ = [
     "PROMOTED_NOTE",
@@ -119,7 +119,7 @@ def codebook_health(cache: CodeCache, codebooks: list[str] | None = None) -> lis
 
 def format_health(stats: list[CodebookHealth]) -> str:
     """A readable table."""
-    from .search import _table
+    from codebook_lens.codes.search import _table
 
     rows = [
         ("codebook", "heads", "C", "k", "used", "dead", "dead%", "entropy", "perplexity", "top10")
@@ -315,7 +315,7 @@ def site_activations(
     """
     import torch
 
-    from .attach import eval_mode
+    from codebook_lens.model.codebook_model import eval_mode
 
     check_identity(cache, model)
     cache.info(codebook)

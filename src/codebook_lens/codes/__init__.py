@@ -1,0 +1,1 @@
+"""The codes stage: the code cache, search, analysis and interventions."""

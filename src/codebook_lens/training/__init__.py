@@ -1,0 +1,1 @@
+"""The training stage: corpora, base models, the loop, checkpoints, evaluation, the pipeline."""
