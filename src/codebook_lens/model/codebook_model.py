@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import importlib
 import math
 import os
 import re
@@ -913,7 +914,7 @@ class CodebookModel(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
-        for fmt in _FOREIGN_FORMATS:
+        for fmt in foreign_formats():
             if fmt.detect(path, local_files_only=local_files_only):
                 return fmt.load(path, base, device=device, local_files_only=local_files_only)
         if base is not None:
@@ -961,6 +962,17 @@ class ForeignFormat(NamedTuple):
 
 
 _FOREIGN_FORMATS: list[ForeignFormat] = []
+
+FORMAT_MODULES = ("codebook_lens.model.reference",)
+"""Modules that register a format when imported; ``from_pretrained`` imports them on first use,
+so no import of the package has to happen for its side effect."""
+
+
+def foreign_formats() -> list[ForeignFormat]:
+    """Every registered format, after importing the modules of ``FORMAT_MODULES``."""
+    for name in FORMAT_MODULES:
+        importlib.import_module(name)
+    return list(_FOREIGN_FORMATS)
 
 
 def register_format(fmt: ForeignFormat) -> None:
