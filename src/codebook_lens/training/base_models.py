@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from torch import nn
 
@@ -80,23 +80,32 @@ class ModelConfig:
             )
 
 
+class Vocab(NamedTuple):
+    """What a model needs to know of its tokenizer."""
+
+    size: int
+    """Tokens in the vocabulary."""
+    bos_id: int
+    """Beginning-of-sequence token."""
+    eos_id: int
+    """End-of-sequence token."""
+
+
 def build_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
-    """A randomly initialised causal LM of ``cfg`` sized for ``tokenizer``'s vocabulary."""
-    eos = separator_id(tokenizer)
-    return build_causal_lm(cfg, len(tokenizer), bos_token_id=eos, eos_token_id=eos)
-
-
-def build_causal_lm(
-    cfg: ModelConfig, vocab_size: int, *, bos_token_id: int, eos_token_id: int
-) -> nn.Module:
-    """A randomly initialised causal LM of ``cfg`` with ``vocab_size`` tokens (global torch RNG)."""
+    """A randomly initialised causal LM of ``cfg`` (global torch RNG) sized for ``tokenizer``'s
+    vocabulary, or for a ``Vocab``."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
+    if isinstance(tokenizer, Vocab):
+        vocab = tokenizer
+    else:
+        eos = separator_id(tokenizer)
+        vocab = Vocab(len(tokenizer), eos, eos)
     mlp = cfg.mlp_width if cfg.mlp_width is not None else cfg.width * cfg.mlp_ratio
     common: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
+        "vocab_size": vocab.size,
+        "bos_token_id": vocab.bos_id,
+        "eos_token_id": vocab.eos_id,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
     if cfg.arch == "gpt2":

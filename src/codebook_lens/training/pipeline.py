@@ -87,7 +87,8 @@ class Trained(NamedTuple):
 
 
 def build_base(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> nn.Module:
-    """A randomly initialised base LM of ``cfg``, seeded by ``seed`` (every RNG)."""
+    """A randomly initialised base LM of ``cfg`` for ``tokenizer`` (or a ``Vocab``), seeded by
+    ``seed`` (every RNG)."""
     seed_everything(seed)
     return build_model(cfg, tokenizer)
 
@@ -109,9 +110,12 @@ def fit(
     eval_batches: Sequence[Tensor] | Iterable[Tensor] | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    device: torch.device | str | None = None,
 ) -> Trained:
-    """``train`` ``model`` on ``batches`` into ``out``; a callback may end it early by raising
-    ``StopTraining`` (the history then ends at that step)."""
+    """``train`` ``model`` (moved to ``device`` first, if given) on ``batches`` into ``out``; a
+    callback may end it early by raising ``StopTraining`` (the history then ends there)."""
+    if device is not None:
+        model.to(device)
     history: list[dict[str, Any]] = []
     hooks: list[Callback] = [lambda step, rec: history.append(rec), *callbacks]
     try:
