@@ -595,8 +595,8 @@ def prepare_model(
     trained = fine_tune_codebooks(
         copy.deepcopy(base), cb_cfg, batches, fine, out / "train_codebooks"
     )
+    assert isinstance(trained.model, CodebookModel)
     model = trained.model
-    assert isinstance(model, CodebookModel)
     model.eval()
     model.save_pretrained(model_dir, tokenizer=tokenizer)
     write_json_atomic(key_file, key)

@@ -24,13 +24,13 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from codebook_lens.config import config_from_dict, read_json, write_json_atomic
 from codebook_lens.model.codebook_model import CONFIG_NAME, CodebookModel, attach_codebooks
@@ -107,21 +107,19 @@ def fit(
     cfg: TrainConfig,
     out: str | os.PathLike[str],
     *,
-    eval_batches: Sequence[Tensor] | Iterable[Tensor] | None = None,
-    resume: bool = False,
     callbacks: Sequence[Callback] = (),
     device: torch.device | str | None = None,
+    **train_options: Any,
 ) -> Trained:
     """``train`` ``model`` (moved to ``device`` first, if given) on ``batches`` into ``out``; a
-    callback may end it early by raising ``StopTraining`` (the history then ends there)."""
+    callback may end it early by raising ``StopTraining`` (the history then ends there).
+    ``train_options`` go to ``train`` (``eval_batches``, ``resume``)."""
     if device is not None:
         model.to(device)
     history: list[dict[str, Any]] = []
     hooks: list[Callback] = [lambda step, rec: history.append(rec), *callbacks]
     try:
-        result = train(
-            model, batches, cfg, out, eval_batches=eval_batches, resume=resume, callbacks=hooks
-        )
+        result = train(model, batches, cfg, out, callbacks=hooks, **train_options)
     except StopTraining:
         return Trained(model, None, history)
     return Trained(model, result, history)
