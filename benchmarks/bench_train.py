@@ -74,7 +74,7 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, train_cfg: TrainConfig)
 def fsm_steps(repeats: int, device: str) -> dict[str, Any]:
     """Base vs codebook training step of the FSM demo's models, interleaved."""
     from codebook_lens.experiments.fsm import DemoConfig, build_base_model
-    from codebook_lens.experiments.fsm_data import TokFSM
+    from codebook_lens.experiments.fsm.data import TokFSM
 
     cfg = DemoConfig()
     fsm = TokFSM(cfg.fsm_config())

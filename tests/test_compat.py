@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from codebook_lens import CodebookConfig, attach_codebooks
 from codebook_lens.codes.intervene import EditSpec, InterventionSpec, generate, intervene
-from codebook_lens.experiments.fsm_data import FSMConfig, TokFSM, sample_sequences
+from codebook_lens.experiments.fsm.data import FSMConfig, TokFSM, sample_sequences
 from codebook_lens.model.kv_cache import (
     CACHE_NAMES,
     cache_keyword,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from codebook_lens.experiments.fsm_data import (
+from codebook_lens.experiments.fsm.data import (
     FSMConfig,
     TokFSM,
     first_transition_accuracy,
@@ -259,7 +259,7 @@ def test_bad_temperature() -> None:
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
 def test_codebook_model_cached_sampling_matches_uncached(arch: str) -> None:
     from codebook_lens import CodebookConfig, attach_codebooks
-    from codebook_lens.experiments import fsm_data
+    from codebook_lens.experiments.fsm import data as fsm_data
 
     transformers = pytest.importorskip("transformers")
     fsm = TokFSM(SMALL)

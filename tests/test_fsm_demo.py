@@ -28,7 +28,7 @@ from codebook_lens.experiments.fsm import (
     summarize_seeds,
     train_stage,
 )
-from codebook_lens.experiments.fsm_data import TokFSM
+from codebook_lens.experiments.fsm.data import TokFSM
 from codebook_lens.training.loop import TrainConfig
 
 REQUIRED_KEYS = [

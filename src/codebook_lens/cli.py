@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from codebook_lens.flags import add_dataclass_args, dataclass_from_args
+from codebook_lens.flags import add_dataclass_args, configs_from_args, dataclass_from_args
 
 EXIT_USAGE = 2
 
@@ -530,7 +530,29 @@ def _pretrain_setup(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, ModelConfig)
     add_dataclass_args(p, DataConfig)
     add_dataclass_args(p, TrainConfig)
-    p.set_defaults(func=run_pretrain)
+
+    def run(args: argparse.Namespace) -> int:
+        from codebook_lens.training.pipeline import PretrainConfig
+
+        saved, c = _run_sections(
+            args, {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        )
+        return run_pretrain(
+            PretrainConfig(out=args.out, data=args.data or saved.get("data"), resume=args.resume,
+                           corpus=c["data"], train=c["train"], model=c["model"])
+        )  # fmt: skip
+
+    p.set_defaults(func=run)
+
+
+def _run_sections(
+    args: argparse.Namespace, classes: dict[str, type]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's saved ``run_config.json`` and its configs: saved / ``--config`` values, then flags."""
+    from codebook_lens.training.pipeline import run_sections
+
+    saved, sections = run_sections(args.out, args.resume, args.config)
+    return saved, configs_from_args(args, sections, classes)
 
 
 @command("train", "attach codebooks to a base model and train them on a corpus")
@@ -546,7 +568,19 @@ def _train_setup(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, CodebookConfig, skip=("seed",))
     add_dataclass_args(p, DataConfig)
     add_dataclass_args(p, TrainConfig)
-    p.set_defaults(func=run_train)
+
+    def run(args: argparse.Namespace) -> int:
+        from codebook_lens.training.pipeline import FineTuneConfig
+
+        classes = {"codebook": CodebookConfig, "data": DataConfig, "train": TrainConfig}
+        saved, c = _run_sections(args, classes)
+        return run_train(
+            FineTuneConfig(out=args.out, data=args.data or saved.get("data"), resume=args.resume,
+                           corpus=c["data"], train=c["train"], base=args.base or saved.get("base"),
+                           tokenizer=args.tokenizer, codebook=c["codebook"])
+        )  # fmt: skip
+
+    p.set_defaults(func=run)
 
 
 @command("eval", "loss, accuracy, reconstruction and code usage: base vs codebook model")
@@ -565,7 +599,21 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     add_dataclass_args(p, DataConfig)
-    p.set_defaults(func=run_eval)
+
+    def run(args: argparse.Namespace) -> int:
+        from codebook_lens.training.pipeline import EvalConfig, saved_data_config
+
+        saved, _ = saved_data_config(args.model)
+        options = ("data", "tokenizer", "split", "batch_size", "max_batches", "device", "json")
+        return run_eval(
+            EvalConfig(
+                model=args.model,
+                corpus=dataclass_from_args(DataConfig, args, base=saved),
+                **{k: getattr(args, k) for k in options},
+            )
+        )
+
+    p.set_defaults(func=run)
 
 
 @command("experiment", "run a paper experiment end to end and write its report (topics, concepts)")

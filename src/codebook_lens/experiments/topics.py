@@ -485,19 +485,21 @@ def prepare_model(
     """The codebook model, its tokenizer, the plain base LM (``None`` when a saved codebook
     model is given: then the fluency check uses it with codebooks off), and where it came from.
 
-    Training: pretrain a small LM from scratch on ``lm_docs`` (``models.build_model`` +
-    ``train.train``), then attach codebooks to every attention head of a copy and fine-tune.
+    Training: pretrain a small LM from scratch on ``lm_docs`` (``pipeline.pretrain_base``), then
+    attach codebooks to every attention head of a copy and fine-tune
+    (``pipeline.fine_tune_codebooks``).
     Both are saved under ``out`` and reused when ``cfg.model_key()`` matches.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codebook_lens.model.codebook_model import CodebookModel, attach_codebooks
+    from codebook_lens.model.codebook_model import CodebookModel
     from codebook_lens.model.config import CodebookConfig
     from codebook_lens.model.tokenizer import load_tokenizer
-    from codebook_lens.training.base_models import ModelConfig, build_model
+    from codebook_lens.training.base_models import ModelConfig
     from codebook_lens.training.data import BatchStream, pack_tokens
-    from codebook_lens.training.loop import TrainConfig, train
+    from codebook_lens.training.loop import TrainConfig
+    from codebook_lens.training.pipeline import fine_tune_codebooks, pretrain_base
 
     device = torch.device(cfg.device)
     if cfg.model is not None:
@@ -558,8 +560,6 @@ def prepare_model(
             context=max(cfg.block_size, 256),
             tokenizer=cfg.tokenizer,
         )
-        torch.manual_seed(cfg.seed)
-        base = build_model(mcfg, tokenizer).to(device)
         blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
         pre = TrainConfig(
             steps=cfg.pretrain_steps,
@@ -567,7 +567,8 @@ def prepare_model(
             warmup_steps=min(100, cfg.pretrain_steps // 10),
             **common,  # type: ignore[arg-type]
         )
-        train(base, BatchStream(blocks, cfg.batch_size, seed=cfg.seed), pre, out / "train_base")
+        batches = BatchStream(blocks, cfg.batch_size, seed=cfg.seed)
+        base = pretrain_base(mcfg, tokenizer, batches, pre, out / "train_base", device=device).model
         tmp = out / f".base.tmp-{os.getpid()}"
         base.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(str(tmp))
@@ -583,7 +584,6 @@ def prepare_model(
         dead_code_steps=50,
         seed=cfg.seed,
     )
-    model = attach_codebooks(copy.deepcopy(base), cb_cfg)
     fine = TrainConfig(
         steps=cfg.finetune_steps,
         lr=cfg.lr,
@@ -591,9 +591,12 @@ def prepare_model(
         warmup_steps=min(50, cfg.finetune_steps // 10),
         **common,  # type: ignore[arg-type]
     )
-    train(
-        model, BatchStream(blocks, cfg.batch_size, seed=cfg.seed + 1), fine, out / "train_codebooks"
+    batches = BatchStream(blocks, cfg.batch_size, seed=cfg.seed + 1)
+    trained = fine_tune_codebooks(
+        copy.deepcopy(base), cb_cfg, batches, fine, out / "train_codebooks"
     )
+    assert isinstance(trained.model, CodebookModel)
+    model = trained.model
     model.eval()
     model.save_pretrained(model_dir, tokenizer=tokenizer)
     write_json_atomic(key_file, key)

@@ -24,16 +24,15 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from codebook_lens.config import config_from_dict, read_json, write_json_atomic
-from codebook_lens.flags import configs_from_args, dataclass_from_args
 from codebook_lens.model.codebook_model import CONFIG_NAME, CodebookModel, attach_codebooks
 from codebook_lens.model.config import CodebookConfig
 from codebook_lens.model.distributed import rank_world
@@ -59,15 +58,189 @@ from codebook_lens.training.data import (
     training_data,
 )
 from codebook_lens.training.evaluate import evaluate, format_table
-from codebook_lens.training.loop import TrainConfig, seed_everything, train
+from codebook_lens.training.loop import (
+    Batches,
+    Callback,
+    TrainConfig,
+    TrainResult,
+    seed_everything,
+    train,
+)
 
 RUN_CONFIG = "run_config.json"
 
 
-def run_pretrain(args: Any) -> int:
+# ------------------------------------------- base model -> codebook model -> fine-tune
+class StopTraining(Exception):
+    """Raised by a ``train`` callback to end training early (a stop criterion was met)."""
+
+
+class Trained(NamedTuple):
+    """A trained model and how its training went."""
+
+    model: nn.Module
+    """The model (trained in place)."""
+    result: TrainResult | None
+    """``train``'s result; None when a callback stopped it early (``StopTraining``)."""
+    history: list[dict[str, Any]]
+    """Every metrics record written, up to the stop."""
+
+
+def build_base(cfg: ModelConfig, tokenizer: Any, *, seed: int) -> nn.Module:
+    """A randomly initialised base LM of ``cfg`` for ``tokenizer`` (or a ``Vocab``), seeded by
+    ``seed`` (every RNG)."""
+    seed_everything(seed)
+    return build_model(cfg, tokenizer)
+
+
+def with_codebooks(base: nn.Module, cfg: CodebookConfig, *, seed: int | None = None) -> nn.Module:
+    """``base`` with ``cfg``'s codebooks attached (``seed`` overrides ``cfg.seed``); a
+    ``CodebookModel`` is returned as it is, to continue training with its own codebooks."""
+    if isinstance(base, CodebookModel):
+        return base
+    return attach_codebooks(base, cfg if seed is None else dataclasses.replace(cfg, seed=seed))
+
+
+def fit(
+    model: nn.Module,
+    batches: Batches,
+    cfg: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    callbacks: Sequence[Callback] = (),
+    device: torch.device | str | None = None,
+    **train_options: Any,
+) -> Trained:
+    """``train`` ``model`` (moved to ``device`` first, if given) on ``batches`` into ``out``; a
+    callback may end it early by raising ``StopTraining`` (the history then ends there).
+    ``train_options`` go to ``train`` (``eval_batches``, ``resume``)."""
+    if device is not None:
+        model.to(device)
+    history: list[dict[str, Any]] = []
+    hooks: list[Callback] = [lambda step, rec: history.append(rec), *callbacks]
+    try:
+        result = train(model, batches, cfg, out, callbacks=hooks, **train_options)
+    except StopTraining:
+        return Trained(model, None, history)
+    return Trained(model, result, history)
+
+
+def pretrain_base(
+    cfg: ModelConfig,
+    tokenizer: Any,
+    batches: Batches,
+    train_cfg: TrainConfig,
+    out: str | os.PathLike[str],
+    **fit_options: Any,
+) -> Trained:
+    """Pretrain a base LM of ``cfg`` from scratch (seeded by ``train_cfg.seed``); the
+    keyword options go to ``fit``."""
+    base = build_base(cfg, tokenizer, seed=train_cfg.seed)
+    return fit(base, batches, train_cfg, out, **fit_options)
+
+
+def fine_tune_codebooks(
+    base: nn.Module,
+    cfg: CodebookConfig,
+    batches: Batches,
+    train_cfg: TrainConfig,
+    out: str | os.PathLike[str],
+    **fit_options: Any,
+) -> Trained:
+    """Attach ``cfg``'s codebooks to ``base`` (in place) and fine-tune; options go to ``fit``."""
+    return fit(with_codebooks(base, cfg), batches, train_cfg, out, **fit_options)
+
+
+# ----------------------------------------------------------- the commands' configs
+@dataclass
+class RunConfig:
+    """One ``pretrain`` / ``train`` run: its folder, its corpus and its stages' configs."""
+
+    out: str
+    """The run folder (``--out``)."""
+    data: str | None = None
+    """The corpus (``--data``); None: the resumed run's."""
+    resume: bool = False
+    """Continue the run in ``out`` from its newest checkpoint (``--resume``)."""
+    corpus: DataConfig = field(default_factory=DataConfig)
+    """How the corpus is split and cut into blocks (the ``data`` section)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, logging and checkpointing (the ``train`` section)."""
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """``codebook-lens pretrain``: a run plus the model trained from scratch."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (the ``model`` section)."""
+
+
+@dataclass
+class FineTuneConfig(RunConfig):
+    """``codebook-lens train``: a run plus the base model and the codebooks attached to it."""
+
+    base: str | None = None
+    """The base model: a folder or a hub id (None: the resumed run's)."""
+    tokenizer: str | None = None
+    """Tokenizer spec (None: the base model's own)."""
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    """The codebooks (the ``codebook`` section; its seed is the training seed)."""
+
+
+@dataclass
+class EvalConfig:
+    """``codebook-lens eval``: a model, the text it is scored on and how."""
+
+    model: str
+    """A model folder (or run folder) or a hub id."""
+    data: str | None = None
+    """The corpus (None: the one recorded with the model)."""
+    corpus: DataConfig = field(default_factory=DataConfig)
+    """Split and block settings (default: the ones saved with the model)."""
+    tokenizer: str | None = None
+    """Tokenizer spec (None: the model's own)."""
+    split: Literal["val", "train", "all"] = "val"
+    """Documents scored."""
+    batch_size: int = 16
+    """Sequences per batch."""
+    max_batches: int | None = None
+    """Stop after this many batches."""
+    device: str | None = None
+    """cpu / cuda (None: cuda if available)."""
+    json: bool = False
+    """Print a JSON object instead of a table."""
+
+
+def run_sections(
+    out: str, resume: bool, config_file: str | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The resumed run's ``run_config.json`` (``{}`` for a new run) and the config sections a
+    run starts from: the resumed run's, else the ``--config`` file's."""
+    path = Path(out).expanduser()
+    _check_out_dir(path, resume)
+    saved: dict[str, Any] = read_json(path / RUN_CONFIG) if resume else {}
+    sections = saved.get("configs") if resume else load_run_config_file(config_file)
+    if not isinstance(sections, dict):
+        raise ValueError(f"{path / RUN_CONFIG}: field 'configs' is missing")
+    return saved, sections
+
+
+def saved_data_config(model: str) -> tuple[DataConfig, str | None]:
+    """The data settings and corpus saved with a model folder (defaults and None without)."""
+    p = Path(resolve_model_path(model))
+    saved = read_json(p / RUN_CONFIG) if (p / RUN_CONFIG).is_file() else {}
+    if not isinstance(saved, dict):
+        return DataConfig(), None
+    data = saved.get("configs", {}).get("data", {})
+    return config_from_dict(DataConfig, data, source=str(p / RUN_CONFIG)), saved.get("data")
+
+
+# -------------------------------------------------------------------- the commands
+def run_pretrain(cfg: PretrainConfig) -> int:
     """``codebook-lens pretrain``: train a small causal LM from scratch on a corpus."""
-    run = _start(args, {"model": ModelConfig, "data": DataConfig, "train": TrainConfig})
-    mcfg: ModelConfig = run.configs["model"]
+    run = _start(cfg, {"model": cfg.model, "data": cfg.corpus, "train": cfg.train})
+    mcfg = cfg.model
     dcfg: DataConfig = run.configs["data"]
     if dcfg.block_size > mcfg.context:
         raise ValueError(
@@ -77,19 +250,18 @@ def run_pretrain(args: Any) -> int:
     data = _data(
         run,
         run.source,
-        lambda docs: _tokenizer_for_run(mcfg.tokenizer, docs, run.resume_dir, args.out),
+        lambda docs: _tokenizer_for_run(mcfg.tokenizer, docs, run.resume_dir, cfg.out),
     )
-    seed_everything(run.configs["train"].seed)  # the model's random initialisation
-    model = build_model(mcfg, data.tokenizer)
+    model = build_base(mcfg, data.tokenizer, seed=cfg.train.seed)
     return _train_evaluate_save(run, "pretrain", model, data, {})
 
 
-def run_train(args: Any) -> int:
+def run_train(cfg: FineTuneConfig) -> int:
     """``codebook-lens train``: attach codebooks to a base model and fine-tune on a corpus."""
     from transformers import AutoTokenizer
 
-    run = _start(args, {"codebook": CodebookConfig, "data": DataConfig, "train": TrainConfig})
-    base_name = args.base or run.saved.get("base")
+    run = _start(cfg, {"codebook": cfg.codebook, "data": cfg.corpus, "train": cfg.train})
+    base_name = cfg.base or run.saved.get("base")
     if not base_name:
         raise ValueError("--base is required (a model folder or a hub id)")
     split = load_split(run.source, run.configs["data"])
@@ -97,8 +269,8 @@ def run_train(args: Any) -> int:
     model, path = _codebook_model(base_name, run.configs)
 
     def tokenizer(train_docs: list[Document]) -> Any:
-        if args.tokenizer:
-            return load_tokenizer(args.tokenizer, train_docs)
+        if cfg.tokenizer:
+            return load_tokenizer(cfg.tokenizer, train_docs)
         if run.resume_dir is not None and (run.resume_dir / "tokenizer").is_dir():
             return AutoTokenizer.from_pretrained(str(run.resume_dir / "tokenizer"))
         try:
@@ -147,24 +319,19 @@ class _Run:
         return self.out if self.resume else None
 
 
-def _start(args: Any, classes: dict[str, type]) -> _Run:
-    """Check ``--out``, merge saved / ``--config`` / flag settings into configs, join torchrun."""
+def _start(cfg: RunConfig, configs: dict[str, Any]) -> _Run:
+    """Check ``out`` and the corpus, join torchrun; ``configs`` are the run's sections."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars only; no "Loading weights" per load
-    out = Path(args.out).expanduser()
-    _check_out_dir(out, args.resume)
-    saved: dict[str, Any] = read_json(out / RUN_CONFIG) if args.resume else {}
-    sections = saved.get("configs") if args.resume else load_run_config_file(args.config)
-    if not isinstance(sections, dict):
-        raise ValueError(f"{out / RUN_CONFIG}: field 'configs' is missing")
-    configs = configs_from_args(args, sections, classes)
-    source = args.data or saved.get("data")
+    out = Path(cfg.out).expanduser()
+    saved, _ = run_sections(cfg.out, cfg.resume, None)
+    source = cfg.data or saved.get("data")
     if not source:
         raise ValueError("--data is required (a path, 'bbc', 'shakespeare' or hf:NAME)")
-    device = init_distributed(configs["train"].device)
+    device = init_distributed(cfg.train.device)
     rank, world = rank_world()
-    return _Run(out, args.resume, saved, source, configs, device, rank, world)
+    return _Run(out, cfg.resume, saved, source, configs, device, rank, world)
 
 
 def _data(
@@ -213,9 +380,10 @@ def _train_evaluate_save(
             f"tokens; {sum(p.numel() for p in model.parameters()):,} parameters",
             file=sys.stderr,
         )
-    result = train(
+    result = fit(
         model, data.stream, tcfg, run.out, eval_batches=data.eval_batches, resume=run.resume
-    )
+    ).result
+    assert result is not None  # no callback stops it
     if run.rank == 0:
         final_eval = (
             evaluate(model, fixed_batches(data.val_blocks, tcfg.batch_size))
@@ -266,10 +434,7 @@ def _codebook_model(base_name: str, configs: dict[str, Any]) -> tuple[nn.Module,
     """``train``'s build stage: the base model with codebooks attached (unless it has them), and
     the folder (or hub id) it was loaded from."""
     base, path = load_base_model(base_name)
-    model = base
-    if not isinstance(base, CodebookModel):  # else: continue training it with its own config
-        cfg: CodebookConfig = dataclasses.replace(configs["codebook"], seed=configs["train"].seed)
-        model = attach_codebooks(base, cfg)
+    model = with_codebooks(base, configs["codebook"], seed=configs["train"].seed)
     inner = model.base if isinstance(model, CodebookModel) else model
     check_block_size(configs["data"].block_size, getattr(inner, "config", None))
     return model, path
@@ -368,61 +533,56 @@ def _save_final(
 
 
 # ------------------------------------------------------------------- eval
-def run_eval(args: Any) -> int:
+def run_eval(cfg: EvalConfig) -> int:
     """``codebook-lens eval MODEL``: base vs codebook metrics on held-out text.
 
-    The data settings default to the ones saved with the model (``run_config.json``), so the
-    validation split is the one held out in training.
+    The data settings default to the ones saved with the model (``run_config.json``, see
+    ``saved_data_config``), so the validation split is the one held out in training.
     """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    path = resolve_model_path(args.model)
-    p = Path(path)
-    saved = read_json(p / RUN_CONFIG) if (p / RUN_CONFIG).is_file() else {}
-    saved_data = saved.get("configs", {}).get("data", {}) if isinstance(saved, dict) else {}
-    dcfg = dataclass_from_args(
-        DataConfig, args, base=config_from_dict(DataConfig, saved_data, source=str(p / RUN_CONFIG))
-    )
-    source = args.data or saved.get("data")
+    path = resolve_model_path(cfg.model)
+    dcfg = cfg.corpus
+    source = cfg.data or saved_data_config(cfg.model)[1]
     if not source:
         raise ValueError("--data is required (the model folder does not record its corpus)")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} is invalid; it must be >= 1")
-    if args.max_batches is not None and args.max_batches < 1:
-        raise ValueError(f"--max-batches {args.max_batches} is invalid; it must be >= 1")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size} is invalid; it must be >= 1")
+    if cfg.max_batches is not None and cfg.max_batches < 1:
+        raise ValueError(f"--max-batches {cfg.max_batches} is invalid; it must be >= 1")
 
-    model = _eval_model(args.model, path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _eval_model(cfg.model, path)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     base = model.base if isinstance(model, CodebookModel) else model
     check_block_size(dcfg.block_size, getattr(base, "config", None))
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception:
             raise FileNotFoundError(
-                f"MODEL {args.model}: has no tokenizer files; pass --tokenizer"
+                f"MODEL {cfg.model}: has no tokenizer files; pass --tokenizer"
             ) from None
 
     docs = load_documents(source, limit=dcfg.limit)
-    if args.split == "all":
+    if cfg.split == "all":
         chosen = docs
     else:
         train_docs, val_docs = split_documents(docs, dcfg.val_fraction, dcfg.split_seed)
-        chosen = val_docs if args.split == "val" else train_docs
+        chosen = val_docs if cfg.split == "val" else train_docs
         if not chosen:
-            raise ValueError(f"--split {args.split} is empty (val_fraction={dcfg.val_fraction})")
+            raise ValueError(f"--split {cfg.split} is empty (val_fraction={dcfg.val_fraction})")
     blocks = pack_tokens(chosen, tokenizer, dcfg.block_size)
     metrics = evaluate(
         model,
-        fixed_batches(blocks, args.batch_size, args.max_batches),
-        progress=not args.json,
+        fixed_batches(blocks, cfg.batch_size, cfg.max_batches),
+        progress=not cfg.json,
     )
-    if args.json:
+    if cfg.json:
         json.dump(metrics, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
