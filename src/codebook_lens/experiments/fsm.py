@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codebook_lens.config import check_choice, write_json_atomic
+from codebook_lens.config import check_choice, write_bytes_atomic, write_json_atomic
 from codebook_lens.experiments.fsm_data import (
     FSMConfig,
     TokFSM,
@@ -1272,8 +1272,6 @@ def run_seeds(
             continue
         _log(f"seed {s} ({len(runs) + 1}/{len(configs)})", progress)
         runs[s] = run_demo(c, folder, progress=progress)
-    from codebook_lens.report import write_bytes_atomic
-
     summary_data = summarize_seeds(runs)
     write_json_atomic(out / "summary.json", summary_data)
     rep = seeds_report(cfg, summary_data)
