@@ -8,8 +8,9 @@ root ``conftest.py``); a benchmark script puts it there itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -70,18 +71,8 @@ def synthetic_cache(
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards={shards!r} is invalid; it must be an integer >= 1")
     rng = np.random.default_rng(seed)
-    zipf = 1.0 / np.arange(1, len(WORDS) + 1) ** 0.9
-    probs = zipf / zipf.sum()
     vocab = WORDS + [" " + w for w in WORDS]
     names = [c.name for c in _codebooks(n_codebooks, groups, k, num_codes, index)]
-    identity = {
-        "base_model": "synthetic",
-        "model_type": "synthetic",
-        "vocab_size": len(vocab),
-        "config_hash": f"seed{seed}",
-        "codebook_hash": f"seed{seed}",
-        "codebooks": names,
-    }
     vectors = {
         name: rng.standard_normal((groups, num_codes, 16)).astype(np.float32) for name in names
     }
@@ -94,7 +85,7 @@ def synthetic_cache(
         return CacheWriter(
             root / shard_name(i, shards) if shards > 1 else root,
             codebooks=_codebooks(n_codebooks, groups, k, num_codes, index),
-            identity=identity,
+            identity=_identity(seed, len(vocab), names),
             vocab=vocab,
             tokenizer="words",
             seq_len=doc_tokens,
@@ -104,31 +95,64 @@ def synthetic_cache(
             shard=(i, shards) if shards > 1 else None,
         )
 
+    documents = _documents(rng, n_tokens, doc_tokens, names, groups, k, num_codes, planted)
     bar = tqdm(total=n_tokens, unit="tok", desc="synthetic", disable=not progress)
-    done, d, current = 0, 0, 0
+    done, current = 0, 0
     w = writer(0)
     try:
-        while done < n_tokens:
+        for d, (text, tokens, offsets, codes) in enumerate(documents):
             if shards > 1 and done * shards // n_tokens > current:  # the next shard starts
                 w.finish(progress=progress)
                 current = done * shards // n_tokens
                 w = writer(current)
-            n = min(doc_tokens, n_tokens - done)
-            word_ids, text, tokens, offsets = _document(rng, probs, n)
-            codes = {
-                name: _codes(rng, word_ids, groups, k, num_codes, planted if ci == 0 else {})
-                for ci, name in enumerate(names)
-            }
             w.add_document(f"doc{d}", text, labels[d % len(labels)] if labels else None)
             w.add_tokens(tokens, offsets, codes)
-            done, d = done + n, d + 1
-            bar.update(n)
+            done += len(tokens)
+            bar.update(len(tokens))
         bar.close()
         cache = w.finish(progress=progress)
     except BaseException:
         w.abort()
         raise
     return merge_shards(root) if shards > 1 else cache
+
+
+def _documents(
+    rng: np.random.Generator,
+    n_tokens: int,
+    doc_tokens: int,
+    names: list[str],
+    groups: int,
+    k: int,
+    num_codes: int,
+    planted: dict[int, int],
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+    """``(text, tokens, offsets, {codebook: codes})`` of documents of ``doc_tokens`` tokens
+    (the last one shorter) until ``n_tokens``; the planted codes are in the first codebook."""
+    zipf = 1.0 / np.arange(1, len(WORDS) + 1) ** 0.9
+    probs = zipf / zipf.sum()
+    done = 0
+    while done < n_tokens:
+        n = min(doc_tokens, n_tokens - done)
+        word_ids, text, tokens, offsets = _document(rng, probs, n)
+        codes = {
+            name: _codes(rng, word_ids, groups, k, num_codes, planted if ci == 0 else {})
+            for ci, name in enumerate(names)
+        }
+        yield text, tokens, offsets, codes
+        done += n
+
+
+def _identity(seed: int, vocab_size: int, names: list[str]) -> dict[str, Any]:
+    """A made-up model identity (what ``model_identity`` gives for a real model)."""
+    return {
+        "base_model": "synthetic",
+        "model_type": "synthetic",
+        "vocab_size": vocab_size,
+        "config_hash": f"seed{seed}",
+        "codebook_hash": f"seed{seed}",
+        "codebooks": names,
+    }
 
 
 def _codebooks(

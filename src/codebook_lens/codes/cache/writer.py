@@ -38,7 +38,6 @@ from codebook_lens.config import __version__, read_json, write_json_atomic
 _HEADER_BYTES = 128  # .npy header written ahead of appended rows (what np.save writes too)
 
 
-# ------------------------------------------------------------------- writing
 class _NpyStream:
     """Rows appended straight into a ``.npy`` file; ``finish`` writes the header for the final
     row count in the space kept for it (the bytes are what ``np.save`` would write)."""
