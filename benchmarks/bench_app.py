@@ -44,10 +44,13 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The synthetic cache is a test fixture: tests/helpers/synthetic.py.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import RESULTS, machine, save_section  # noqa: E402
+from helpers.synthetic import synthetic_cache  # noqa: E402
 
-from codebook_lens.codes.cache import CodeCache, synthetic_cache
+from codebook_lens.codes.cache import CodeCache
 from codebook_lens.codes.search import make_pattern, search
 
 PER_PAGE = 10

@@ -46,9 +46,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The synthetic cache is a test fixture: tests/helpers/synthetic.py.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import machine, print_table, save_section  # noqa: E402
+from helpers.synthetic import synthetic_cache  # noqa: E402
 
-from codebook_lens.codes.cache import CodeCache, synthetic_cache
+from codebook_lens.codes.cache import CodeCache
 from codebook_lens.codes.search import Pattern, available_cores, code_hits, make_pattern, search
 
 MONTHS = (

@@ -20,10 +20,11 @@ import torch
 
 pytest.importorskip("fastapi")  # the `app` extra; `make test` installs it
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers.synthetic import synthetic_cache  # noqa: E402
 
 from codebook_lens import CodebookConfig, attach_codebooks  # noqa: E402
 from codebook_lens.app import AppConfig, create_app  # noqa: E402
-from codebook_lens.codes.cache import build_cache, synthetic_cache  # noqa: E402
+from codebook_lens.codes.cache import build_cache  # noqa: E402
 
 BASE = "http://127.0.0.1"
 

@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")  # a dev dependency
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers.synthetic import synthetic_cache  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from codebook_lens.app import AppConfig, create_app  # noqa: E402
-from codebook_lens.codes.cache import synthetic_cache  # noqa: E402
 
 BASE = "http://127.0.0.1"
 SEED = 20_260_101

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from helpers.synthetic import synthetic_cache
 
 from codebook_lens import CodebookConfig, attach_codebooks
-from codebook_lens.codes import cache as cache_mod
 from codebook_lens.codes.cache import (
     CacheWriter,
     CodebookInfo,
@@ -20,8 +20,8 @@ from codebook_lens.codes.cache import (
     build_cache,
     check_identity,
     code_dtype,
-    synthetic_cache,
 )
+from codebook_lens.codes.cache import index as cache_mod
 
 TEXTS = [
     "In May the rain falls. It may rain in May, or in June.",

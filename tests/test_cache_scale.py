@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.synthetic import synthetic_cache
 from test_cache import TEXTS, Doc, docs, small_model, small_tokenizer
 
 from codebook_lens.cli import main
@@ -24,7 +25,6 @@ from codebook_lens.codes.cache import (
     partial_path,
     resolve_shard,
     shard_name,
-    synthetic_cache,
     verify_cache,
 )
 from codebook_lens.codes.search import (

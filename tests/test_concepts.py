@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import regex
+from helpers.synthetic import synthetic_cache
 
-from codebook_lens.codes.cache import synthetic_cache
 from codebook_lens.experiments.concepts import (
     Concept,
     ConceptsConfig,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.synthetic import synthetic_cache
 from test_cache import TEXTS, docs, small_model, small_tokenizer
 
 from codebook_lens.cli import main
@@ -29,7 +30,6 @@ from codebook_lens.codes.cache import (
     CodebookInfo,
     CodeCache,
     build_cache,
-    synthetic_cache,
 )
 from codebook_lens.codes.search import (
     code_contexts,

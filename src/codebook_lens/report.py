@@ -24,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")  # reports are written headless, on any machine
 from matplotlib.figure import Figure  # noqa: E402
 
+from codebook_lens.config import write_bytes_atomic  # noqa: E402
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#1d1d1f;line-height:1.45}
@@ -173,18 +175,3 @@ class Report:
         write_bytes_atomic(out / "report.md", self.to_markdown().encode("utf-8"))
         write_bytes_atomic(out / "report.html", self.to_html().encode("utf-8"))
         return out / "report.html"
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

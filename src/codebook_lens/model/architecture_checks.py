@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from codebook_lens.config import write_bytes_atomic
 from codebook_lens.model.codebook_model import (
     CodebookModel,
     _text_config,
@@ -701,8 +702,6 @@ def write_architectures_doc(
     path: str | os.PathLike[str], checks: Sequence[ArchitectureCheck]
 ) -> Path:
     """Write ``architectures_markdown(checks)`` to ``path`` atomically."""
-    from codebook_lens.report import write_bytes_atomic
-
     out = check_doc_path(path)
     write_bytes_atomic(out, architectures_markdown(checks).encode("utf-8"))
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from codebook_lens.config import write_json_atomic
+from codebook_lens.config import write_bytes_atomic, write_json_atomic
 from codebook_lens.experiments.fsm.config import DemoConfig
 from codebook_lens.experiments.fsm.data import (
     TokFSM,
@@ -330,8 +330,6 @@ def run_seeds(
             continue
         _log(f"seed {s} ({len(runs) + 1}/{len(configs)})", progress)
         runs[s] = run_demo(c, folder, progress=progress)
-    from codebook_lens.report import write_bytes_atomic
-
     summary_data = summarize_seeds(runs)
     write_json_atomic(out / "summary.json", summary_data)
     rep = seeds_report(cfg, summary_data)

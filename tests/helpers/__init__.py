@@ -1,0 +1,1 @@
+"""Shared test fixtures: synthetic caches (used by the tests and the benchmarks)."""
