@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from codebook_lens.codes.search.profiles import CodeProfile
+from codebook_lens.codes.search.profiles import CodeProfile, LabelCount, TokenCount
 from codebook_lens.codes.search.ranking import SearchResult
 
 
@@ -63,28 +63,15 @@ def format_profile(p: CodeProfile, *, color: bool = False) -> str:
     out.append("contexts:")
     style: Literal["ansi", "brackets"] = "ansi" if color else "brackets"
     out += [f"  {c.render(style)}" for c in p.contexts] or ["  (never fires)"]
-    if p.tokens:
-        out += ["", "tokens:"]
-        out.append(
-            format_table(
-                [("token", "count", "share", "coverage")]
-                + [
-                    (repr(t.text), str(t.count), f"{t.share:.3f}", f"{t.coverage:.3f}")
-                    for t in p.tokens
-                ]
-            )
-        )
-    if p.labels and any(lab.label is not None for lab in p.labels):
-        out += ["", "document labels:"]
-        out.append(
-            format_table(
-                [("label", "count", "share", "coverage")]
-                + [
-                    (str(lab.label), str(lab.count), f"{lab.share:.3f}", f"{lab.coverage:.4f}")
-                    for lab in p.labels
-                ]
-            )
-        )
+    tables: list[tuple[str, str, list[tuple[str, TokenCount | LabelCount, str]]]] = [
+        ("tokens", "token", [(repr(t.text), t, ".3f") for t in p.tokens])
+    ]
+    if any(lab.label is not None for lab in p.labels):
+        tables.append(("document labels", "label", [(str(x.label), x, ".4f") for x in p.labels]))
+    for title, key, rows in tables:
+        if rows:
+            cells = [(k, str(x.count), f"{x.share:.3f}", format(x.coverage, f)) for k, x, f in rows]
+            out += ["", f"{title}:", format_table([(key, "count", "share", "coverage"), *cells])]
     if p.similar:
         out += ["", "similar codes: " + ", ".join(f"{s.code} ({s.cosine:.2f})" for s in p.similar)]
     if p.promoted is not None:
