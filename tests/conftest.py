@@ -3,9 +3,11 @@ that no test leaves a process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -112,4 +114,7 @@ def no_process_left_behind() -> Iterator[None]:
         time.sleep(0.1)
     if left:
         lines = "\n".join(f"  {p}: {cmdline(p)}" for p in left)
+        for p in left:  # reported, then ended: a failed run leaves nothing running either
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
         pytest.fail(f"{len(left)} child process(es) still alive after the tests:\n{lines}")
