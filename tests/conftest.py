@@ -1,11 +1,20 @@
-"""Shared fixtures: tiny random models of the three architectures, built locally."""
+"""Shared fixtures: tiny random models of the three architectures, built locally; and a check
+that no test leaves a process behind."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch
+from processes import alive, become_subreaper, children, cmdline, has_proc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -66,3 +75,46 @@ def arch(request: pytest.FixtureRequest) -> str:
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+def _own_helpers() -> set[int]:
+    """This process's own multiprocessing forkserver and resource tracker: one each per
+    interpreter, started on first use and ending with it (there is no call to stop them)."""
+    fs = getattr(multiprocessing.forkserver, "_forkserver", None)
+    rt = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    pids = {getattr(fs, "_forkserver_pid", None), getattr(rt, "_pid", None)}
+    return {p for p in pids if isinstance(p, int)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the run if any child process of this one is still alive at the end.
+
+    Orphans are adopted by this process (Linux: a child subreaper), so a worker whose server
+    died is seen here too. Worker pools still open are closed first (as at exit); then every
+    child must end within a few seconds, except this process's own forkserver and resource
+    tracker, which may stay only without children of their own.
+    """
+    if not has_proc():
+        yield
+        return
+    become_subreaper()
+    yield
+    pool = sys.modules.get("codebook_lens.codes.pool")
+    if pool is not None:
+        pool.close_all()
+    helpers = _own_helpers()
+
+    def leftovers() -> list[int]:
+        mine = [p for p in children(os.getpid()) if p not in helpers]
+        return mine + [c for h in helpers for c in children(h)]
+
+    deadline = time.monotonic() + 15
+    while (left := [p for p in leftovers() if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        lines = "\n".join(f"  {p}: {cmdline(p)}" for p in left)
+        for p in left:  # reported, then ended: a failed run leaves nothing running either
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+        pytest.fail(f"{len(left)} child process(es) still alive after the tests:\n{lines}")

@@ -3,22 +3,45 @@
 These pydantic models are the OpenAPI schema (``/openapi.json``): FastAPI validates requests
 against them (a request that does not fit is a 422) and filters every answer through them.
 Request models depend on the server's limits (``AppConfig``), so ``request_models(config)``
-builds them for one server; answers have fixed shapes.
+builds them for one server; answers have fixed shapes. An answer that carries a library result
+extends the result's dataclass (a pydantic dataclass over it), so each result is declared once.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from codebook_lens.app.config import AppConfig
+from codebook_lens.codes.analysis import CodebookHealth
+from codebook_lens.codes.direct_effect import PromotedToken
+from codebook_lens.codes.search import CodeMatch, Context, LabelCount, TokenCount
+from codebook_lens.flags import field_docs
+
+
+def _inherited_docs(schema: dict[str, Any], cls: type) -> None:
+    """Describe the fields an answer inherits from a library dataclass by their docstrings
+    there (pydantic reads only the docstrings of a class's own fields)."""
+    props = schema.get("properties", {})
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            for name, doc in field_docs(base).items():
+                if name in props:
+                    props[name].setdefault("description", doc)
+
+
+DOCS = ConfigDict(use_attribute_docstrings=True, json_schema_extra=_inherited_docs)
+"""Field docstrings (the class's own and, for dataclasses, inherited ones) become the
+schema's descriptions."""
 
 
 class Doc(BaseModel):
     """A model whose field docstrings become the schema's descriptions."""
 
-    model_config = ConfigDict(use_attribute_docstrings=True)
+    model_config = DOCS
 
 
 # ------------------------------------------------------------------- errors
@@ -229,25 +252,10 @@ class ModelInfo(Doc):
     codebook_hash: str | None = None
 
 
-class CodebookOverview(Doc):
+@pydantic_dataclass(config=DOCS)
+class CodebookOverview(CodebookHealth):
     """``analysis.codebook_health`` of one codebook, plus where it sits."""
 
-    codebook: str
-    placement: str
-    groups: int
-    num_codes: int
-    k: int
-    n_tokens: int
-    used_codes: int
-    dead_codes: int
-    dead_fraction: float
-    entropy: float
-    """Usage entropy in nats, mean over heads."""
-    max_entropy: float
-    perplexity: float
-    top10_share: float
-    hist_edges: list[float]
-    hist_counts: list[int]
     layer: int | None
     dim: int
     grouped: bool
@@ -272,19 +280,10 @@ class SearchFilters(Doc):
     min_recall: float
 
 
-class SearchMatch(Doc):
+@pydantic_dataclass(config=DOCS)
+class SearchMatch(CodeMatch):
     """``search.CodeMatch``: one code's agreement with the pattern."""
 
-    codebook: str
-    code: int
-    head: int | None
-    precision: float
-    recall: float
-    f1: float
-    count: int
-    """Tokens on which the code fires (whole cache)."""
-    hits: int
-    """Pattern tokens on which the code fires."""
     label: str
     url: str
 
@@ -314,44 +313,30 @@ class SearchResponse(Doc):
     results: list[SearchSection]
 
 
-class ContextOut(Doc):
+@pydantic_dataclass(config=DOCS)
+class ContextOut(Context):
     """``search.Context``: a token where the code fires, with text around it."""
 
-    position: int
-    doc: int
-    doc_id: str
-    label: str | None
-    left: str
-    token: str
-    right: str
-    rank: int
-    """Slot of the code among the token's top-k (0 = best)."""
     doc_url: str
 
 
-class TokenCountOut(Doc):
-    token_id: int
-    text: str
-    count: int
-    share: float
-    coverage: float
+@pydantic_dataclass(config=DOCS)
+class TokenCountOut(TokenCount):
+    """``search.TokenCount``."""
 
 
-class LabelCountOut(Doc):
-    label: str | None
-    count: int
-    share: float
-    coverage: float
+@pydantic_dataclass(config=DOCS)
+class LabelCountOut(LabelCount):
+    """``search.LabelCount``."""
 
 
 class SimilarCodeOut(CodeRef):
     cosine: float
 
 
-class PromotedTokenOut(Doc):
-    token_id: int
-    text: str
-    logit: float
+@pydantic_dataclass(config=DOCS)
+class PromotedTokenOut(PromotedToken):
+    """``direct_effect.PromotedToken``."""
 
 
 class CodeProfileOut(Doc):

@@ -3,7 +3,7 @@
 A search (compile a user regex, run it over every document, rank the codes of every codebook
 with ``search.search``) is CPU work, and regex matching holds Python's GIL, so searches in the
 server's threads would share one core. ``SearchPool`` runs them in worker processes instead
-(one per core by default): each opens the cache itself (memory-mapped, so the pages are shared
+(``codes.pool``, one per core by default, at a lower priority): each opens the cache itself (memory-mapped, so the pages are shared
 through the OS) and warms it once, and the server only waits for the answer, so pages stay
 responsive under load. With ``workers=0`` searches run in the calling thread (tests, notebooks).
 
@@ -16,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 from urllib.parse import urlencode
 
 from codebook_lens.app.config import AppError
 from codebook_lens.app.links import code_ref, with_query
+from codebook_lens.codes.cache import load_cache
+from codebook_lens.codes.pool import WorkerPool
+from codebook_lens.codes.search import make_pattern, search
 
 log = logging.getLogger("codebook_lens.app")
 
@@ -64,8 +65,6 @@ class Searcher:
 
     def pattern(self, kind: str, query: str) -> Any:
         """The library's ``Pattern`` for a query (``kind``: regex, token or topic)."""
-        from codebook_lens.codes.search import make_pattern
-
         key = (kind, query)
         with self._lock:
             if key in self._patterns:
@@ -92,8 +91,6 @@ class Searcher:
 
     def warm(self) -> None:
         """Touch what the first search would load (texts, spans, code counts, code pages)."""
-        from codebook_lens.codes.search import search
-
         if self.cache.n_tokens:
             search(self.cache, self.pattern("regex", r"\A."), top=1, workers=self.library_workers)
 
@@ -104,8 +101,6 @@ class Searcher:
         list; the library ranks ``page * per_page + 1`` codes so the next page's existence is
         known without ranking everything.
         """
-        from codebook_lens.codes.search import search
-
         cache = self.cache
         codebook = p["codebook"] or None
         if codebook is not None and codebook not in cache.codebooks:
@@ -175,21 +170,11 @@ class Searcher:
 _worker: Searcher | None = None
 
 
-def _init_worker(cache_dir: str, regex_timeout: float) -> None:
+def init_worker(cache_dir: str, regex_timeout: float) -> None:
+    """Set-up of each worker (``codes.pool``): open the cache and warm it."""
     global _worker
-    import os
-
-    from codebook_lens.codes.cache import load_cache
-
-    if hasattr(os, "nice"):
-        os.nice(WORKER_NICENESS)
-
     _worker = Searcher(load_cache(cache_dir), regex_timeout, library_workers=1)
     _worker.warm()
-
-
-def _ready() -> bool:
-    return _worker is not None
 
 
 def _answer(p: dict[str, Any]) -> tuple[int, str]:
@@ -203,46 +188,32 @@ class SearchPool:
 
     def __init__(self, cache: Any, regex_timeout: float, workers: int) -> None:
         self.local = Searcher(cache, regex_timeout)
-        self.cache_dir = str(cache.path)
-        self.regex_timeout = regex_timeout
         self.workers = workers
-        self._executor: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._pool = (
+            WorkerPool(
+                workers,
+                setup=f"{__name__}:init_worker",
+                setup_args=(str(cache.path), regex_timeout),
+                niceness=WORKER_NICENESS,
+            )
+            if workers
+            else None
+        )
 
     def start(self) -> None:
         """Start every worker and wait until each has opened and warmed the cache."""
-        if self.workers == 0:
-            return
-        with self._lock:
-            if self._executor is not None:
-                return
-            # spawn, not fork: the server has threads (and maybe torch) that fork would copy
-            # in whatever state they are in.
-            self._executor = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(self.cache_dir, self.regex_timeout),
-            )
-            ready = [self._executor.submit(_ready) for _ in range(self.workers)]
-        for f in ready:
-            f.result()
-
-    def _submit(self, p: dict[str, Any]) -> Future[tuple[int, str]]:
-        if self._executor is None:
-            self.start()
-        assert self._executor is not None
-        return self._executor.submit(_answer, p)
+        if self._pool is not None:
+            self._pool.start()
 
     async def search_json(self, p: dict[str, Any]) -> str:
         """The search answer as JSON text; errors raise ``AppError`` with the library's message."""
-        if self.workers == 0:
+        if self._pool is None:
             from starlette.concurrency import run_in_threadpool
 
             status, text = await run_in_threadpool(self.local.answer, p)
         else:
             try:
-                status, text = await asyncio.wrap_future(self._submit(p))
+                status, text = await asyncio.wrap_future(self._pool.submit(_answer, p))
             except BrokenProcessPool:
                 log.error("a search worker stopped unexpectedly; restarting the pool")
                 self.close()
@@ -257,7 +228,6 @@ class SearchPool:
         return data
 
     def close(self) -> None:
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers and wait for them (the next search starts them again)."""
+        if self._pool is not None:
+            self._pool.close()

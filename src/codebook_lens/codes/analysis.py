@@ -23,7 +23,7 @@ import numpy as np
 
 from codebook_lens.codes.cache import CodeCache, check_identity
 from codebook_lens.codes.direct_effect import PROMOTED_NOTE, PromotedToken, promoted_tokens
-from codebook_lens.codes.search import CodeMatch, Pattern, code_hits
+from codebook_lens.codes.search import CodeMatch, Pattern, code_hits, format_table
 
 if TYPE_CHECKING:
     from torch import nn
@@ -119,8 +119,6 @@ def codebook_health(cache: CodeCache, codebooks: list[str] | None = None) -> lis
 
 def format_health(stats: list[CodebookHealth]) -> str:
     """A readable table."""
-    from codebook_lens.codes.search import _table
-
     rows = [
         ("codebook", "heads", "C", "k", "used", "dead", "dead%", "entropy", "perplexity", "top10")
     ]
@@ -139,7 +137,7 @@ def format_health(stats: list[CodebookHealth]) -> str:
                 f"{s.top10_share:.3f}",
             )
         )
-    return _table(rows)
+    return format_table(rows)
 
 
 def plot_health(
