@@ -13,9 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.synthetic import synthetic_cache
 from processes import alive, children, cmdline, descendants, has_proc, wait_gone
 
-from codebook_lens.codes.cache import synthetic_cache
 from codebook_lens.codes.pool import WorkerPool, choose_workers, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]

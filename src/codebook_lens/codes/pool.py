@@ -13,8 +13,8 @@ Workers
   from ``__main__.__file__`` / ``__spec__``, which are set aside while a worker is launched
   (the only switch it has; a script without an ``if __name__ == "__main__"`` guard, or code
   read from stdin, would otherwise run again or fail in each worker);
-- never import the package's ``__init__`` (torch and transformers: seconds and ~100 MB each):
-  each runs ``pool_boot.py`` first, which registers the package bare;
+- import no torch or transformers (seconds and ~100 MB each): the package root loads its
+  public names lazily, and a worker imports only this module and its jobs' modules;
 - die with their parent however it ends (exit, exception, a signal, SIGKILL): a watchdog thread
   waits on the parent's sentinel, which the kernel closes when the parent dies, and on Linux
   the kernel also kills a worker whose forking process dies (``PR_SET_PDEATHSIG``);
@@ -29,7 +29,6 @@ import ctypes
 import importlib
 import multiprocessing
 import os
-import runpy
 import signal
 import sys
 import threading
@@ -38,15 +37,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any, TypeVar
 
 R = TypeVar("R")
 
-BOOT_FILE = Path(__file__).with_name("pool_boot.py")
-"""The file each worker runs first (``runpy.run_path``), before anything of the package."""
-BOOT_NAME = "__pool_worker__"
-"""``__name__`` of ``BOOT_FILE`` when a worker runs it (importing it does nothing)."""
 WATCH_SECONDS = 1.0
 """How often a worker's watchdog also checks that its parent's pid is still there."""
 
@@ -122,7 +116,7 @@ class WorkerPool:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers={workers!r} is invalid; it must be an integer >= 1")
         self.workers = workers
-        self._settings = {"niceness": niceness, "setup": setup, "setup_args": setup_args}
+        self._settings = (niceness, setup, setup_args)
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self.broken = False
@@ -135,8 +129,8 @@ class WorkerPool:
                 self._executor = ProcessPoolExecutor(
                     self.workers,
                     mp_context=_context(),
-                    initializer=runpy.run_path,
-                    initargs=(str(BOOT_FILE), {"SETTINGS": self._settings}, BOOT_NAME),
+                    initializer=start_worker,
+                    initargs=self._settings,
                 )
             return self._executor
 
@@ -209,7 +203,7 @@ def _ready() -> int:
 
 
 def start_worker(niceness: int, setup: str | None, setup_args: tuple[Any, ...]) -> None:
-    """Run in each worker by ``pool_boot.py``: tie it to its parent, then its set-up."""
+    """Run first in each worker: tie it to its parent, then its set-up."""
     die_with_parent()
     if niceness and hasattr(os, "nice"):
         os.nice(niceness)
