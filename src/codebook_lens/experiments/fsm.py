@@ -535,7 +535,9 @@ def pure_states(tables: Sequence[StateCodeTable], threshold: float) -> np.ndarra
 @torch.no_grad()
 def mlp_neuron_activations(base: nn.Module, tokens: Tensor, layers: int) -> list[Tensor]:
     """Hidden MLP neurons (after the nonlinearity) of every block: ``[(B, L, mlp_width)]``."""
-    from codebook_lens.model.codebook_model import _MLP_NAMES, _child, find_blocks
+    from codebook_lens.model.sites import MLP_NAMES as _MLP_NAMES
+    from codebook_lens.model.sites import child as _child
+    from codebook_lens.model.sites import find_blocks
 
     _, blocks = find_blocks(base)
     acts: list[Tensor] = [torch.empty(0)] * layers
