@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from codebook_lens.model.codebook_model import CodebookModel, attach_codebooks
 from codebook_lens.model.config import PLACEMENTS, CodebookConfig
@@ -522,8 +523,6 @@ def check_architectures(
     model_types: Sequence[str] | None = None, *, progress: bool = True
 ) -> list[ArchitectureCheck]:
     """``check_architecture`` on every checked type (or on ``model_types``), in order."""
-    from tqdm.auto import tqdm
-
     types = checked_types() if model_types is None else list(model_types)
     known = set(causal_lm_types())
     for t in types:
