@@ -1,4 +1,4 @@
-"""Running a model with hooks: scoped eval mode, the dummy pass that measures widths, code recording."""
+"""Running a model with hooks: scoped eval mode, the width probe, code recording."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class CodebookOutput(NamedTuple):
 
 
 class CodeEdit(Protocol):
-    """A change to code choice, applied inside ``CodebookLayer.forward`` (see ``intervene.py``).
+    """A change to code choice, applied inside ``CodebookLayer.forward`` (see ``codes.intervene``).
 
     ``lead_shape`` is the input's shape without its last dim, e.g. ``(batch, seq)``; token row
     ``r`` of the flattened input is position ``unravel(r, lead_shape)``.

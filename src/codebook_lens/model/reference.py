@@ -20,7 +20,8 @@ Placements: ``attn_preproj`` with a ``group`` codebook (one per head, on the mer
 before the attention output projection) -> ``attn_heads``; ``mlp`` (the MLP block's output) ->
 ``mlp_out``; ``attn`` (the attention block's output) -> ``attn_out``; ``transformer_block`` ->
 ``residual``. The mapping from our codebook names to the reference's keys is kept in the
-converted model's ``codebook_config.json`` under ``origin``.
+converted model's ``codebook_config.json`` under ``origin``. Finding and reading the
+checkpoint's files is ``reference_files.py``.
 """
 
 from __future__ import annotations

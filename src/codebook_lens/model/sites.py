@@ -507,7 +507,7 @@ def _placement_sites(model: nn.Module, config: CodebookConfig) -> list[HookSite]
 def _glob_sites(model: nn.Module, patterns: list[str]) -> list[HookSite]:
     """One output site per module matching each glob; a glob matching nothing raises."""
     names = [n for n, _ in model.named_modules() if n]
-    sites = []
+    sites: list[HookSite] = []
     for pattern in patterns:
         matched = sorted((n for n in names if fnmatch.fnmatchcase(n, pattern)), key=natural_key)
         if not matched:
