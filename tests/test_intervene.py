@@ -229,6 +229,19 @@ def test_sampling_is_seeded_and_paired() -> None:
     assert top1 == greedy
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-8, 0.3, 0.999999, 1.0])
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6, 0.7, 50.0])
+def test_sampling_never_runs_out_of_candidates(top_p: float, temperature: float) -> None:
+    model = make()
+    kw = {"max_new_tokens": 5, "num_samples": 3, "stop_at_eos": False, "seed": 2}
+    gens = generate(model, None, [1, 2, 3], top_p=top_p, temperature=temperature, **kw)
+    assert len(gens) == 3 and all(len(g.ids) == 5 for g in gens)
+    if top_p <= 1e-8 or temperature <= 1e-40:
+        # Only the most likely token is left: sampling is greedy decoding.
+        greedy = generate(model, None, [1, 2, 3], temperature=0, **kw)
+        assert gens == greedy, (top_p, temperature)
+
+
 def test_generation_stops_at_eos() -> None:
     model = make()
     gens = generate(model, None, [1, 2], max_new_tokens=30, num_samples=4, seed=1)

@@ -18,10 +18,10 @@ from conftest import tiny_model
 from codebook_lens import CodebookConfig, CodebookLayer, CodebookModel, attach_codebooks
 from codebook_lens.model.reference import (
     convert_reference,
-    digits_tokenizer,
     is_reference_checkpoint,
     reference_files,
 )
+from codebook_lens.model.tokenizer import digits_tokenizer
 
 
 # ------------------------------------------------------------- affine LayerNorm option

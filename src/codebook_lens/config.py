@@ -8,11 +8,14 @@ Every field has a docstring under it (shown in ``--help``); invalid values raise
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -144,3 +147,30 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise FileNotFoundError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def replace_dir_atomic(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Fill a temporary folder inside the block; on success it replaces the folder ``path``.
+
+    The block writes into the yielded folder (a hidden sibling of ``path``). If the block
+    raises, the temporary folder is removed and ``path`` is left as it was; an existing
+    ``path`` is only moved aside for the swap and deleted once the new folder is in place.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise

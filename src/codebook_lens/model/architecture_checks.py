@@ -27,15 +27,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from codebook_lens.config import write_bytes_atomic
-from codebook_lens.model.codebook_model import (
-    CodebookModel,
-    _text_config,
-    attach_codebooks,
-    find_blocks,
-)
+from codebook_lens.model.codebook_model import CodebookModel, attach_codebooks
 from codebook_lens.model.config import PLACEMENTS, CodebookConfig
+from codebook_lens.model.sites import find_blocks, text_config
 
 TINY_SIZES: dict[str, Any] = {
     "vocab_size": 96,
@@ -98,6 +95,16 @@ TINY_SIZES: dict[str, Any] = {
 }
 """Sizes given to every config that has the field: 2 blocks, width 64, 4 query heads of 16."""
 
+# Inkling's sliding-window attention sizes, shared by its three text models.
+_INKLING_SWA: dict[str, Any] = {
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "d_rel": 4,
+    "rel_extent": 16,
+    "sliding_window_size": 8,
+}
+
 OVERRIDES: dict[str, dict[str, Any]] = {
     # 2 blocks need a 2-entry attention pattern (the default has 24).
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
@@ -158,32 +165,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "gemma4_text": {"vocab_size_per_layer_input": 96, "hidden_size_per_layer_input": 8},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0, "num_centroids": 16},
-    "inkling_text": {
-        "swa_num_attention_heads": 4,
-        "swa_num_key_value_heads": 2,
-        "swa_head_dim": 16,
-        "d_rel": 4,
-        "rel_extent": 16,
-        "sliding_window_size": 8,
-    },
-    "inkling2_text": {
-        "swa_num_attention_heads": 4,
-        "swa_num_key_value_heads": 2,
-        "swa_head_dim": 16,
-        "d_rel": 4,
-        "rel_extent": 16,
-        "sliding_window_size": 8,
-        "unpadded_vocab_size": 96,
-    },
-    "inkling2_loop_text": {
-        "swa_num_attention_heads": 4,
-        "swa_num_key_value_heads": 2,
-        "swa_head_dim": 16,
-        "d_rel": 4,
-        "rel_extent": 16,
-        "sliding_window_size": 8,
-        "unpadded_vocab_size": 96,
-    },
+    "inkling_text": _INKLING_SWA,
+    "inkling2_text": {**_INKLING_SWA, "unpadded_vocab_size": 96},
+    "inkling2_loop_text": {**_INKLING_SWA, "unpadded_vocab_size": 96},
     "kimi_linear": {
         "linear_head_dim": 16,
         "linear_num_heads": 4,
@@ -521,7 +505,7 @@ def check_architecture(model_type: str, seed: int = 0) -> ArchitectureCheck:
             result.build_error = f"{type(e).__name__}: {e}"
             return result
         result.model_class = type(base).__name__
-        cfg = _text_config(base)
+        cfg = text_config(base)
         result.num_heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
         try:
             prefix, blocks = find_blocks(base)
@@ -540,8 +524,6 @@ def check_architectures(
     model_types: Sequence[str] | None = None, *, progress: bool = True
 ) -> list[ArchitectureCheck]:
     """``check_architecture`` on every checked type (or on ``model_types``), in order."""
-    from tqdm.auto import tqdm
-
     types = checked_types() if model_types is None else list(model_types)
     known = set(causal_lm_types())
     for t in types:

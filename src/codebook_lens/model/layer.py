@@ -12,17 +12,13 @@ top k, output their sum (or mean). On CPU the tiles of all groups are shared out
 Backward: the input receives the output's gradient unchanged (straight-through); the chosen
 codes receive the downstream gradient plus ``recon_weight * mse(output, sg(input))``.
 
-This module has no Hugging Face imports; ``attach.py`` puts layers into models.
+This module has no Hugging Face imports; ``codebook_model.py`` puts layers into models.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -32,6 +28,8 @@ from torch import Tensor, nn
 from codebook_lens.config import check_choice, check_range
 from codebook_lens.model import distributed
 from codebook_lens.model.config import NONFINITE_POLICIES, REDUCTIONS, SCORE_DTYPES, SIMILARITIES
+from codebook_lens.model.cpu_threads import one_cpu_thread, run_parallel
+from codebook_lens.model.faiss_index import FaissIndex
 
 
 class CodebookOutput(NamedTuple):
@@ -47,7 +45,7 @@ class CodebookOutput(NamedTuple):
 
 
 class CodeEdit(Protocol):
-    """A change to code choice, applied inside ``CodebookLayer.forward`` (see ``intervene.py``).
+    """A change to code choice, applied inside ``CodebookLayer.forward`` (see ``codes.intervene``).
 
     ``lead_shape`` is the input's shape without its last dim, e.g. ``(batch, seq)``; token row
     ``r`` of the flattened input is position ``unravel(r, lead_shape)``.
@@ -159,74 +157,6 @@ places (agreement with fp32 codes in benchmarks/README.md)."""
 def _tile_rows(num_codes: int, limit: int) -> int:
     """Token rows per CPU score tile: about ``_TILE_BYTES`` of fp32 scores, at most ``limit``."""
     return max(1, min(limit, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * num_codes))))
-
-
-_POOL_LOCK = threading.Lock()
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
-"""(pid, threads, pool) of the helper threads that score tiles; rebuilt after a fork."""
-
-
-def _single_threaded_worker() -> None:
-    # A fresh thread adopts torch's process-wide thread count on its first op; pin this one to
-    # one intra-op thread for life (the caller restores the process-wide count afterwards).
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def _helper_pool(threads: int) -> ThreadPoolExecutor:
-    """The shared pool of ``threads`` single-threaded helpers (created on first use)."""
-    global _POOL
-    with _POOL_LOCK:
-        pool = _POOL
-        if pool is None or pool[0] != os.getpid() or pool[1] != threads:
-            if pool is not None and pool[0] == os.getpid():
-                pool[2].shutdown(wait=False)
-            executor = ThreadPoolExecutor(
-                threads, thread_name_prefix="codebook-score", initializer=_single_threaded_worker
-            )
-            pool = _POOL = (os.getpid(), threads, executor)
-        return pool[2]
-
-
-def _run_parallel(tasks: list[Callable[[], None]], threads: int) -> None:
-    """Run ``tasks`` on ``threads`` CPU threads (the caller's among them), one intra-op thread
-    each, taking tasks in order as threads free up. Each task writes its own output rows, so
-    results do not depend on the schedule."""
-    if threads <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            task()
-        return
-    lock = threading.Lock()
-    todo = iter(tasks)
-    failed: list[BaseException] = []
-
-    def drain() -> None:
-        with torch.no_grad():
-            while not failed:
-                with lock:
-                    task = next(todo, None)
-                if task is None:
-                    return
-                try:
-                    task()
-                except BaseException as e:  # stop the others; re-raised by the caller
-                    failed.append(e)
-                    raise
-
-    pool = _helper_pool(threads - 1)
-    helpers = [pool.submit(drain) for _ in range(min(threads, len(tasks)) - 1)]
-    try:
-        # The caller works too; leaving this block restores its (and the process-wide)
-        # thread count, which a helper thread's first start resets to one.
-        with _one_cpu_thread(torch.device("cpu")):
-            try:
-                drain()
-            finally:
-                for f in helpers:
-                    f.exception()  # wait for every helper before the count is restored
-    finally:
-        if failed:
-            raise failed[0]
 
 
 def _unit_codes(cb: Tensor, out: Tensor | None = None) -> Tensor:
@@ -355,6 +285,56 @@ def _rerank(scores: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, k: int) -> 
     return cand.gather(-1, best).view(*lead, n, k)
 
 
+def _check_options(
+    *,
+    dim: int,
+    num_codes: int,
+    k: int,
+    groups: int,
+    similarity: str,
+    reduction: str,
+    nonfinite: str,
+    score_dtype: str,
+    recon_weight: float,
+    commitment_weight: float,
+    revival_noise: float,
+    chunk_size: int,
+    recent_size: int,
+    dead_code_steps: int,
+    kmeans_iters: int,
+    layer_norm: bool,
+    layer_norm_affine: bool,
+) -> None:
+    """Raise ``ValueError`` for any invalid ``CodebookLayer`` option or combination."""
+    for name, value in (("dim", dim), ("num_codes", num_codes), ("k", k), ("groups", groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
+    if k > num_codes:
+        raise ValueError(f"k={k} is invalid; it must be <= num_codes={num_codes}")
+    if dim % groups:
+        raise ValueError(
+            f"dim={dim} is invalid for groups={groups}: the width must divide evenly into "
+            f"the groups (heads); {dim} % {groups} = {dim % groups}"
+        )
+    check_choice("similarity", similarity, SIMILARITIES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    check_choice("score_dtype", score_dtype, SCORE_DTYPES)
+    check_range("recon_weight", recon_weight, 0.0)
+    check_range("commitment_weight", commitment_weight, 0.0)
+    check_range("revival_noise", revival_noise, 0.0)
+    for name, value in (("chunk_size", chunk_size), ("recent_size", recent_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
+    if dead_code_steps < 0 or kmeans_iters < 0:
+        raise ValueError("dead_code_steps and kmeans_iters must be >= 0")
+    if layer_norm_affine and not layer_norm:
+        raise ValueError(
+            "layer_norm_affine=True is invalid with layer_norm=False; the affine weight and "
+            "bias belong to the input LayerNorm, so set layer_norm=True too"
+        )
+
+
 class CodebookLayer(nn.Module):
     """Vector-quantization bottleneck with top-k codes, straight-through gradients and revival.
 
@@ -422,37 +402,25 @@ class CodebookLayer(nn.Module):
         score_dtype: str = "float32",
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_codes", num_codes), ("k", k), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
-        if k > num_codes:
-            raise ValueError(f"k={k} is invalid; it must be <= num_codes={num_codes}")
-        if dim % groups:
-            raise ValueError(
-                f"dim={dim} is invalid for groups={groups}: the width must divide evenly into "
-                f"the groups (heads); {dim} % {groups} = {dim % groups}"
-            )
-        check_choice("similarity", similarity, SIMILARITIES)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        check_choice("score_dtype", score_dtype, SCORE_DTYPES)
-        check_range("recon_weight", recon_weight, 0.0)
-        check_range("commitment_weight", commitment_weight, 0.0)
-        check_range("revival_noise", revival_noise, 0.0)
-        for name, value in (
-            ("chunk_size", chunk_size),
-            ("recent_size", recent_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
-        if dead_code_steps < 0 or kmeans_iters < 0:
-            raise ValueError("dead_code_steps and kmeans_iters must be >= 0")
-        if layer_norm_affine and not layer_norm:
-            raise ValueError(
-                "layer_norm_affine=True is invalid with layer_norm=False; the affine weight and "
-                "bias belong to the input LayerNorm, so set layer_norm=True too"
-            )
-
+        _check_options(
+            dim=dim,
+            num_codes=num_codes,
+            k=k,
+            groups=groups,
+            similarity=similarity,
+            reduction=reduction,
+            nonfinite=nonfinite,
+            score_dtype=score_dtype,
+            recon_weight=recon_weight,
+            commitment_weight=commitment_weight,
+            revival_noise=revival_noise,
+            chunk_size=chunk_size,
+            recent_size=recent_size,
+            dead_code_steps=dead_code_steps,
+            kmeans_iters=kmeans_iters,
+            layer_norm=layer_norm,
+            layer_norm_affine=layer_norm_affine,
+        )
         self.dim, self.num_codes, self.k, self.groups = dim, num_codes, k, groups
         self.head_dim = dim // groups
         self.similarity, self.reduction = similarity, reduction
@@ -463,43 +431,50 @@ class CodebookLayer(nn.Module):
         self.grouped = groups > 1 if grouped is None else grouped
         self.nonfinite = nonfinite
         self.score_dtype = score_dtype
+        self._init_parameters(seed, layer_norm_affine)
+        self._init_buffers()
 
+        self.edit: CodeEdit | None = None
+        """An active intervention (set by ``intervene``); ``None`` means plain top-k."""
+        self.last_loss: Tensor | None = None
+        """Loss of the latest forward pass (read by ``CodebookModel.codebook_loss``)."""
+        self._faiss: FaissIndex | None = None
+        self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
+        self._offsets: Tensor | None = None
+        self._grad_buffer = _GradBuffer()
+
+    def _init_parameters(self, seed: int | None, layer_norm_affine: bool) -> None:
+        """The codes ``(groups, C, head_dim)``, and the input LayerNorm's weight and bias."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        init = torch.randn(groups, num_codes, self.head_dim, generator=gen)
+        init = torch.randn(self.groups, self.num_codes, self.head_dim, generator=gen)
         # Unit-variance inputs have norm ~sqrt(head_dim); start codes at that scale.
         self.codebook = nn.Parameter(init)
         self.ln_weight: nn.Parameter | None = None
         self.ln_bias: nn.Parameter | None = None
         if layer_norm_affine:  # only then in the state dict: older checkpoints still load
-            self.ln_weight = nn.Parameter(torch.ones(groups, self.head_dim))
-            self.ln_bias = nn.Parameter(torch.zeros(groups, self.head_dim))
+            self.ln_weight = nn.Parameter(torch.ones(self.groups, self.head_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(self.groups, self.head_dim))
 
-        g, c, d = groups, num_codes, self.head_dim
+    def _init_buffers(self) -> None:
+        """Usage statistics, the revival buffer, and their host-side mirrors."""
+        g, c, d = self.groups, self.num_codes, self.head_dim
+        recent = self.recent_size if self.dead_code_steps else 0
         self.register_buffer("counts", torch.zeros(g, c, dtype=torch.int64))
         self.register_buffer("usage", torch.zeros(g, c, dtype=torch.int64))
         self.register_buffer("steps_unused", torch.zeros(g, c, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mse_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("revived", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        self.register_buffer("recent", torch.zeros(g, recent_size if dead_code_steps else 0, d))
+        self.register_buffer("initialized", torch.tensor(not self.kmeans_init))
+        self.register_buffer("recent", torch.zeros(g, recent, d))
         self.register_buffer("recent_filled", torch.zeros((), dtype=torch.int64))
         # Not persistent: checkpoints written before this counter existed still load.
         self.register_buffer("skipped", torch.zeros((), dtype=torch.int64), persistent=False)
         # Host-side mirrors of small buffers so the hot path never syncs to read them.
-        self._initialized = not kmeans_init
+        self._initialized = not self.kmeans_init
         self._recent_filled = 0
         self._recent_ptr = 0
         self.register_load_state_dict_post_hook(_refresh_mirrors)
-
-        self.edit: CodeEdit | None = None
-        """An active intervention (set by ``intervene``); ``None`` means plain top-k."""
-        self.last_loss: Tensor | None = None
-        """Loss of the latest forward pass (read by ``CodebookModel.codebook_loss``)."""
-        self._faiss: _FaissIndex | None = None
-        self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
-        self._offsets: Tensor | None = None
-        self._grad_buffer = _GradBuffer()
 
     def extra_repr(self) -> str:
         return (
@@ -564,7 +539,8 @@ class CodebookLayer(nn.Module):
         n_tok, g, c = x.shape[0], self.groups, self.num_codes
         lead_shape = (n_tok,) if lead_shape is None else lead_shape
         if self._faiss is not None and not self.training and self.edit is None and n_tok:
-            return self._faiss.search(self, x, k)
+            self._faiss.refresh(self.codebook._version, self._index_vectors)
+            return self._faiss.search(x, k)
         out = torch.empty(n_tok, g, k, dtype=torch.int64, device=x.device)
         if n_tok == 0:
             return out
@@ -623,7 +599,7 @@ class CodebookLayer(nn.Module):
         def task(gi: int, lo: int, hi: int) -> Callable[[], None]:
             return lambda: self._score_tiles(xt[gi], cb[gi], prepared, gi, lo, hi, k, rows, out)
 
-        _run_parallel(
+        run_parallel(
             [task(gi, bounds[i], bounds[i + 1]) for gi in range(g) for i in range(parts)],
             threads,
         )
@@ -687,7 +663,16 @@ class CodebookLayer(nn.Module):
             )
         if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
             raise ValueError(f"nprobe={nprobe!r} is invalid; it must be an integer >= 1")
-        self._faiss = _FaissIndex(self, nlist, nprobe)
+        self._faiss = FaissIndex(nlist, nprobe)
+        self._faiss.refresh(self.codebook._version, self._index_vectors)
+
+    def _index_vectors(self) -> tuple[Tensor, bool]:
+        """What the FAISS index ranks by: ``(groups, C, d)`` fp32 vectors, and whether by L2."""
+        w, b = self._score_params()
+        if b is not None:
+            # Euclidean: rank by -|x - c|^2, which is what an L2 index returns (ascending).
+            return self.codebook.detach().float(), True
+        return w, False
 
     def drop_index(self) -> None:
         """Forget the FAISS index; ``search`` goes back to exact chunked torch scoring."""
@@ -1014,7 +999,7 @@ class _BagSum(torch.autograd.Function):
             buffer: _GradBuffer | None = ctx.buffer
             zeros = torch.zeros_like(table) if buffer is None else buffer.zeros(table)
             g = grad.to(table.dtype)
-            with _one_cpu_thread(table.device):
+            with one_cpu_thread(table.device):
                 for j in range(bags.shape[1]):
                     src = g if weights is None else g * weights[:, j : j + 1]
                     zeros.index_add_(0, bags[:, j], src)
@@ -1028,20 +1013,6 @@ class _BagSum(torch.autograd.Function):
         return grad_table, None, grad_weights, None
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the block with one intra-op CPU thread (no-op off the CPU or when already 1)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:
     """``x`` ``(N, G, d)`` with each group's ``bad`` rows replaced by its first good row.
 
@@ -1053,62 +1024,3 @@ def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:
     rows = torch.arange(n, device=x.device).unsqueeze(1).expand(n, g)
     src = torch.where(bad, first_good.unsqueeze(0), rows)  # (N, G)
     return x.gather(0, src.unsqueeze(-1).expand(n, g, d))
-
-
-class _FaissIndex:
-    """FAISS indexes (one per group) mirroring a layer's scoring; see ``build_index``."""
-
-    def __init__(self, layer: CodebookLayer, nlist: int, nprobe: int) -> None:
-        try:
-            import faiss  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise ImportError(
-                "build_index needs FAISS: pip install faiss-cpu (or codebook-lens[faiss])"
-            ) from e
-        self.faiss: Any = faiss
-        self.nlist, self.nprobe = nlist, nprobe
-        self.version = -1
-        self.indexes: list[Any] = []
-        self.refresh(layer)
-
-    def refresh(self, layer: CodebookLayer) -> None:
-        """(Re)build from the layer's current codes if they changed since the last build."""
-        version = layer.codebook._version
-        if version == self.version:
-            return
-        faiss = self.faiss
-        w, b = layer._score_params()
-        if b is not None:
-            # Euclidean: rank by -|x - c|^2, which is what an L2 index returns (ascending).
-            w = layer.codebook.detach().float()
-        metric = faiss.METRIC_L2 if b is not None else faiss.METRIC_INNER_PRODUCT
-        d = layer.head_dim
-        self.indexes = []
-        for vecs in w.cpu().contiguous().numpy():
-            if self.nlist:
-                quant = faiss.IndexFlat(d, metric)
-                index = faiss.IndexIVFFlat(quant, d, self.nlist, metric)
-                index.cp.min_points_per_centroid = 1  # the codes are all there is to cluster
-                index.train(vecs)
-                index.nprobe = min(self.nprobe, self.nlist)
-            else:
-                index = faiss.IndexFlat(d, metric)
-            index.add(vecs)
-            self.indexes.append(index)
-        self.version = version
-
-    def search(self, layer: CodebookLayer, x: Tensor, k: int) -> Tensor:
-        """``(tokens, groups, d)`` -> ``(tokens, groups, k)`` ids, best first."""
-        self.refresh(layer)
-        xs = x.detach().float().cpu()
-        out = torch.empty(x.shape[0], layer.groups, k, dtype=torch.int64)
-        for g, index in enumerate(self.indexes):
-            _, ids = index.search(xs[:, g].contiguous().numpy(), k)
-            out[:, g] = torch.from_numpy(ids)
-        if bool((out < 0).any()):
-            # IVF probed too few cells to find k codes for some token.
-            raise ValueError(
-                f"FAISS IVF search found fewer than k={k} codes for some tokens; "
-                f"raise nprobe={self.nprobe} (nlist={self.nlist})"
-            )
-        return out.to(x.device)

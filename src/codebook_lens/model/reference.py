@@ -20,12 +20,12 @@ Placements: ``attn_preproj`` with a ``group`` codebook (one per head, on the mer
 before the attention output projection) -> ``attn_heads``; ``mlp`` (the MLP block's output) ->
 ``mlp_out``; ``attn`` (the attention block's output) -> ``attn_out``; ``transformer_block`` ->
 ``residual``. The mapping from our codebook names to the reference's keys is kept in the
-converted model's ``codebook_config.json`` under ``origin``.
+converted model's ``codebook_config.json`` under ``origin``. Finding and reading the
+checkpoint's files is ``reference_files.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,21 +37,22 @@ from torch import Tensor, nn
 
 from codebook_lens.config import read_json
 from codebook_lens.model.codebook_model import (
-    CONFIG_NAME,
     CodebookModel,
     ForeignFormat,
     attach_codebooks,
-    load_safetensors,
     register_format,
 )
 from codebook_lens.model.config import CodebookConfig
+from codebook_lens.model.reference_files import (
+    REFERENCE_MODEL_TYPE,
+    is_hub_id,
+    is_reference_checkpoint,
+    read_weights,
+    reference_files,
+)
+from codebook_lens.model.tokenizer import resolve_tokenizer
 
-REFERENCE_MODEL_TYPE = "codebook"
-SAFE_WEIGHTS = "model.safetensors"
-PICKLE_WEIGHTS = "pytorch_model.bin"
 ORIGIN_FORMAT = "codebook-features"
-
-EOT = "<|endoftext|>"
 
 # The reference's module paths in each base architecture it supports: (blocks, attention, mlp).
 _ARCH_PATHS: dict[str, tuple[str, str, str]] = {
@@ -68,6 +69,12 @@ _PLACEMENTS = {
 }
 _UNSUPPORTED_AT = ("mlp_mid", "qkv", "attn_plus_mlp")
 _BROADCAST = ("codebook_type", "num_codebooks", "k_codebook", "num_codes")
+_BROADCAST_DEFAULTS: dict[str, Any] = {
+    "codebook_type": "vanilla",
+    "num_codebooks": 1,
+    "k_codebook": 1,
+    "num_codes": 100,
+}
 
 
 # ------------------------------------------------------------------ the config
@@ -99,54 +106,14 @@ def parse_reference_config(data: Any, source: str) -> ReferenceConfig:
     """Validate a reference ``config.json`` (already parsed); errors name ``source``."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    model_type = data.get("model_type")
-    if model_type != REFERENCE_MODEL_TYPE:
-        if data.get("format") == "codebook-lens":
-            raise ValueError(
-                f"{source}: this is already a codebook-lens model; load it with "
-                "CodebookModel.from_pretrained(folder) (no conversion needed)"
-            )
-        raise ValueError(
-            f"{source}: model_type={model_type!r}, not {REFERENCE_MODEL_TYPE!r}: this is not a "
-            "checkpoint of the paper's reference code (codebook-features). Pass the folder or "
-            "hub id of a reference codebook model, e.g. taufeeque/TokFSM_k1_codebook_model"
-        )
+    _check_model_type(data, source)
     at = data.get("codebook_at", "mlp")
     at = [at] if isinstance(at, str) else at
     if not isinstance(at, list) or not at or not all(isinstance(a, str) for a in at):
         raise ValueError(f"{source}: codebook_at={at!r} is invalid; expected a list of names")
     if len(set(at)) != len(at):
         raise ValueError(f"{source}: codebook_at={at!r} names a placement twice")
-    defaults: dict[str, Any] = {
-        "codebook_type": "vanilla",
-        "num_codebooks": 1,
-        "k_codebook": 1,
-        "num_codes": 100,
-    }
-    lists: dict[str, list[Any]] = {}
-    for key in _BROADCAST:
-        value = data.get(key, defaults[key])
-        if isinstance(value, list):
-            if len(value) != len(at):
-                raise ValueError(
-                    f"{source}: {key}={value!r} has {len(value)} entries, but codebook_at has "
-                    f"{len(at)}; the reference needs one per codebook_at entry"
-                )
-            lists[key] = value
-        else:
-            lists[key] = [value] * len(at)
-    for t in lists["codebook_type"]:
-        if t not in ("vanilla", "group"):
-            raise ValueError(
-                f"{source}: codebook_type={t!r} is invalid; the reference knows 'vanilla', 'group'"
-            )
-    for key in ("num_codebooks", "k_codebook", "num_codes"):
-        for v in lists[key]:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-            if not ok or (v < 1 and not (key == "num_codebooks" and v == -1)):
-                raise ValueError(
-                    f"{source}: {key} entry {v!r} is invalid; expected an integer >= 1"
-                )
+    lists = _broadcast_fields(data, len(at), source)
     layers = data.get("layers_to_snap", [])
     if layers != "all" and not (
         isinstance(layers, list)
@@ -177,6 +144,52 @@ def parse_reference_config(data: Any, source: str) -> ReferenceConfig:
         loss=loss,
         raw=data,
     )
+
+
+def _check_model_type(data: dict[str, Any], source: str) -> None:
+    """Raise unless ``data`` is a reference config (naming what it is instead)."""
+    model_type = data.get("model_type")
+    if model_type == REFERENCE_MODEL_TYPE:
+        return
+    if data.get("format") == "codebook-lens":
+        raise ValueError(
+            f"{source}: this is already a codebook-lens model; load it with "
+            "CodebookModel.from_pretrained(folder) (no conversion needed)"
+        )
+    raise ValueError(
+        f"{source}: model_type={model_type!r}, not {REFERENCE_MODEL_TYPE!r}: this is not a "
+        "checkpoint of the paper's reference code (codebook-features). Pass the folder or "
+        "hub id of a reference codebook model, e.g. taufeeque/TokFSM_k1_codebook_model"
+    )
+
+
+def _broadcast_fields(data: dict[str, Any], n: int, source: str) -> dict[str, list[Any]]:
+    """The per-placement fields as lists of ``n`` entries (a single value applies to all)."""
+    lists: dict[str, list[Any]] = {}
+    for key in _BROADCAST:
+        value = data.get(key, _BROADCAST_DEFAULTS[key])
+        if isinstance(value, list):
+            if len(value) != n:
+                raise ValueError(
+                    f"{source}: {key}={value!r} has {len(value)} entries, but codebook_at has "
+                    f"{n}; the reference needs one per codebook_at entry"
+                )
+            lists[key] = value
+        else:
+            lists[key] = [value] * n
+    for t in lists["codebook_type"]:
+        if t not in ("vanilla", "group"):
+            raise ValueError(
+                f"{source}: codebook_type={t!r} is invalid; the reference knows 'vanilla', 'group'"
+            )
+    for key in ("num_codebooks", "k_codebook", "num_codes"):
+        for v in lists[key]:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+            if not ok or (v < 1 and not (key == "num_codebooks" and v == -1)):
+                raise ValueError(
+                    f"{source}: {key} entry {v!r} is invalid; expected an integer >= 1"
+                )
+    return lists
 
 
 def codebook_config_for(ref: ReferenceConfig, heads: int, source: str) -> CodebookConfig:
@@ -246,143 +259,6 @@ def codebook_config_for(ref: ReferenceConfig, heads: int, source: str) -> Codebo
     )
 
 
-# -------------------------------------------------------------------- files
-def _is_hub_id(path: str) -> bool:
-    return not Path(path).exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1
-
-
-def _hub_file(repo: str, name: str, *, local_files_only: bool) -> Path | None:
-    """Download ``name`` from hub repo ``repo``; ``None`` if the repository lacks it."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo, name, local_files_only=local_files_only))
-    except EntryNotFoundError:
-        return None
-    except Exception as e:  # offline, no such repository, no permission: one clear message
-        raise FileNotFoundError(
-            f"{repo}: cannot fetch {name} from the hub ({type(e).__name__}: {e}). Pass a local "
-            "folder, or check the repository id and your connection."
-        ) from None
-
-
-def is_reference_checkpoint(
-    path: str | os.PathLike[str], *, local_files_only: bool = False
-) -> bool:
-    """True if ``path`` (folder or hub id) has a ``config.json`` with ``model_type: "codebook"``."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / CONFIG_NAME).is_file() or not (p / "config.json").is_file():
-            return False
-        cfg_file: Path | None = p / "config.json"
-    elif _is_hub_id(str(path)):
-        try:
-            cfg_file = _hub_file(str(path), "config.json", local_files_only=local_files_only)
-        except FileNotFoundError:
-            return False
-    else:
-        return False
-    try:
-        with open(cfg_file, encoding="utf-8") as f:  # type: ignore[arg-type]
-            data = json.load(f)
-    except (OSError, ValueError, TypeError):
-        return False
-    return isinstance(data, dict) and data.get("model_type") == REFERENCE_MODEL_TYPE
-
-
-def reference_files(
-    path: str | os.PathLike[str], *, local_files_only: bool = False
-) -> tuple[Path, list[Path]]:
-    """``config.json`` and the weight files (one, or the shards of an index) of a checkpoint.
-
-    ``model.safetensors`` is preferred over ``pytorch_model.bin`` when both exist.
-    """
-    src = str(path)
-    p = Path(src).expanduser()
-    names = [
-        SAFE_WEIGHTS,
-        SAFE_WEIGHTS + ".index.json",
-        PICKLE_WEIGHTS,
-        PICKLE_WEIGHTS + ".index.json",
-    ]
-    if p.is_dir():
-        cfg = p / "config.json"
-        if (p / CONFIG_NAME).is_file():
-            raise ValueError(
-                f"{p}: this is already a codebook-lens model ({CONFIG_NAME}); load it with "
-                "CodebookModel.from_pretrained(folder) or pass it to any command, no conversion needed"
-            )
-        if not cfg.is_file():
-            raise FileNotFoundError(f"{p}: no config.json in this folder, so it is no checkpoint")
-
-        def find(name: str) -> Path | None:
-            return p / name if (p / name).is_file() else None
-
-    elif _is_hub_id(src):
-        got = _hub_file(src, "config.json", local_files_only=local_files_only)
-        if got is None:
-            raise FileNotFoundError(f"{src}: the hub repository has no config.json")
-        cfg = got
-
-        def find(name: str) -> Path | None:
-            return _hub_file(src, name, local_files_only=local_files_only)
-
-    else:
-        raise FileNotFoundError(
-            f"{src}: no such folder (pass a checkpoint folder or a hub id like "
-            "taufeeque/TokFSM_k1_codebook_model)"
-        )
-    for name in names:
-        found = find(name)
-        if found is None:
-            continue
-        if not name.endswith(".index.json"):
-            return cfg, [found]
-        index = read_json(found)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{found}: no 'weight_map' in this index file; it is corrupted")
-        shards = []
-        for shard in sorted(set(map(str, weight_map.values()))):
-            if Path(shard).name != shard:
-                raise ValueError(f"{found}: shard name {shard!r} is not a plain file name")
-            got_shard = find(shard)
-            if got_shard is None:
-                raise FileNotFoundError(f"{found}: lists shard {shard}, which is missing")
-            shards.append(got_shard)
-        return cfg, shards
-    raise FileNotFoundError(
-        f"{src}: neither {SAFE_WEIGHTS} nor {PICKLE_WEIGHTS} is there; the checkpoint's weights "
-        "are missing"
-    )
-
-
-def read_weights(path: Path) -> dict[str, Tensor]:
-    """A state dict from ``model.safetensors`` or, safely, from ``pytorch_model.bin``.
-
-    The pickle is read with ``weights_only=True``: only tensors and plain containers load, and
-    anything else (code to run) is refused. Errors name the file.
-    """
-    if path.name.endswith(".safetensors"):
-        return load_safetensors(path)
-    try:
-        with open(path, "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except Exception as e:  # truncated zip, bad pickle, refused global: one clear message
-        raise ValueError(
-            f"{path}: cannot read it as a weights-only PyTorch checkpoint; it is corrupted, "
-            f"truncated or holds more than tensors ({type(e).__name__}: {e})"
-        ) from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return state
-
-
 # -------------------------------------------------------------------- the base
 def base_config(base: str | os.PathLike[str] | None, *, local_files_only: bool = False) -> Any:
     """The transformers config of the base model, from ``base``'s ``config.json``."""
@@ -401,7 +277,7 @@ def base_config(base: str | os.PathLike[str] | None, *, local_files_only: bool =
             f"--base {base}: no config.json in this folder; pass a folder or hub id whose "
             "config.json describes the base model"
         )
-    if not b.exists() and not _is_hub_id(str(base)):
+    if not b.exists() and not is_hub_id(str(base)):
         raise FileNotFoundError(f"--base {base}: no such folder (and not a hub id)")
     if b.is_dir():
         raw = read_json(b / "config.json")
@@ -677,54 +553,6 @@ def _load_codebooks(
         )
     for layer in model.codebooks.values():
         layer.train(layer.training)  # drop cached scoring weights after the writes
-
-
-# ------------------------------------------------------------------ tokenizer
-def digits_tokenizer() -> Any:
-    """TokFSM's tokenizer: '0'..'9' are ids 0-9, ``<|endoftext|>`` (id 10) is BOS/EOS/padding.
-
-    Anything that is not a digit is dropped, so ``"08 53"`` encodes to ``[0, 8, 5, 3]``.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {str(i): i for i in range(10)}
-    vocab[EOT] = 10
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOT))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"[^0-9]+"), behavior="removed"),
-            pre_tokenizers.Split(Regex(r"[0-9]"), behavior="isolated"),
-        ]
-    )
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT
-    )
-
-
-def resolve_tokenizer(spec: Any, vocab_size: int) -> Any:
-    """``"digits"`` (TokFSM), ``"gpt2"`` (offline GPT-2 BPE), a folder or hub id, or a tokenizer
-    object; checked to fit the model's vocabulary."""
-    from codebook_lens.model.tokenizer import load_tokenizer
-
-    if spec is None:
-        return None
-    tok = (
-        digits_tokenizer()
-        if spec == "digits"
-        else load_tokenizer(spec)
-        if isinstance(spec, str)
-        else spec
-    )
-    n = len(tok)
-    if n > vocab_size:
-        raise ValueError(
-            f"tokenizer={spec!r} has {n} tokens, but the model's vocabulary has {vocab_size}; "
-            "pass the tokenizer the model was trained with ('digits' for TokFSM, 'gpt2' for "
-            "TinyStories, EleutherAI/pythia-410m-deduped for Pythia)"
-        )
-    return tok
 
 
 def convert_reference(

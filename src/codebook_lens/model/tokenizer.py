@@ -1,4 +1,5 @@
-"""Tokenizers: the offline GPT-2 BPE, byte-level BPE trained on a corpus, or a hub id."""
+"""Tokenizers: the offline GPT-2 BPE, byte-level BPE trained on a corpus, TokFSM's digits, or a
+hub id."""
 
 from __future__ import annotations
 
@@ -102,3 +103,48 @@ def separator_id(tokenizer: Any) -> int:
     raise ValueError(
         f"the tokenizer {type(tokenizer).__name__} has no EOS or BOS token to separate documents"
     )
+
+
+def digits_tokenizer() -> Any:
+    """TokFSM's tokenizer: '0'..'9' are ids 0-9, ``<|endoftext|>`` (id 10) is BOS/EOS/padding.
+
+    Anything that is not a digit is dropped, so ``"08 53"`` encodes to ``[0, 8, 5, 3]``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {str(i): i for i in range(10)}
+    vocab[EOT] = 10
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOT))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^0-9]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(r"[0-9]"), behavior="isolated"),
+        ]
+    )
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT
+    )
+
+
+def resolve_tokenizer(spec: Any, vocab_size: int) -> Any:
+    """``"digits"`` (TokFSM), ``"gpt2"`` (offline GPT-2 BPE), a folder or hub id, or a tokenizer
+    object; checked to fit the model's vocabulary."""
+    if spec is None:
+        return None
+    tok = (
+        digits_tokenizer()
+        if spec == "digits"
+        else load_tokenizer(spec)
+        if isinstance(spec, str)
+        else spec
+    )
+    n = len(tok)
+    if n > vocab_size:
+        raise ValueError(
+            f"tokenizer={spec!r} has {n} tokens, but the model's vocabulary has {vocab_size}; "
+            "pass the tokenizer the model was trained with ('digits' for TokFSM, 'gpt2' for "
+            "TinyStories, EleutherAI/pythia-410m-deduped for Pythia)"
+        )
+    return tok

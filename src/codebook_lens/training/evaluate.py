@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from codebook_lens.model.codebook_model import CodebookModel, eval_mode
 
@@ -66,79 +67,82 @@ def evaluate(
     """Loss, perplexity and next-token accuracy of the base and codebook model on ``batches``
     (``(batch, seq)`` input ids), plus per-codebook reconstruction MSE, dead-code fraction and
     usage entropy measured on the same tokens. See the module docstring for the layout."""
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
-    is_cb = isinstance(model, CodebookModel)
-    with eval_mode(model):  # a frozen base kept in eval mode stays there
-        saved: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        if is_cb:
-            assert isinstance(model, CodebookModel)
-            for name, layer in model.codebooks.items():
-                saved[name] = (
-                    layer.counts.clone(),
-                    layer.tokens_seen.clone(),
-                    layer.mse_sum.clone(),
-                )
-            model.reset_stats()
+    cb = model if isinstance(model, CodebookModel) else None
+    # eval_mode: a frozen base kept in eval mode stays there.
+    with eval_mode(model), _stats_kept(cb):
         base, quant = _Totals(), _Totals()
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         )
-        result: dict[str, Any] = {}
-        try:
-            n = 0
-            for ids in tqdm(batches, desc="eval", disable=not progress, total=max_batches):
-                if max_batches is not None and n >= max_batches:
-                    break
-                n += 1
-                ids = ids.to(device)
-                if ids.dim() != 2 or ids.shape[1] < 2:
-                    raise ValueError(
-                        f"evaluation batches must be (batch, seq>=2), got {tuple(ids.shape)}"
-                    )
-                with autocast:
-                    if is_cb:
-                        assert isinstance(model, CodebookModel)
-                        with model.disabled():
-                            base.add(model(input_ids=ids).logits, ids)
-                        quant.add(model(input_ids=ids).logits, ids)
-                    else:
-                        base.add(model(input_ids=ids).logits, ids)
-            if n == 0:
-                raise ValueError("no evaluation batches: the held-out split is empty")
-            result = {"tokens": base.count, "base": base.summary()}
-            if is_cb:
-                assert isinstance(model, CodebookModel)
-                books: dict[str, dict[str, float]] = {}
-                for name, layer in model.codebooks.items():
-                    st = layer.stats()
-                    books[name] = {
-                        "mse": st.mse,
-                        "dead_fraction": float((st.counts == 0).double().mean()),
-                        "entropy": st.entropy,
-                        "perplexity": st.perplexity,
-                        "num_codes": layer.num_codes,
-                        "groups": layer.groups,
-                    }
-                q = quant.summary()
-                q["mse"] = sum(b["mse"] for b in books.values()) / max(len(books), 1)
-                q["dead_fraction"] = sum(b["dead_fraction"] for b in books.values()) / max(
-                    len(books), 1
+        n = 0
+        for ids in tqdm(batches, desc="eval", disable=not progress, total=max_batches):
+            if max_batches is not None and n >= max_batches:
+                break
+            n += 1
+            ids = ids.to(device)
+            if ids.dim() != 2 or ids.shape[1] < 2:
+                raise ValueError(
+                    f"evaluation batches must be (batch, seq>=2), got {tuple(ids.shape)}"
                 )
-                result["codebook"] = q
-                result["loss_increase"] = q["loss"] - result["base"]["loss"]
-                result["loss_ratio"] = q["loss"] / max(result["base"]["loss"], 1e-12)
-                result["codebooks"] = books
-        finally:
-            if is_cb:
-                assert isinstance(model, CodebookModel)
-                for name, layer in model.codebooks.items():
-                    counts, tokens_seen, mse_sum = saved[name]
-                    layer.counts.copy_(counts)
-                    layer.tokens_seen.copy_(tokens_seen)
-                    layer.mse_sum.copy_(mse_sum)
+            with autocast:
+                if cb is not None:
+                    with cb.disabled():
+                        base.add(cb(input_ids=ids).logits, ids)
+                    quant.add(cb(input_ids=ids).logits, ids)
+                else:
+                    base.add(model(input_ids=ids).logits, ids)
+        if n == 0:
+            raise ValueError("no evaluation batches: the held-out split is empty")
+        result: dict[str, Any] = {"tokens": base.count, "base": base.summary()}
+        if cb is not None:
+            result.update(_codebook_metrics(cb, result["base"]["loss"], quant))
     return result
+
+
+@contextlib.contextmanager
+def _stats_kept(model: CodebookModel | None) -> Iterator[None]:
+    """Inside the block the codebooks count from zero; afterwards their statistics are back."""
+    if model is None:
+        yield
+        return
+    saved = {
+        name: (layer.counts.clone(), layer.tokens_seen.clone(), layer.mse_sum.clone())
+        for name, layer in model.codebooks.items()
+    }
+    model.reset_stats()
+    try:
+        yield
+    finally:
+        for name, layer in model.codebooks.items():
+            counts, tokens_seen, mse_sum = saved[name]
+            layer.counts.copy_(counts)
+            layer.tokens_seen.copy_(tokens_seen)
+            layer.mse_sum.copy_(mse_sum)
+
+
+def _codebook_metrics(model: CodebookModel, base_loss: float, quant: _Totals) -> dict[str, Any]:
+    """The ``codebook``, ``loss_increase``, ``loss_ratio`` and ``codebooks`` entries."""
+    books: dict[str, dict[str, float]] = {}
+    for name, layer in model.codebooks.items():
+        st = layer.stats()
+        books[name] = {
+            "mse": st.mse,
+            "dead_fraction": float((st.counts == 0).double().mean()),
+            "entropy": st.entropy,
+            "perplexity": st.perplexity,
+            "num_codes": layer.num_codes,
+            "groups": layer.groups,
+        }
+    q = quant.summary()
+    q["mse"] = sum(b["mse"] for b in books.values()) / max(len(books), 1)
+    q["dead_fraction"] = sum(b["dead_fraction"] for b in books.values()) / max(len(books), 1)
+    return {
+        "codebook": q,
+        "loss_increase": q["loss"] - base_loss,
+        "loss_ratio": q["loss"] / max(base_loss, 1e-12),
+        "codebooks": books,
+    }
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:

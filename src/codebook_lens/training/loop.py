@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from codebook_lens.config import check_choice, check_int, check_range, write_json_atomic
 from codebook_lens.model.codebook_model import CodebookModel
@@ -315,174 +316,258 @@ def train(
     With ``resume=True`` the newest checkpoint in ``out_dir`` is restored first (none yet: the
     run starts from step 0, as it first did); without it, ``out_dir`` must not hold checkpoints.
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
     rank, world = rank_world()
     main = rank == 0
     device = next(model.parameters()).device
-    is_cb = isinstance(model, CodebookModel)
-    if config.kl_weight and not is_cb:
+    if config.kl_weight and not isinstance(model, CodebookModel):
         raise ValueError("kl_weight > 0 needs a model with codebooks (the base is the reference)")
     trainable_before = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
-    step, tokens, resume_step = 0, 0, None
+    step, tokens, resume_step = _restore(out, model, optimizer, batches, config, resume, main)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "train_config.json", dataclasses.asdict(config))
+    log = MetricsLog(out, enabled=main, resume_step=resume_step)
+    wrapped = _wrap_ddp(model, device) if world > 1 else model
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    was_training = model.training
+    model.train()
+    run = _Run(out, model, optimizer, batches, config, world, log, eval_batches, callbacks, step)
+    try:
+        while step < config.steps:
+            lr = set_lr(optimizer, step, config)
+            for micro in range(config.grad_accum):
+                ids = next(batches).to(device, non_blocking=True)
+                no_sync = world > 1 and micro < config.grad_accum - 1
+                run.window.add(_forward_backward(model, wrapped, ids, config, no_sync), config)
+                run.window.tokens += ids.numel() * world
+            grad_norm = _optimizer_step(model, optimizer, params, config)
+            step += 1
+            tokens += ids.numel() * world * config.grad_accum
+            run.bar.update(1)
+            run.log_and_evaluate(step, lr, tokens, grad_norm)
+            if _due(config.checkpoint_every, step, config.steps):
+                run.checkpoint(step, tokens)
+    finally:
+        run.bar.close()
+        log.close()
+        model.train(was_training)
+        for p in trainable_before:  # undo the freezing of "codebooks only" training
+            p.requires_grad_(True)
+    result = run.result
+    result.step, result.tokens = step, tokens
+    result.seconds = time.perf_counter() - run.started
+    return result
+
+
+class _Run:
+    """What the steps of one ``train`` call share: where they log, evaluate and checkpoint."""
+
+    def __init__(
+        self,
+        out: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Batches,
+        config: TrainConfig,
+        world: int,
+        log: MetricsLog,
+        eval_batches: Sequence[Tensor] | Iterable[Tensor] | None,
+        callbacks: Sequence[Callback],
+        step: int,
+    ) -> None:
+        self.out, self.model, self.optimizer, self.batches = out, model, optimizer, batches
+        self.config, self.world, self.main, self.log = config, world, log.enabled, log
+        self.eval_batches, self.callbacks = eval_batches, callbacks
+        self.result = TrainResult(step=step, tokens=0, seconds=0.0, train_loss=None)
+        self.started = time.perf_counter()
+        self.window = _Window(self.started)
+        self.bar = tqdm(
+            total=config.steps,
+            initial=step,
+            desc="train",
+            disable=not (self.main and config.progress),
+            dynamic_ncols=True,
+        )
+
+    def log_and_evaluate(self, step: int, lr: float, tokens: int, grad_norm: Tensor | None) -> None:
+        """After optimizer step ``step``: the metrics record and the evaluation when due."""
+        config, result = self.config, self.result
+        records: list[dict[str, Any]] = []
+        if _due(config.log_every, step, config.steps):
+            rec = self.window.record(step, lr, tokens, config.log_every, grad_norm)
+            result.train_loss = rec["lm_loss"]
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            records.append(rec)
+        if (
+            self.eval_batches is not None
+            and self.main
+            and _due(config.eval_every, step, config.steps)
+        ):
+            t0 = time.perf_counter()
+            result.eval = evaluate(self.model, self.eval_batches, max_batches=config.eval_batches)
+            self.model.train()
+            records.append({"step": step, "eval": result.eval})
+            self.window.start += time.perf_counter() - t0  # keep eval time out of tokens/s
+        for rec in records:
+            self.log.write(rec)
+            result.history.append(rec)
+            for cb in self.callbacks:
+                cb(step, rec)
+
+    def checkpoint(self, step: int, tokens: int) -> None:
+        """Write a checkpoint (rank 0); every rank waits for it."""
+        if self.main:
+            self.result.checkpoint = save_checkpoint(
+                self.out,
+                self.model,
+                self.optimizer,
+                self.batches,
+                step=step,
+                tokens=tokens,
+                train_config=dataclasses.asdict(self.config),
+                keep=self.config.keep_checkpoints,
+            )
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _due(every: int, step: int, last: int) -> bool:
+    """Whether an every-``every``-steps action (0 = only at the end) runs after ``step``."""
+    return bool(every and step % every == 0) or step == last
+
+
+def _restore(
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    config: TrainConfig,
+    resume: bool,
+    main: bool,
+) -> tuple[int, int, int | None]:
+    """``(step, tokens, resume_step)``: the newest checkpoint's, or a fresh, seeded start."""
     found = list_checkpoints(out) if resume else []
     if resume and not found and main:
         # Killed before its first checkpoint: the run restarts from step 0, as it began.
         print(f"{out}: no checkpoint yet; starting from step 0", file=sys.stderr)
-    if found:
-        state = load_checkpoint(found[-1], model, optimizer, batches)
-        step, tokens, resume_step = state["step"], state["tokens"], state["step"]
-        saved = state.get("train_config", {})
-        changed = {
-            k: (saved.get(k), v)
-            for k, v in dataclasses.asdict(config).items()
-            if k in saved and saved[k] != v and k not in ("steps", "progress", "device")
-        }
-        if changed and main:
-            print(f"warning: resuming with changed settings {changed}", file=sys.stderr)
-    else:
+    if not found:
         if not resume and list_checkpoints(out):
             raise ValueError(
                 f"{out}: already holds checkpoints of a training run; resume it or choose "
                 "another output directory"
             )
         seed_everything(config.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "train_config.json", dataclasses.asdict(config))
-    log = MetricsLog(out, enabled=main, resume_step=resume_step)
+        return 0, 0, None
+    state = load_checkpoint(found[-1], model, optimizer, batches)
+    saved = state.get("train_config", {})
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in dataclasses.asdict(config).items()
+        if k in saved and saved[k] != v and k not in ("steps", "progress", "device")
+    }
+    if changed and main:
+        print(f"warning: resuming with changed settings {changed}", file=sys.stderr)
+    return state["step"], state["tokens"], state["step"]
 
-    wrapped: nn.Module = model
-    if world > 1:
-        import inspect
 
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel, leaving the codebook buffers to the codebooks."""
+    import inspect
 
-        # Codebook buffers (usage counts, recent inputs) are synchronised by the codebook
-        # layers themselves; DDP must not overwrite them with rank 0's every forward.
-        newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-        no_buffer_sync: dict[str, Any] = {
-            "forward_sync_buffers" if newer else "broadcast_buffers": False
-        }
-        wrapped = DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
-        )
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Codebook buffers (usage counts, recent inputs) are synchronised by the codebook
+    # layers themselves; DDP must not overwrite them with rank 0's every forward.
+    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_buffer_sync: dict[str, Any] = {
+        "forward_sync_buffers" if newer else "broadcast_buffers": False
+    }
+    return DDP(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+    )
+
+
+def _forward_backward(
+    model: nn.Module, wrapped: nn.Module, ids: Tensor, config: TrainConfig, no_sync: bool
+) -> dict[str, Tensor]:
+    """One micro-batch: forward, loss terms, backward of their sum / ``grad_accum``.
+
+    ``no_sync``: a DDP micro-batch before the last one (gradients are all-reduced once).
+    """
+    sync = wrapped.no_sync() if no_sync else contextlib.nullcontext()  # type: ignore[operator]
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
+        torch.autocast(ids.device.type, dtype=torch.bfloat16)
         if config.bf16
         else contextlib.nullcontext()
     )
-    was_training = model.training
-    model.train()
-    result = TrainResult(step=step, tokens=tokens, seconds=0.0, train_loss=None)
-    started = time.perf_counter()
-    window_start, window_tokens = started, 0
-    sums: dict[str, Tensor] = {}
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        desc="train",
-        disable=not (main and config.progress),
-        dynamic_ncols=True,
+    with sync:
+        with autocast:
+            output = wrapped(input_ids=ids, labels=ids)
+            parts = {"lm_loss": output.loss.float()}
+            if isinstance(model, CodebookModel):
+                parts["codebook_loss"] = model.codebook_loss().float()
+                if config.kl_weight:
+                    parts["kl"] = _kl_to_base(model, ids, output.logits)
+        loss = parts["lm_loss"] + parts.get("codebook_loss", 0.0)
+        if "kl" in parts:
+            loss = loss + config.kl_weight * parts["kl"]
+        (loss / config.grad_accum).backward()
+    return parts
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    config: TrainConfig,
+) -> Tensor | None:
+    """Clip, step, zero the gradients, then the codebooks' own step (dead-code clocks).
+
+    Returns the gradient norm before clipping, or ``None`` without clipping.
+    """
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if config.max_grad_norm > 0
+        else None
     )
-    try:
-        while step < config.steps:
-            lr = set_lr(optimizer, step, config)
-            for micro in range(config.grad_accum):
-                ids = next(batches).to(device, non_blocking=True)
-                sync = (
-                    wrapped.no_sync()  # type: ignore[operator]
-                    if world > 1 and micro < config.grad_accum - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    with autocast:
-                        output = wrapped(input_ids=ids, labels=ids)
-                        parts = {"lm_loss": output.loss.float()}
-                        if is_cb:
-                            assert isinstance(model, CodebookModel)
-                            parts["codebook_loss"] = model.codebook_loss().float()
-                            if config.kl_weight:
-                                parts["kl"] = _kl_to_base(model, ids, output.logits)
-                    loss = parts["lm_loss"] + parts.get("codebook_loss", 0.0)
-                    if "kl" in parts:
-                        loss = loss + config.kl_weight * parts["kl"]
-                    (loss / config.grad_accum).backward()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach() / config.grad_accum  # type: ignore[assignment]
-                window_tokens += ids.numel() * world
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if config.max_grad_norm > 0
-                else None
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_fn = getattr(model, "step", None)
-            if callable(step_fn):
-                step_fn()
-            step += 1
-            tokens += ids.numel() * world * config.grad_accum
-            bar.update(1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_fn = getattr(model, "step", None)
+    if callable(step_fn):
+        step_fn()
+    return grad_norm
 
-            records: list[dict[str, Any]] = []
-            if step % config.log_every == 0 or step == config.steps:
-                now = time.perf_counter()
-                n_steps = (
-                    config.log_every if step % config.log_every == 0 else step % config.log_every
-                )
-                rec: dict[str, Any] = {"step": step, "lr": lr, "tokens": tokens}
-                rec.update({k: float(v) / n_steps for k, v in sums.items()})
-                rec["loss"] = rec["lm_loss"] + rec.get("codebook_loss", 0.0)
-                if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                rec["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                sums, window_start, window_tokens = {}, now, 0
-                result.train_loss = rec["lm_loss"]
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                records.append(rec)
-            if (
-                eval_batches is not None
-                and main
-                and ((config.eval_every and step % config.eval_every == 0) or step == config.steps)
-            ):
-                t0 = time.perf_counter()
-                result.eval = evaluate(model, eval_batches, max_batches=config.eval_batches)
-                model.train()
-                records.append({"step": step, "eval": result.eval})
-                window_start += time.perf_counter() - t0  # keep eval time out of tokens/s
-            for rec in records:
-                log.write(rec)
-                result.history.append(rec)
-                for cb in callbacks:
-                    cb(step, rec)
-            if (
-                config.checkpoint_every and step % config.checkpoint_every == 0
-            ) or step == config.steps:
-                if main:
-                    result.checkpoint = save_checkpoint(
-                        out,
-                        model,
-                        optimizer,
-                        batches,
-                        step=step,
-                        tokens=tokens,
-                        train_config=dataclasses.asdict(config),
-                        keep=config.keep_checkpoints,
-                    )
-                if world > 1:
-                    import torch.distributed as dist
 
-                    dist.barrier()
-    finally:
-        bar.close()
-        log.close()
-        model.train(was_training)
-        for p in trainable_before:  # undo the freezing of "codebooks only" training
-            p.requires_grad_(True)
-    result.step, result.tokens = step, tokens
-    result.seconds = time.perf_counter() - started
-    return result
+@dataclass
+class _Window:
+    """Training metrics summed since the last log record."""
+
+    start: float
+    """``time.perf_counter()`` when the window opened (moved on by evaluation time)."""
+    tokens: int = 0
+    """Tokens trained on in the window (all ranks)."""
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    """Loss terms summed over the window's steps (each step's micro-batches averaged)."""
+
+    def add(self, parts: dict[str, Tensor], config: TrainConfig) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach() / config.grad_accum  # type: ignore[assignment]
+
+    def record(
+        self, step: int, lr: float, tokens: int, log_every: int, grad_norm: Tensor | None
+    ) -> dict[str, Any]:
+        """The metrics record for ``step``; then the window starts afresh."""
+        now = time.perf_counter()
+        n_steps = log_every if step % log_every == 0 else step % log_every
+        rec: dict[str, Any] = {"step": step, "lr": lr, "tokens": tokens}
+        rec.update({k: float(v) / n_steps for k, v in self.sums.items()})
+        rec["loss"] = rec["lm_loss"] + rec.get("codebook_loss", 0.0)
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)
+        rec["tokens_per_s"] = self.tokens / max(now - self.start, 1e-9)
+        self.sums, self.start, self.tokens = {}, now, 0
+        return rec

@@ -32,7 +32,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from codebook_lens.config import config_from_dict, read_json, write_json_atomic
+from codebook_lens.config import config_from_dict, read_json, replace_dir_atomic, write_json_atomic
 from codebook_lens.model.codebook_model import CONFIG_NAME, CodebookModel, attach_codebooks
 from codebook_lens.model.config import CodebookConfig
 from codebook_lens.model.distributed import rank_world
@@ -507,11 +507,7 @@ def _save_final(
     out: Path, model: nn.Module, tokenizer: Any, run_config: dict[str, Any], metrics: Any
 ) -> Path:
     """Save the final model + tokenizer + run config + eval to ``out/model`` in one swap."""
-    final = out / MODEL_DIR
-    tmp = out / f".{MODEL_DIR}.tmp-{os.getpid()}"
-    old = out / f".{MODEL_DIR}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replace_dir_atomic(out / MODEL_DIR) as tmp:
         if isinstance(model, CodebookModel):
             model.save_pretrained(tmp, tokenizer=tokenizer)
         else:
@@ -520,16 +516,7 @@ def _save_final(
         write_json_atomic(tmp / RUN_CONFIG, run_config)
         if metrics is not None:
             write_json_atomic(tmp / "eval.json", metrics)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            old.rename(final)
-        raise
-    return final
+    return out / MODEL_DIR
 
 
 # ------------------------------------------------------------------- eval

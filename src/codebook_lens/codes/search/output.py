@@ -10,6 +10,7 @@ from typing import Literal
 
 from codebook_lens.codes.search.profiles import CodeProfile, LabelCount, TokenCount
 from codebook_lens.codes.search.ranking import SearchResult
+from codebook_lens.config import write_bytes_atomic
 
 
 def format_matches(result: SearchResult) -> str:
@@ -130,10 +131,5 @@ def save_html(page: str, path: str | os.PathLike[str]) -> Path:
     """Write an HTML page atomically (temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, page.encode("utf-8"))
     return path

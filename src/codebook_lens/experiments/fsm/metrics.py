@@ -19,6 +19,7 @@ from codebook_lens.experiments.fsm.data import (
     transition_stats,
 )
 from codebook_lens.model.codebook_model import CodebookModel, eval_mode
+from codebook_lens.model.sites import MLP_NAMES, child, find_blocks
 
 
 # ------------------------------------------------------------------ metrics
@@ -116,13 +117,12 @@ def pure_states(tables: Sequence[StateCodeTable], threshold: float) -> np.ndarra
 @torch.no_grad()
 def mlp_neuron_activations(base: nn.Module, tokens: Tensor, layers: int) -> list[Tensor]:
     """Hidden MLP neurons (after the nonlinearity) of every block: ``[(B, L, mlp_width)]``."""
-    from codebook_lens.model.codebook_model import _MLP_NAMES, _child, find_blocks
 
     _, blocks = find_blocks(base)
     acts: list[Tensor] = [torch.empty(0)] * layers
     handles = []
     for i in range(layers):
-        _, mlp = _child(blocks[i], _MLP_NAMES, "mlp")
+        _, mlp = child(blocks[i], MLP_NAMES, "mlp")
         # The last Linear/Conv1D of the MLP reads the hidden neurons as its input.
         out_proj = [m for m in mlp.modules() if m is not mlp and hasattr(m, "weight")][-1]
 
