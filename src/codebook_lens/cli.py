@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# threads first: it sets OpenMP's wait policy before anything loads torch.
+from codebook_lens import threads  # isort: skip
 from codebook_lens.flags import add_dataclass_args, configs_from_args, dataclass_from_args
 
 EXIT_USAGE = 2
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if getattr(args, "cpu_threads", None) is not None:
+            threads.configure(args.cpu_threads)
         code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -67,6 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------- commands
 # Each stage registers one subcommand below: a setup function that adds flags and sets
 # ``func``; the work itself lives in the stage's module.
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads`` of every long command (the demo has it in its config)."""
+    p.add_argument(
+        "--threads",
+        dest="cpu_threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 0 (default): the cores no other process is using, re-checked "
+        "as the load changes",
+    )
 
 
 @command("convert", "convert a checkpoint of the paper's reference code into a codebook-lens model")
@@ -165,6 +181,7 @@ def _check_positive(name: str, value: int | None) -> None:
 
 @command("cache", "run a codebook model over text and store every token's codes (a code cache)")
 def _cache_setup(p: argparse.ArgumentParser) -> None:
+    _add_threads(p)
     p.add_argument("model", help="folder written by CodebookModel.save_pretrained")
     p.add_argument("--data", required=True, help="text source: a file, a folder, 'bbc', ...")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to cache (default: 100000)")
@@ -527,6 +544,7 @@ def _pretrain_setup(p: argparse.ArgumentParser) -> None:
     from codebook_lens.training.pipeline import run_pretrain
 
     _add_run_args(p)
+    _add_threads(p)
     add_dataclass_args(p, ModelConfig)
     add_dataclass_args(p, DataConfig)
     add_dataclass_args(p, TrainConfig)
@@ -565,6 +583,7 @@ def _train_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base model: a folder or a hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's own)")
     _add_run_args(p)
+    _add_threads(p)
     add_dataclass_args(p, CodebookConfig, skip=("seed",))
     add_dataclass_args(p, DataConfig)
     add_dataclass_args(p, TrainConfig)
@@ -598,6 +617,7 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    _add_threads(p)
     add_dataclass_args(p, DataConfig)
 
     def run(args: argparse.Namespace) -> int:
@@ -630,6 +650,7 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a neutral prompt (repeat the flag for several; default: 8 built-in prompts)",
     )
+    _add_threads(t)
     add_dataclass_args(t, TopicsConfig, skip=("prompts",))
 
     def run(args: argparse.Namespace) -> int:
@@ -659,6 +680,7 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
         help="a battery of concepts: best code vs best neuron vs a k-means control",
         description="concept battery (--concepts FILE for your own)",
     )
+    _add_threads(c)
     add_dataclass_args(c, ConceptsConfig)
 
     def run_concepts_cmd(args: argparse.Namespace) -> int:

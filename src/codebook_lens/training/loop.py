@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from codebook_lens import threads
 from codebook_lens.config import check_choice, check_int, check_range, write_json_atomic
 from codebook_lens.model.codebook_model import CodebookModel
 from codebook_lens.model.distributed import rank_world
@@ -344,6 +345,7 @@ def train(
                 run.window.tokens += ids.numel() * world
             grad_norm = _optimizer_step(model, optimizer, params, config)
             step += 1
+            threads.tick()
             tokens += ids.numel() * world * config.grad_accum
             run.bar.update(1)
             run.log_and_evaluate(step, lr, tokens, grad_norm)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from codebook_lens import threads
 from codebook_lens.codes.cache.format import CodebookInfo, DocumentLike, partial_path
 from codebook_lens.codes.cache.identity import model_identity
 from codebook_lens.codes.cache.reader import CodeCache
@@ -434,6 +435,7 @@ def _encode_documents(
             first = int(cursor["window"])  # this document is open already
         else:
             batches.document(doc)
+        threads.tick()
         for s in range(first, len(toks), seq_len):
             if batches.window(toks[s : s + seq_len], offs[s : s + seq_len]):
                 batches.flush()

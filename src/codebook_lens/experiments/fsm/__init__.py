@@ -52,7 +52,6 @@ from codebook_lens.experiments.fsm.stages import (
     Validation,
     _Converged,
     build_base_model,
-    resolve_threads,
     train_stage,
 )
 
@@ -61,7 +60,7 @@ __all__ = [
     "FSMBatches", "PatchGroup", "PatchScope", "StageResult", "StateCodeTable", "Validation",
     "_Converged", "_RowPatch", "_patched_next_state_probs", "build_base_model", "check_targets",
     "intervention_experiment", "js_divergence", "mlp_neuron_activations", "mlp_state_tables",
-    "model_metrics", "neuron_table", "parse_seeds", "pure_states", "resolve_threads",
+    "model_metrics", "neuron_table", "parse_seeds", "pure_states",
     "run_demo", "run_seeds", "seeds_report", "seeds_summary", "state_code_table",
     "state_positions", "summarize_seeds", "summary", "train_stage", "write_report",
 ]  # fmt: skip

@@ -122,8 +122,8 @@ class DemoConfig:
     seed: int = 0
     """Seed of training, sampling and pair choice."""
     threads: int = 0
-    """torch CPU threads; 0: 2, or 1 when the load average says the cores are busy (two threads
-    that wait on each other on a busy machine were measured 10x slower per step than one)."""
+    """torch CPU threads; 0 uses the cores no other process is using, re-checked while it runs
+    (``codebook_lens.threads``)."""
 
     def __post_init__(self) -> None:
         FSMConfig(self.num_states, self.num_edges, self.base, self.seq_len, self.fsm_seed)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from codebook_lens import threads
 from codebook_lens.config import write_bytes_atomic, write_json_atomic
 from codebook_lens.experiments.fsm.config import DemoConfig
 from codebook_lens.experiments.fsm.data import (
@@ -44,7 +45,6 @@ from codebook_lens.experiments.fsm.stages import (
     StageResult,
     Validation,
     build_base_model,
-    resolve_threads,
     train_stage,
 )
 from codebook_lens.model.codebook_model import CodebookModel
@@ -62,7 +62,7 @@ def run_demo(
     or interrupted run leaves no half-written report behind.
     """
     t0 = time.time()
-    torch.set_num_threads(resolve_threads(cfg.threads))
+    threads.configure(cfg.threads, announce=progress)
     out = (
         Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("fsm-%Y%m%d-%H%M%S")
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,22 +49,6 @@ def build_base_model(cfg: DemoConfig, fsm: TokFSM) -> nn.Module:
     """A randomly initialised HF causal LM of ``cfg.model_config()`` for the FSM vocabulary."""
     vocab = Vocab(fsm.vocab_size, fsm.bos_id, fsm.eos_id)
     return build_base(cfg.model_config(), vocab, seed=cfg.seed)
-
-
-def resolve_threads(requested: int) -> int:
-    """``requested`` torch threads if > 0; for 0, 2 on a quiet machine and 1 on a busy one.
-
-    Two threads that must meet at every op lose their core to other processes in turn; on the
-    2-core machine at load 10 a base-model step took 1.12 CPU s with 2 threads, 0.10 s with 1.
-    """
-    if requested > 0:
-        return requested
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # no load average on this platform
-        load = 0.0
-    return 2 if cores >= 2 and load <= cores - 1.5 else 1
 
 
 class _Converged(StopTraining):
