@@ -363,6 +363,25 @@ class NeuronBaseline:
         return asdict(self)
 
 
+def format_neuron_baseline(baseline: NeuronBaseline) -> str:
+    """The best neuron against the best code, as the ``search --neuron-baseline`` lines."""
+    nb, bc = baseline.neuron, baseline.best_code
+    op = ">=" if nb.sign > 0 else "<="
+    lines = [
+        f"neuron baseline at {baseline.codebook} on the first {baseline.n_tokens} tokens "
+        f"({baseline.pattern_tokens} pattern tokens):",
+        f"  best neuron {nb.neuron} (fires when activation {op} {nb.threshold:.4g}): "
+        f"precision {nb.precision:.3f} recall {nb.recall:.3f} f1 {nb.f1:.3f}",
+    ]
+    if bc is not None:
+        hd = "" if bc.head is None else f" head {bc.head}"
+        lines.append(
+            f"  best code {bc.code}{hd}: precision {bc.precision:.3f} "
+            f"recall {bc.recall:.3f} f1 {bc.f1:.3f}"
+        )
+    return "\n".join(lines)
+
+
 def neuron_baseline(
     model: CodebookModel,
     cache: CodeCache,

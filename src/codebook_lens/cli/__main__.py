@@ -1,0 +1,5 @@
+"""``python -m codebook_lens.cli``: the same as the ``codebook-lens`` command."""
+
+from codebook_lens.cli.main import main
+
+raise SystemExit(main())
