@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from codebook_lens.app import schemas as S
 from codebook_lens.app.config import AppConfig
 from codebook_lens.app.parsing import steering_from_body
-from codebook_lens.app.state import Lens
+from codebook_lens.app.state import MAX_CODE_REFS, Lens
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -69,6 +69,18 @@ def search_filters(config: AppConfig, *, per_page: int) -> Any:
         }
 
     return filters
+
+
+def text_per_page(lens: Lens) -> Any:
+    """The ``per_page`` parameter of a document's tokens, with the page budget it must fit."""
+    fit = max(1, MAX_CODE_REFS // lens.codes_per_token(None))
+    return Query(
+        ge=1,
+        le=5000,
+        description=f"Tokens per page. A page lists at most {MAX_CODE_REFS} (token, code) "
+        f"pairs: with every codebook at most {fit} tokens fit, with one codebook more; a page "
+        "over the budget is refused with 400.",
+    )
 
 
 def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
@@ -125,7 +137,7 @@ def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
         doc: Annotated[int, Query(ge=0, le=1 << 40)],
         codebook: Annotated[str, Query(max_length=300, description="'' or 'all': every one")] = "",
         page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-        per_page: Annotated[int, Query(ge=1, le=5000)] = 500,
+        per_page: Annotated[int, text_per_page(lens)] = 500,
         pos: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
     ) -> dict[str, Any]:
         """Every token of a cached document (a page of it) with its codes; ``pos`` opens the
@@ -142,7 +154,8 @@ def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
         """Unsteered and steered samples side by side (same prompt, same seeds).
 
         400: the intervention does not fit the model (unknown codebook, code or head, a
-        position past the sequence, a spec that does not parse)."""
+        position past the sequence, a spec that does not parse), or the prompt plus
+        ``max_new_tokens`` is longer than the model's context."""
         lens.needs_model("steering")
         return await run_in_threadpool(lens.steer, steering_from_body(body))
 

@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from codebook_lens.app import schemas as S
-from codebook_lens.app.api import search_filters
+from codebook_lens.app.api import search_filters, text_per_page
 from codebook_lens.app.config import AppError
 from codebook_lens.app.links import code_url, with_query
 from codebook_lens.app.parsing import read_form, steering_from_form
@@ -55,20 +55,24 @@ class Render:
         self.templates = templates
 
     def __call__(
-        self, request: Request, name: str, data: Any, *, status: int = 200, **extra: Any
+        self,
+        request: Request,
+        name: str,
+        data: Any,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> Response:
         path = request.url.path
         api = "/api" + path.rstrip("/") if path != "/" else "/api/overview"
         if request.url.query:
             api += "?" + request.url.query
-        context = {
-            "d": data,
-            "lens": self.lens,
-            "api_url": api,
-            "config": self.lens.config,
-            **extra,
-        }
-        return self.templates.TemplateResponse(request, name, context, status_code=status)
+        context = {"d": data, "lens": self.lens, "api_url": api, "config": self.lens.config}
+        context.update(status=status, **extra)
+        return self.templates.TemplateResponse(
+            request, name, context, status_code=status, headers=headers
+        )
 
 
 def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates) -> APIRouter:
@@ -160,7 +164,7 @@ def add_text_pages(router: APIRouter, lens: Lens, render: Render, TextForm: type
         codebook: Annotated[str, Query(max_length=300)] = "",
         label: Annotated[str, Query(max_length=300)] = "",
         page_no: Annotated[int | None, Query(alias="page", ge=1, le=1_000_000)] = None,
-        per_page: Annotated[int, Query(ge=1, le=5000)] = 500,
+        per_page: Annotated[int, text_per_page(lens)] = 500,
         pos: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
     ) -> Response:
         """The document list, or one document's tokens with their codes."""

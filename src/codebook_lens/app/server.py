@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from re import Pattern
@@ -30,14 +30,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from codebook_lens.app import schemas as S
 from codebook_lens.app.api import api_router
 from codebook_lens.app.config import LOOPBACK_HOSTS, AppConfig, AppError
-from codebook_lens.app.pages import HERE, make_templates, page_router
+from codebook_lens.app.pages import HERE, Render, make_templates, page_router
 from codebook_lens.app.parsing import BodyLimit, body_limits, head_limit, validation_message
 from codebook_lens.app.state import Lens
 from codebook_lens.config import __version__
@@ -96,7 +95,7 @@ def create_app(
     )
     app.state.lens = lens
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    errors = ErrorPages(app, templates)
+    errors = error_pages(app, Render(lens, templates))
     add_guards(app, config, errors)
     routers = [api_router(lens, models), page_router(lens, models, templates)]
     for router in routers:
@@ -106,45 +105,41 @@ def create_app(
     return app
 
 
-class ErrorPages:
-    """Errors as the client reads them: JSON (``ErrorBody``) under ``/api/``, else a page."""
+ErrorPages = Callable[..., Response]
+"""``errors(request, status, message, headers=None)``: the error as the client reads it."""
 
-    def __init__(self, app: FastAPI, templates: Jinja2Templates) -> None:
-        self.app = app
-        self.templates = templates
+ERROR_PAGE = {"title": "Error", "active": None, "api_url": None}
 
-    def __call__(
-        self, request: Request, status: int, message: str, headers: dict[str, str] | None = None
+
+def error_pages(app: FastAPI, render: Render) -> ErrorPages:
+    """Errors as JSON (``ErrorBody``) under ``/api/``, else as a page with the status."""
+
+    def errors(
+        request: Request, status: int, message: str, headers: dict[str, str] | None = None
     ) -> Response:
         headers = {**SECURITY_HEADERS, **(headers or {})}
+        reason = _reason(status)
         if request.url.path.startswith("/api/") or request.url.path == "/openapi.json":
-            body = {"error": {"status": status, "reason": _reason(status), "message": message}}
+            body = {"error": {"status": status, "reason": reason, "message": message}}
             return JSONResponse(body, status_code=status, headers=headers)
-        context = {
-            "status": status,
-            "reason": _reason(status),
-            "message": message,
-            "title": "Error",
-            "active": None,
-            "api_url": None,
-        }
         # Pages link static files by route name; a refusal in a middleware comes before the
         # router has put itself in the scope (starlette < 0.40 does not fall back to the app).
-        request.scope.setdefault("router", self.app.router)
-        return self.templates.TemplateResponse(
-            request, "error.html", context, status_code=status, headers=headers
-        )
+        request.scope.setdefault("router", app.router)
+        page = {**ERROR_PAGE, "reason": reason, "message": message}
+        return render(request, "error.html", None, status=status, headers=headers, **page)
 
-    async def reject(self, request: Request, status: int, message: str) -> Response:
-        """The same, for the body-limit middleware (which awaits its answer)."""
-        return self(request, status, message)
+    return errors
 
 
 def add_guards(app: FastAPI, config: AppConfig, errors: ErrorPages) -> None:
     """Bounded bodies, loopback host names only (no DNS rebinding), no cross-site POSTs, and
     the security headers on every answer."""
     hosts = allowed_hosts(config)
-    app.add_middleware(BodyLimit, limits=body_limits(config), default=64_000, reject=errors.reject)
+
+    async def reject(request: Request, status: int, message: str) -> Response:
+        return errors(request, status, message)
+
+    app.add_middleware(BodyLimit, limits=body_limits(config), default=64_000, reject=reject)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:

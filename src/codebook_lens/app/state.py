@@ -257,14 +257,14 @@ class Lens:
             return None
         return self.check_codebook(codebook)
 
-    def _codes_per_token(self, codebook: str | None) -> int:
+    def codes_per_token(self, codebook: str | None) -> int:
         """Codes a page lists per token for ``codebook`` (``None`` = every codebook)."""
         names = self.codebooks if codebook is None else [codebook]
         return sum(self.cache.info(n).groups * self.cache.info(n).k for n in names)
 
     def _check_size(self, codebook: str | None, n_tokens: int) -> None:
         """Refuse pages listing more than ``MAX_CODE_REFS`` codes (big models, all codebooks)."""
-        per_token = self._codes_per_token(codebook)
+        per_token = self.codes_per_token(codebook)
         if n_tokens * per_token > MAX_CODE_REFS:
             fit = max(1, MAX_CODE_REFS // per_token)
             raise ValueError(
@@ -328,7 +328,7 @@ class Lens:
             raise ValueError("text is empty; paste some text")
         cb = self._codebook_or_all(codebook)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        limit = min(self.cache.seq_len or 1024, max(1, MAX_CODE_REFS // self._codes_per_token(cb)))
+        limit = min(self.cache.seq_len or 1024, max(1, MAX_CODE_REFS // self.codes_per_token(cb)))
         ids = [int(i) for i in enc["input_ids"][:limit]]
         if not ids:
             raise ValueError("text gives no tokens")

@@ -642,6 +642,7 @@ def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Te
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens ranked above it already reach top_p.
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False  # the likeliest token always stays (a tiny top_p rounds to 0)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -711,11 +712,13 @@ def generate(
             out = model(input_ids=step_ids, **cache_kwargs(model, past))
             past = output_cache(out)
             logits = out.logits[:, -1].float()
-            if temperature == 0:
+            scaled = logits / temperature if temperature else logits
+            if temperature == 0 or bool((scaled.isnan() | scaled.isposinf()).any()):
+                # 0, or so close to 0 that the scaled logits overflow: the greedy limit
                 nxt = logits.argmax(-1)
             else:
-                logits = _filter_logits(logits / temperature, top_k, top_p)
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+                scaled = _filter_logits(scaled, top_k, top_p)
+                nxt = torch.multinomial(scaled.softmax(-1), 1, generator=gen)[:, 0]
             new = torch.cat([new, nxt[:, None]], dim=1)
             if eos:
                 done |= torch.isin(nxt, eos_t)
