@@ -127,7 +127,11 @@ def model_app_schema(model_dirs: tuple[Path, Path]) -> Iterator[Any]:
 
 def fuzz(schema: Any, **call: Any) -> None:
     """Every operation of ``schema`` fuzzed as ``schema.parametrize()`` would (all phases and
-    checks); fails listing each operation that failed, with schemathesis's report."""
+    checks); fails listing each operation that failed, with schemathesis's report.
+
+    For a schema built in a fixture: ``schemathesis.pytest.from_fixture`` would do this, but it
+    sets ``Function._nodeid``, which pytest 9 no longer has.
+    """
     from schemathesis.pytest.lazy import get_all_tests
 
     def check(case: Any) -> None:
