@@ -1,16 +1,27 @@
 """The published API is exact: ``/openapi.json`` is served and schemathesis fuzzes the whole app
-against it (every operation, every check) on a synthetic cache, in-process.
+against it (every operation, every check), three ways: in-process over a synthetic cache (no
+model); in-process over a real cache with its tiny codebook model loaded (steering, pasted
+text); and a real ``codebook-lens serve --model`` process over loopback.
 
-The fuzz is bounded (fixed seed, a few examples per operation) so it runs in well under a
-minute. One documented contract is configured: a request can have the schema's shape and
-still be refused with a 400 because of what the schema cannot say (a regex that does not
-compile, or does not finish in time), so 400 counts as an accepted answer to schema-valid
-searches; every other check runs with its defaults.
+The fuzz is bounded (fixed seed, a few examples per operation) so the file runs in about a
+minute. One documented contract is configured: a request can have the schema's shape and still
+be refused with a 400 because of what the schema cannot say (a regex that does not compile or
+does not finish in time; an intervention that does not fit the model: a codebook, code, head
+or position it does not have, spec text that does not parse, a prompt plus new tokens longer
+than its context), so 400 counts as an accepted answer to schema-valid searches and steering
+requests; every other check runs with its defaults.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +32,7 @@ schemathesis = pytest.importorskip("schemathesis")  # a dev dependency
 from fastapi.testclient import TestClient  # noqa: E402
 from helpers.synthetic import synthetic_cache  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from test_app import build_model_cache  # noqa: E402
 
 from codebook_lens.app import AppConfig, create_app  # noqa: E402
 
@@ -36,16 +48,17 @@ def _app(root: Path) -> Any:
     return create_app(AppConfig(str(cache.path), regex_timeout=0.5, search_workers=0), cache=cache)
 
 
-def _schema(app: Any) -> Any:
+def _config(max_examples: int) -> Any:
+    """Schemathesis settings: every check, positive and negative cases, the 400 contract."""
     from schemathesis.config import SchemathesisConfig
 
-    searches = ["GET /api/search", "GET /search"]
-    config = SchemathesisConfig.from_dict(
+    content_refused = ["GET /api/search", "GET /search", "POST /api/steer", "GET /steer"]
+    return SchemathesisConfig.from_dict(
         {
             "seed": SEED,
             "headers": {"Host": "127.0.0.1"},
             "request-timeout": 60,
-            "generation": {"max-examples": 12, "mode": "all"},
+            "generation": {"max-examples": max_examples, "mode": "all"},
             "operations": [
                 {
                     "include-name": name,
@@ -55,12 +68,15 @@ def _schema(app: Any) -> Any:
                         }
                     },
                 }
-                for name in searches
+                for name in content_refused
             ],
         }
     )
+
+
+def _schema(app: Any, max_examples: int = 12) -> Any:
     return schemathesis.openapi.from_asgi(
-        "/openapi.json", app, config=config, headers={"Host": "127.0.0.1"}
+        "/openapi.json", app, config=_config(max_examples), headers={"Host": "127.0.0.1"}
     )
 
 
@@ -80,6 +96,136 @@ def app() -> Any:
 @settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_app_conforms_to_its_schema(case: Any) -> None:
     case.call_and_validate(headers={"Host": "127.0.0.1"})
+
+
+# ------------------------------------------------- with the model, in-process
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny GPT-2 with codebooks (saved with its tokenizer) and the cache it built."""
+    return build_model_cache(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def model_app_schema(model_dirs: tuple[Path, Path]) -> Iterator[Any]:
+    model_dir, cache_dir = model_dirs
+    config = AppConfig(
+        str(cache_dir),
+        model_dir=str(model_dir),
+        regex_timeout=0.5,
+        search_workers=0,
+        # small limits keep each request fast (the schema states them, the fuzz follows)
+        max_new_tokens=8,
+        max_samples=2,
+        max_prompt_chars=400,
+        max_text_chars=2000,
+    )
+    app = create_app(config)
+    app.state.lens.plot("summary")
+    yield _schema(app, max_examples=6)
+    app.state.lens.close()
+
+
+def fuzz(schema: Any, **call: Any) -> None:
+    """Every operation of ``schema`` fuzzed as ``schema.parametrize()`` would (all phases and
+    checks); fails listing each operation that failed, with schemathesis's report.
+
+    For a schema built in a fixture: ``schemathesis.pytest.from_fixture`` would do this, but it
+    sets ``Function._nodeid``, which pytest 9 no longer has.
+    """
+    from schemathesis.pytest.lazy import get_all_tests
+
+    def check(case: Any) -> None:
+        case.call_and_validate(headers={"Host": "127.0.0.1"}, **call)
+
+    failures, ran = [], 0
+    for result in get_all_tests(schema=schema, test_func=check, settings=FUZZ, given_kwargs={}):
+        operation, test = result.ok()
+        ran += 1
+        try:
+            test()
+        except Exception as e:  # a FailureGroup: every failed check of the operation
+            failures.append(f"{operation.label}:\n{e}")
+    assert ran >= 9, f"only {ran} operations were fuzzed"
+    assert not failures, "\n\n".join(failures)
+
+
+FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def test_app_with_model_conforms_to_its_schema(model_app_schema: Any) -> None:
+    fuzz(model_app_schema)
+
+
+# --------------------------------------------------- the real server, loopback
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(
+    model_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``codebook-lens serve CACHE --model DIR`` on a free loopback port; yields its base URL."""
+    model_dir, cache_dir = model_dirs
+    port = _free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    cmd = [sys.executable, "-m", "codebook_lens.cli", "serve", str(cache_dir)]
+    cmd += ["--model", str(model_dir), "--port", str(port), "--host", "127.0.0.1"]
+    cmd += ["--max-new-tokens", "8", "--search-workers", "0", "--regex-timeout", "0.5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/api/overview", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+def test_served_app_conforms_to_its_schema(served: str) -> None:
+    fuzz(schemathesis.openapi.from_url(served + "/openapi.json", config=_config(3)), timeout=60)
+
+
+def test_served_steer_page_takes_the_longest_query(served: str) -> None:
+    """The steering page is a GET form: the longest query its schema allows (every field at its
+    longest, 4-byte characters percent-encoded) reaches the app, past the HTTP parser's limit."""
+    import requests
+
+    spec = requests.get(served + "/openapi.json", timeout=30).json()
+    longest = {}  # every free-text field at its maximum length ("codes" takes digits only)
+    for param in spec["paths"]["/steer"]["get"]["parameters"]:
+        n = max(v.get("maxLength", 0) for v in _variants(param))
+        if n and param["name"] != "codes":
+            longest[param["name"]] = "\N{MUSICAL SYMBOL G CLEF}" * n
+    assert len(longest["prompt"]) == 2000 and len(longest["spec"]) == 20_000
+    r = requests.get(served + "/steer", params=longest, headers={"Host": "127.0.0.1"}, timeout=60)
+    assert r.headers["content-type"].startswith("text/html"), r.text[:300]
+    assert "codebook-lens" in r.text  # the app's page (its error above the form), not the parser's
+    assert r.status_code in (200, 400), r.status_code
+
+
+def _variants(param: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = param.get("schema", {})
+    return [schema, *schema.get("anyOf", [])]
 
 
 # ------------------------------------------------------------ hand-written

@@ -7,14 +7,15 @@ fuzzes the app against it.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from codebook_lens.app import schemas as S
+from codebook_lens.app.config import AppConfig
 from codebook_lens.app.parsing import steering_from_body
-from codebook_lens.app.state import Lens
+from codebook_lens.app.state import MAX_CODE_REFS, Lens
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -28,21 +29,23 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def search_params(lens: Lens) -> Any:
-    """The search operations' query parameters (shared with the search page)."""
-    config = lens.config
+def search_query(config: AppConfig) -> Any:
+    """The search's ``q`` parameter: a non-blank regex, token or topic."""
+    return Query(
+        min_length=1,
+        max_length=config.max_query_chars,
+        pattern=S.NonBlank,
+        description="A regex (Python `regex` syntax; a token is on the pattern if its "
+        "characters overlap a match), a token string, or a document label (topic).",
+    )
 
-    def params(
-        q: Annotated[
-            str,
-            Query(
-                min_length=1,
-                max_length=config.max_query_chars,
-                pattern=S.NonBlank,
-                description="A regex (Python `regex` syntax; a token is on the pattern if its "
-                "characters overlap a match), a token string, or a document label (topic).",
-            ),
-        ],
+
+def search_filters(config: AppConfig, *, per_page: int) -> Any:
+    """The search's other query parameters (filters and paging), shared with the search page;
+    ``per_page`` is the default page size."""
+    default_per_page = per_page
+
+    def filters(
         kind: Annotated[S.SearchKind, Query()] = "regex",
         codebook: Annotated[
             str, Query(max_length=300, description="One codebook, or '' for every codebook.")
@@ -52,10 +55,9 @@ def search_params(lens: Lens) -> Any:
         min_precision: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
         min_recall: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
         page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        per_page: Annotated[int, Query(ge=1, le=config.max_page_size)] = config.page_size,
+        per_page: Annotated[int, Query(ge=1, le=config.max_page_size)] = default_per_page,
     ) -> dict[str, Any]:
         return {
-            "q": q,
             "kind": kind,
             "codebook": codebook,
             "sort": sort,
@@ -66,16 +68,27 @@ def search_params(lens: Lens) -> Any:
             "per_page": per_page,
         }
 
-    return params
+    return filters
+
+
+def text_per_page(lens: Lens) -> Any:
+    """The ``per_page`` parameter of a document's tokens, with the page budget it must fit."""
+    fit = max(1, MAX_CODE_REFS // lens.codes_per_token(None))
+    return Query(
+        ge=1,
+        le=5000,
+        description=f"Tokens per page. A page lists at most {MAX_CODE_REFS} (token, code) "
+        f"pairs: with every codebook at most {fit} tokens fit, with one codebook more; a page "
+        "over the budget is refused with 400.",
+    )
 
 
 def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
     """The ``/api`` operations over ``lens``."""
-    from fastapi import Depends
-
     config = lens.config
     router = APIRouter(prefix="/api", tags=["api"])
-    SearchParams = Annotated[dict[str, Any], Depends(search_params(lens))]
+    Q = Annotated[str, search_query(config)]
+    Filters = Annotated[dict[str, Any], Depends(search_filters(config, per_page=config.page_size))]
     PerPage = Annotated[int, Query(ge=1, le=config.max_page_size)]
     Page = Annotated[int, Query(ge=1, le=1_000_000)]
     Name = Annotated[str, Query(max_length=300)]
@@ -88,14 +101,15 @@ def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
         return lens.overview()
 
     @router.get("/search", response_model=S.SearchResponse, responses=errors(404, 422))
-    async def search(p: SearchParams) -> Response:
+    async def search(q: Q, f: Filters) -> Response:
         """Codes ranked by precision, recall or F1 against a regex, token or topic.
 
         One ranked list per codebook; ``page`` pages through every list at once. 404: the
         codebook or topic is not in the cache; 400: the regex does not compile or times out.
         """
         # The worker's JSON goes out as it is (it was built from the same fields).
-        return Response(await lens.searches.search_json(p), media_type="application/json")
+        body = await lens.searches.search_json({"q": q, **f})
+        return Response(body, media_type="application/json")
 
     @router.get(
         "/code/{codebook}/{code}", response_model=S.CodeProfileOut, responses=errors(404, 422)
@@ -123,7 +137,7 @@ def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
         doc: Annotated[int, Query(ge=0, le=1 << 40)],
         codebook: Annotated[str, Query(max_length=300, description="'' or 'all': every one")] = "",
         page: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-        per_page: Annotated[int, Query(ge=1, le=5000)] = 500,
+        per_page: Annotated[int, text_per_page(lens)] = 500,
         pos: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
     ) -> dict[str, Any]:
         """Every token of a cached document (a page of it) with its codes; ``pos`` opens the
@@ -140,7 +154,8 @@ def api_router(lens: Lens, models: S.RequestModels) -> APIRouter:
         """Unsteered and steered samples side by side (same prompt, same seeds).
 
         400: the intervention does not fit the model (unknown codebook, code or head, a
-        position past the sequence, a spec that does not parse)."""
+        position past the sequence, a spec that does not parse), or the prompt plus
+        ``max_new_tokens`` is longer than the model's context."""
         lens.needs_model("steering")
         return await run_in_threadpool(lens.steer, steering_from_body(body))
 

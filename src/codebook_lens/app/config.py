@@ -26,7 +26,8 @@ class AppConfig:
     """Code cache folder written by ``codebook-lens cache``."""
 
     model_dir: str | None = None
-    """Saved codebook model (enables pasted text and steering); must match the cache."""
+    """Saved codebook model folder (enables pasted text and steering); it must be the model
+    that built the cache."""
 
     host: str = "127.0.0.1"
     """Interface to bind. Anything but loopback exposes the app to the network."""
@@ -38,13 +39,13 @@ class AppConfig:
     """Seconds a user regex may run before the search is stopped."""
 
     search_workers: int | None = None
-    """Processes that run searches (None = one per usable core; 0 = in the server process).
+    """Processes that run searches (unset = one per usable core; 0 = in the server process).
 
     Regex matching holds Python's GIL, so searches in threads share one core; worker
     processes let concurrent searches use every core while the pages stay responsive."""
 
     page_size: int = 25
-    """Default rows per page."""
+    """Default rows per page (search results, documents)."""
 
     max_page_size: int = 200
     """Largest rows-per-page a request may ask for."""
@@ -53,7 +54,8 @@ class AppConfig:
     """Longest regex / token / topic query accepted."""
 
     max_text_chars: int = 20_000
-    """Longest pasted text accepted (it is also cut to the model's context length)."""
+    """Longest pasted text accepted (its tokens are also cut to the model's context and to
+    what one page may list codes for)."""
 
     max_prompt_chars: int = 2_000
     """Longest steering prompt accepted."""

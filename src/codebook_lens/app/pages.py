@@ -9,13 +9,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from codebook_lens.app import schemas as S
+from codebook_lens.app.api import search_filters, text_per_page
 from codebook_lens.app.config import AppError
 from codebook_lens.app.links import code_url, with_query
 from codebook_lens.app.parsing import read_form, steering_from_form
@@ -46,27 +47,54 @@ def make_templates() -> Jinja2Templates:
     return templates
 
 
-def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates) -> APIRouter:
-    """The HTML pages over ``lens``."""
-    config = lens.config
-    router = APIRouter(tags=["pages"], default_response_class=HTMLResponse)
-    SteerForm = models.steer_form
-    TextForm = models.text_form
+class Render:
+    """Renders a page template with the data of its ``/api/...`` twin (linked as ``api_url``)."""
 
-    def page(
-        request: Request, name: str, data: Any, *, status: int = 200, **extra: Any
+    def __init__(self, lens: Lens, templates: Jinja2Templates) -> None:
+        self.lens = lens
+        self.templates = templates
+
+    def __call__(
+        self,
+        request: Request,
+        name: str,
+        data: Any,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> Response:
         path = request.url.path
         api = "/api" + path.rstrip("/") if path != "/" else "/api/overview"
         if request.url.query:
             api += "?" + request.url.query
-        context = {"d": data, "lens": lens, "api_url": api, "config": config, **extra}
-        return templates.TemplateResponse(request, name, context, status_code=status)
+        context = {"d": data, "lens": self.lens, "api_url": api, "config": self.lens.config}
+        context.update(status=status, **extra)
+        return self.templates.TemplateResponse(
+            request, name, context, status_code=status, headers=headers
+        )
+
+
+def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates) -> APIRouter:
+    """The HTML pages over ``lens``."""
+    router = APIRouter(tags=["pages"], default_response_class=HTMLResponse)
+    render = Render(lens, templates)
+    add_overview_pages(router, lens, render)
+    add_search_pages(router, lens, render)
+    add_text_pages(router, lens, render, models.text_form)
+    add_steer_page(router, lens, render, models.steer_form)
+    add_docs_page(router, render)
+    return router
+
+
+def add_overview_pages(router: APIRouter, lens: Lens, render: Render) -> None:
+    """``/`` (model, cache and codebook health) and its plots."""
 
     @router.get("/", responses=page_errors())
     def overview_page(request: Request) -> Response:
         """Model, cache and codebook health, with usage plots."""
-        return page(request, "overview.html", lens.overview(), active="overview", title="Overview")
+        data = lens.overview()
+        return render(request, "overview.html", data, active="overview", title="Overview")
 
     @router.get(
         "/plots/{name}.png",
@@ -77,34 +105,25 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
         """A codebook's usage histogram (or ``summary``) as PNG."""
         return FileResponse(lens.plot(name), media_type="image/png")
 
+
+def add_search_pages(router: APIRouter, lens: Lens, render: Render) -> None:
+    """``/search`` (the form and ranked codes) and ``/code/...`` (one code's profile)."""
+    config = lens.config
+    Filters = Annotated[dict[str, Any], Depends(search_filters(config, per_page=10))]
+
     @router.get("/search", responses=page_errors(404, 422))
     async def search_page(
         request: Request,
+        *,
         q: Annotated[str, Query(max_length=config.max_query_chars)] = "",
-        kind: Annotated[S.SearchKind, Query()] = "regex",
-        codebook: Annotated[str, Query(max_length=300)] = "",
-        sort: Annotated[S.SortKey, Query()] = "f1",
-        min_count: Annotated[int, Query(ge=0, le=1 << 40)] = 1,
-        min_precision: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
-        min_recall: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
-        page_no: Annotated[int, Query(alias="page", ge=1, le=1_000_000)] = 1,
-        per_page: Annotated[int, Query(ge=1, le=config.max_page_size)] = 10,
+        f: Filters,
     ) -> Response:
         """The search form; with a query, codes ranked for it (the page of ``/api/search``)."""
-        p = {
-            "q": q,
-            "kind": kind,
-            "codebook": codebook,
-            "sort": sort,
-            "min_count": min_count,
-            "min_precision": min_precision,
-            "min_recall": min_recall,
-            "page": page_no,
-            "per_page": per_page,
-        }
+        p = {"q": q, **f}
         data = await lens.searches.search(p) if q.strip() else None
         here = str(request.url.path) + "?" + request.url.query
-        return page(
+        page_no = p["page"]
+        return render(
             request,
             "search.html",
             data or {},
@@ -131,7 +150,12 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
         data = lens.code(codebook, code, head, n_contexts=contexts, window=window)
         can_more = contexts < config.max_page_size and len(data["contexts"]) == contexts
         title = data["ref"]["label"]
-        return page(request, "code.html", data, active="search", title=title, can_more=can_more)
+        return render(request, "code.html", data, active="search", title=title, can_more=can_more)
+
+
+def add_text_pages(router: APIRouter, lens: Lens, render: Render, TextForm: type[Any]) -> None:
+    """``/text``: the document list, one document's tokens, or pasted text."""
+    config = lens.config
 
     @router.get("/text", responses=page_errors(404, 422))
     def text_page(
@@ -140,36 +164,31 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
         codebook: Annotated[str, Query(max_length=300)] = "",
         label: Annotated[str, Query(max_length=300)] = "",
         page_no: Annotated[int | None, Query(alias="page", ge=1, le=1_000_000)] = None,
-        per_page: Annotated[int, Query(ge=1, le=5000)] = 500,
+        per_page: Annotated[int, text_per_page(lens)] = 500,
         pos: Annotated[int | None, Query(ge=0, le=1 << 40)] = None,
     ) -> Response:
         """The document list, or one document's tokens with their codes."""
         common: dict[str, Any] = {"active": "text", "codebooks": lens.codebooks}
         if doc is None:
             docs = lens.docs_page(label or None, page_no or 1, config.page_size)
-            return page(request, "text.html", docs, mode="list", title="Text", **common)
+            return render(request, "text.html", docs, mode="list", title="Text", **common)
         data = lens.text_doc(doc, codebook or lens.codebooks[0], page_no, per_page, pos)
         title = f"Document {data['id']}"
-        return page(request, "text.html", data, mode="doc", title=title, **common)
+        return render(request, "text.html", data, mode="doc", title=title, **common)
+
+    form_body = {"application/x-www-form-urlencoded": {"schema": TextForm.model_json_schema()}}
 
     @router.post(
         "/text",
         responses=page_errors(403, 404, 409, 413, 422),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/x-www-form-urlencoded": {"schema": TextForm.model_json_schema()}
-                },
-            }
-        },
+        openapi_extra={"requestBody": {"required": True, "content": form_body}},
     )
     async def text_paste_page(request: Request) -> Response:
         """Pasted text through the model (the text page's form; needs the model)."""
         form = read_form(await request.body(), TextForm)
         codebook = form.codebook or lens.codebooks[0]
         data = await run_in_threadpool(lens.text_paste, form.text, codebook)
-        return page(
+        return render(
             request,
             "text.html",
             data,
@@ -180,11 +199,12 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
             pasted=form.text,
         )
 
+
+def add_steer_page(router: APIRouter, lens: Lens, render: Render, SteerForm: type[Any]) -> None:
+    """``/steer``: the steering form and its samples."""
+
     @router.get("/steer", responses=page_errors(409, 422))
-    def steer_page(
-        request: Request,
-        form: Annotated[SteerForm, Query()],  # type: ignore[valid-type]
-    ) -> Response:
+    def steer_page(request: Request, form: Annotated[SteerForm, Query()]) -> Response:  # type: ignore[valid-type]
         """The steering form; with a prompt, unsteered and steered samples side by side.
 
         Errors in the request show above the form (which keeps its input), with the status."""
@@ -196,7 +216,7 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
             except (ValueError, AppError) as e:
                 error = e.message if isinstance(e, AppError) else str(e)
                 status = e.status if isinstance(e, AppError) else 400
-        return page(
+        return render(
             request,
             "steer.html",
             data or {},
@@ -211,11 +231,15 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
             api_url=None,
         )
 
+
+def add_docs_page(router: APIRouter, render: Render) -> None:
+    """``/docs``: the API reference, drawn from ``/openapi.json``."""
+
     @router.get("/docs", include_in_schema=False)
     def api_docs_page(request: Request) -> Response:
         """The API reference: every operation of ``/openapi.json`` with its inputs and answers."""
         spec = request.app.openapi()
-        return page(
+        return render(
             request,
             "api_docs.html",
             spec,
@@ -224,8 +248,6 @@ def page_router(lens: Lens, models: S.RequestModels, templates: Jinja2Templates)
             title="API",
             api_url="/openapi.json",
         )
-
-    return router
 
 
 def operations(spec: dict[str, Any]) -> list[dict[str, Any]]:

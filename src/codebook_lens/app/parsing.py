@@ -10,7 +10,7 @@ forms' conventions (empty field = default, ``codes='12, 40'``), and building the
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from codebook_lens.app.config import AppConfig
+from codebook_lens.codes.intervene import Generation, InterventionSpec, compare, parse_prompt
 
 
 # ------------------------------------------------------------------- bodies
@@ -122,8 +123,9 @@ class Steering:
     """A validated steering request: a prompt, the library's spec, and sampling options."""
 
     prompt: str
-    spec: Any
-    """An ``intervene.InterventionSpec`` (may be empty: then only unsteered samples)."""
+    """Text to continue (token ids separated by spaces for a model without a tokenizer)."""
+    spec: InterventionSpec
+    """The intervention (may be empty: then only unsteered samples)."""
     num_samples: int = 3
     max_new_tokens: int = 40
     temperature: float = 1.0
@@ -131,17 +133,22 @@ class Steering:
     top_p: float | None = None
     seed: int = 0
 
+    def options(self) -> dict[str, Any]:
+        """The sampling options (``SamplingOut``): every field but the prompt and the spec."""
+        return {f.name: getattr(self, f.name) for f in fields(self)[2:]}
 
-def _spec_from_text(text: str) -> Any:
-    from codebook_lens.codes.intervene import InterventionSpec
+    def sample(self, model: Any, tokenizer: Any) -> tuple[list[Generation], list[Generation]]:
+        """Unsteered and steered samples of the prompt (``intervene.compare``; paired draws)."""
+        prompt = parse_prompt(tokenizer, self.prompt)
+        return compare(model, tokenizer, prompt, self.spec, **self.options())
 
+
+def _spec_from_text(text: str) -> InterventionSpec:
     return InterventionSpec.from_yaml(text, source="spec")  # YAML is a JSON superset
 
 
 def steering_from_body(body: Any) -> Steering:
     """The JSON API's ``SteerRequest`` (already shape-checked) -> ``Steering``."""
-    from codebook_lens.codes.intervene import InterventionSpec
-
     if body.spec is not None:
         spec = _spec_from_text(body.spec)
     else:
@@ -169,8 +176,6 @@ def steering_from_form(form: Any) -> Steering:
     ``codebook``, ``codes`` (``"12, 40"``), ``head``, ``positions``, ``action``, ``slot``,
     ``scale``, else nothing.
     """
-    from codebook_lens.codes.intervene import InterventionSpec
-
     if not form.prompt.strip():
         raise ValueError("prompt is missing; give the text to continue")
     if form.spec.strip():
@@ -206,3 +211,13 @@ def body_limits(config: AppConfig) -> dict[str, int]:
     character may take 12 bytes: a JSON surrogate-pair escape or 4 percent-encoded bytes)."""
     text = config.max_text_chars * 12 + 4096
     return {"/api/steer": 1 << 20, "/api/text": text, "/text": text}
+
+
+def head_limit(form: type[BaseModel], headers: int = 16_384) -> int:
+    """Bytes a request's head may take: the longest query ``form`` allows (12 bytes a
+    character: 4 UTF-8 bytes, each percent-encoded) plus ``headers`` bytes for the rest."""
+    chars = 0
+    for name, prop in form.model_json_schema().get("properties", {}).items():
+        lengths = [p.get("maxLength", 0) for p in [prop, *prop.get("anyOf", [])]]
+        chars += len(name) + 2 + max([*lengths, 64])
+    return 12 * chars + headers

@@ -164,7 +164,8 @@ def request_models(config: AppConfig) -> RequestModels:
         edits: list[Edit] = Field(default_factory=list, max_length=64)
         """The intervention; empty = unsteered samples only."""
         spec: str | None = Field(None, max_length=20_000)
-        """An intervention spec as YAML or JSON text; replaces ``edits`` when given."""
+        """An intervention spec as YAML or JSON text; replaces ``edits`` when given (text that
+        is not a spec is refused with 400)."""
         num_samples: Annotated[int, Ge(1), Le(samples), Whole] = 3
         max_new_tokens: Annotated[int, Ge(1), Le(new_tokens), Whole] = 40
         temperature: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)

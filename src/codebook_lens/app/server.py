@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from re import Pattern
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -34,9 +36,10 @@ from starlette.routing import Route
 from codebook_lens.app import schemas as S
 from codebook_lens.app.api import api_router
 from codebook_lens.app.config import LOOPBACK_HOSTS, AppConfig, AppError
-from codebook_lens.app.pages import HERE, make_templates, page_router
-from codebook_lens.app.parsing import BodyLimit, body_limits, validation_message
+from codebook_lens.app.pages import HERE, Render, make_templates, page_router
+from codebook_lens.app.parsing import BodyLimit, body_limits, head_limit, validation_message
 from codebook_lens.app.state import Lens
+from codebook_lens.config import __version__
 
 log = logging.getLogger("codebook_lens.app")
 
@@ -83,7 +86,7 @@ def create_app(
     app = FastAPI(
         title="codebook-lens",
         summary="Browse a code cache: which codes fire on what, and steer with them.",
-        version=_version(),
+        version=__version__,
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json",
@@ -92,63 +95,88 @@ def create_app(
     )
     app.state.lens = lens
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    hosts = allowed_hosts(config)
+    errors = error_pages(app, Render(lens, templates))
+    add_guards(app, config, errors)
+    routers = [api_router(lens, models), page_router(lens, models, templates)]
+    for router in routers:
+        app.include_router(router)
+    add_error_handlers(app, errors, route_methods(app, routers))
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    return app
 
-    def error_response(
+
+ErrorPages = Callable[..., Response]
+"""``errors(request, status, message, headers=None)``: the error as the client reads it."""
+
+ERROR_PAGE = {"title": "Error", "active": None, "api_url": None}
+
+
+def error_pages(app: FastAPI, render: Render) -> ErrorPages:
+    """Errors as JSON (``ErrorBody``) under ``/api/``, else as a page with the status."""
+
+    def errors(
         request: Request, status: int, message: str, headers: dict[str, str] | None = None
     ) -> Response:
-        """The error as JSON under ``/api/`` (``ErrorBody``), else an HTML page."""
         headers = {**SECURITY_HEADERS, **(headers or {})}
+        reason = _reason(status)
         if request.url.path.startswith("/api/") or request.url.path == "/openapi.json":
-            body = {"error": {"status": status, "reason": _reason(status), "message": message}}
+            body = {"error": {"status": status, "reason": reason, "message": message}}
             return JSONResponse(body, status_code=status, headers=headers)
-        context = {
-            "status": status,
-            "reason": _reason(status),
-            "message": message,
-            "title": "Error",
-            "active": None,
-            "api_url": None,
-        }
         # Pages link static files by route name; a refusal in a middleware comes before the
         # router has put itself in the scope (starlette < 0.40 does not fall back to the app).
         request.scope.setdefault("router", app.router)
-        return templates.TemplateResponse(
-            request, "error.html", context, status_code=status, headers=headers
-        )
+        page = {**ERROR_PAGE, "reason": reason, "message": message}
+        return render(request, "error.html", None, status=status, headers=headers, **page)
 
-    async def reject_body(request: Request, status: int, message: str) -> Response:
-        return error_response(request, status, message)
+    return errors
 
-    # ----------------------------------------------------------- guards
-    app.add_middleware(BodyLimit, limits=body_limits(config), default=64_000, reject=reject_body)
+
+def add_guards(app: FastAPI, config: AppConfig, errors: ErrorPages) -> None:
+    """Bounded bodies, loopback host names only (no DNS rebinding), no cross-site POSTs, and
+    the security headers on every answer."""
+    hosts = allowed_hosts(config)
+
+    async def reject(request: Request, status: int, message: str) -> Response:
+        return errors(request, status, message)
+
+    app.add_middleware(BodyLimit, limits=body_limits(config), default=64_000, reject=reject)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]").lower()
         if hosts is not None and host not in hosts:
             # A page elsewhere that resolves its own name to 127.0.0.1 (DNS rebinding).
-            return error_response(request, 400, f"host {host!r} is not served here")
+            return errors(request, 400, f"host {host!r} is not served here")
         origin = request.headers.get("origin")
         if request.method not in ("GET", "HEAD") and origin:
             o = urlsplit(origin)
             if (o.hostname or "").lower() not in (hosts or {host}):
-                return error_response(request, 403, "cross-site request refused")
+                return errors(request, 403, "cross-site request refused")
         response: Response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
         return response
 
-    # ----------------------------------------------------------- errors
+
+def route_methods(app: FastAPI, routers: list[APIRouter]) -> list[tuple[Pattern[str], set[str]]]:
+    """Each route's path pattern with the methods it serves."""
+    routes = [*app.router.routes, *(r for router in routers for r in router.routes)]
+    return [(r.path_regex, r.methods or set()) for r in routes if isinstance(r, Route)]
+
+
+def add_error_handlers(
+    app: FastAPI, errors: ErrorPages, methods: list[tuple[Pattern[str], set[str]]]
+) -> None:
+    """Every error becomes a short message with its status; nothing else reaches the client."""
+
     def allowed_methods(request: Request) -> str:
         """Every method some route serves at this path (for ``Allow`` on a 405)."""
         path = request.scope["path"]
-        methods = {m for regex, ms in route_methods if regex.match(path) for m in ms}
-        return ", ".join(sorted(methods))
+        return ", ".join(sorted({m for regex, ms in methods if regex.match(path) for m in ms}))
 
     @app.exception_handler(AppError)
     async def on_app_error(request: Request, exc: AppError) -> Response:
-        return error_response(request, exc.status, exc.message)
+        return errors(request, exc.status, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -159,60 +187,43 @@ def create_app(
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
             message = f"{request.method} is not allowed here; use {headers['Allow']}"
-        return error_response(request, exc.status_code, message, headers)
+        return errors(request, exc.status_code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         status, message = validation_message(exc)
-        return error_response(request, status, message)
+        return errors(request, status, message)
 
     @app.exception_handler(ValueError)
     async def on_value_error(request: Request, exc: ValueError) -> Response:
-        return error_response(request, 400, str(exc))
+        return errors(request, 400, str(exc))
 
     @app.exception_handler(FileNotFoundError)
     async def on_missing(request: Request, exc: FileNotFoundError) -> Response:
-        return error_response(request, 404, str(exc))
+        return errors(request, 404, str(exc))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.error("error serving %s", request.url.path, exc_info=exc)
-        return error_response(request, 500, "internal error; the server log has the details")
-
-    # ----------------------------------------------------------- routes
-    routers = [api_router(lens, models), page_router(lens, models, templates)]
-    for router in routers:
-        app.include_router(router)
-    route_methods = [
-        (route.path_regex, route.methods or set())
-        for route in [*app.router.routes, *(r for router in routers for r in router.routes)]
-        if isinstance(route, Route)
-    ]
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                summary=app.summary,
-                description="The JSON API (`/api/...`) and the HTML pages of `codebook-lens "
-                "serve`. Loopback only: requests must address 127.0.0.1, localhost or ::1.",
-                routes=app.routes,
-                tags=[
-                    {"name": "api", "description": "JSON: every page's data."},
-                    {"name": "pages", "description": "HTML pages (errors are pages too)."},
-                ],
-            )
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
+        return errors(request, 500, "internal error; the server log has the details")
 
 
-def _version() -> str:
-    from codebook_lens.config import __version__
-
-    return __version__
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """``/openapi.json``: built once from the routes."""
+    if app.openapi_schema is None:
+        app.openapi_schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            description="The JSON API (`/api/...`) and the HTML pages of `codebook-lens "
+            "serve`. Loopback only: requests must address 127.0.0.1, localhost or ::1.",
+            routes=app.routes,
+            tags=[
+                {"name": "api", "description": "JSON: every page's data."},
+                {"name": "pages", "description": "HTML pages (errors are pages too)."},
+            ],
+        )
+    return app.openapi_schema
 
 
 def serve(config: AppConfig, *, log_level: str = "info") -> None:
@@ -221,8 +232,6 @@ def serve(config: AppConfig, *, log_level: str = "info") -> None:
     The search workers start (and warm the cache) and the overview is computed before the port
     opens, so the first requests are as fast as the rest.
     """
-    import uvicorn
-
     app = create_app(config)
     lens: Lens = app.state.lens
 
@@ -244,7 +253,13 @@ def serve(config: AppConfig, *, log_level: str = "info") -> None:
                 f" ({config.workers} search worker(s))"
             )
         uvicorn.run(
-            app, host=config.host, port=config.port, log_level=log_level, server_header=False
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            server_header=False,
+            # The steering page is a GET form: its query can be far longer than h11's default.
+            h11_max_incomplete_event_size=head_limit(S.request_models(config).steer_form),
         )
     finally:
         lens.close()

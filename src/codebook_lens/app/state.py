@@ -18,7 +18,12 @@ import numpy as np
 
 from codebook_lens.app.config import AppConfig, AppError
 from codebook_lens.app.links import code_ref, code_url, paginate, with_query
+from codebook_lens.app.parsing import Steering
 from codebook_lens.app.searching import SearchPool
+from codebook_lens.codes.analysis import codebook_health, plot_health
+from codebook_lens.codes.cache import check_identity, load_cache
+from codebook_lens.codes.intervene import load_model_and_tokenizer, run_with_codes
+from codebook_lens.codes.search import code_profile
 
 log = logging.getLogger("codebook_lens.app")
 
@@ -29,8 +34,6 @@ MAX_CODE_REFS = 100_000
 def open_cache(path: str) -> Any:
     """Open the cache or refuse to serve it: a cache that fails its checks raises ``ValueError``
     (or ``FileNotFoundError``) naming the file and what is wrong, before the server starts."""
-    from codebook_lens.codes.cache import load_cache
-
     return load_cache(path)
 
 
@@ -48,6 +51,28 @@ def token_text(text: str, start: int, end: int, prev_end: int) -> dict[str, str]
     }
 
 
+def token_rows(
+    text: str,
+    offsets: list[Any],
+    token_ids: list[int],
+    codes: list[list[dict[str, Any]]],
+    *,
+    first: int,
+    prev_end: int,
+) -> list[dict[str, Any]]:
+    """The tokens of running text as JSON rows (``TokenOut``), positions from ``first``.
+
+    ``offsets`` are each token's ``(start, end)`` characters in ``text``; ``prev_end`` is where
+    the text before the first token ends.
+    """
+    tokens = []
+    for i, ((s, e), tid) in enumerate(zip(offsets, token_ids, strict=True)):
+        row = {"pos": first + i, "token_id": int(tid), **token_text(text, s, e, prev_end)}
+        tokens.append({**row, "codes": codes[i]})
+        prev_end = max(prev_end, e)
+    return tokens
+
+
 class Lens:
     """A cache, optionally its model and tokenizer, and the data of every page.
 
@@ -59,13 +84,9 @@ class Lens:
     def __init__(
         self, config: AppConfig, *, cache: Any = None, model: Any = None, tokenizer: Any = None
     ) -> None:
-        from codebook_lens.codes.cache import check_identity
-
         self.config = config
         self.cache = open_cache(config.cache_dir) if cache is None else cache
         if model is None and config.model_dir is not None:
-            from codebook_lens.codes.intervene import load_model_and_tokenizer
-
             model, tokenizer = load_model_and_tokenizer(config.model_dir)
         if model is not None:
             check_identity(self.cache, model)
@@ -106,8 +127,6 @@ class Lens:
     # ------------------------------------------------------------- plots
     def plot(self, name: str) -> Path:
         """A health plot by name (``summary`` or a codebook); made once, kept in a temp dir."""
-        from codebook_lens.codes.analysis import plot_health
-
         names = [*self.cache.codebooks, "summary"]
         if name not in names:
             raise AppError(404, f"no plot named {name!r}; plots: {names}")
@@ -126,8 +145,6 @@ class Lens:
         return self._overview
 
     def _make_overview(self) -> dict[str, Any]:
-        from codebook_lens.codes.analysis import codebook_health
-
         cache = self.cache
         m = cache.manifest
         created = m.get("created", {}) if isinstance(m.get("created"), dict) else {}
@@ -192,8 +209,6 @@ class Lens:
         self, codebook: str, code: int, head: int | None, *, n_contexts: int, window: int
     ) -> dict[str, Any]:
         """The library's code profile, with links to documents, similar codes and steering."""
-        from codebook_lens.codes.search import code_profile
-
         h = self.check_code(codebook, code, head)
         kw: dict[str, Any] = {"n_contexts": n_contexts, "window": window}
         if self.model is not None:
@@ -242,10 +257,14 @@ class Lens:
             return None
         return self.check_codebook(codebook)
 
+    def codes_per_token(self, codebook: str | None) -> int:
+        """Codes a page lists per token for ``codebook`` (``None`` = every codebook)."""
+        names = self.codebooks if codebook is None else [codebook]
+        return sum(self.cache.info(n).groups * self.cache.info(n).k for n in names)
+
     def _check_size(self, codebook: str | None, n_tokens: int) -> None:
         """Refuse pages listing more than ``MAX_CODE_REFS`` codes (big models, all codebooks)."""
-        names = self.codebooks if codebook is None else [codebook]
-        per_token = sum(self.cache.info(n).groups * self.cache.info(n).k for n in names)
+        per_token = self.codes_per_token(codebook)
         if n_tokens * per_token > MAX_CODE_REFS:
             fit = max(1, MAX_CODE_REFS // per_token)
             raise ValueError(
@@ -278,19 +297,9 @@ class Lens:
         rows = {name: np.asarray(cache.codes(name)[lo:hi]) for name in names}
         offsets = np.asarray(cache.offsets[lo:hi]).tolist()
         token_ids = np.asarray(cache.tokens[lo:hi]).tolist()
-        codes = self.token_codes(cb, rows)
         prev_end = int(cache.offsets[lo - 1][1]) if lo > d.start else 0
-        tokens = []
-        for i, ((s, e), tid) in enumerate(zip(offsets, token_ids, strict=True)):
-            tokens.append(
-                {
-                    "pos": lo + i,
-                    "token_id": tid,
-                    **token_text(d.text, s, e, prev_end),
-                    "codes": codes[i],
-                }
-            )
-            prev_end = max(prev_end, e)
+        codes = self.token_codes(cb, rows)
+        tokens = token_rows(d.text, offsets, token_ids, codes, first=lo, prev_end=prev_end)
         return {
             "source": "cache",
             "doc": doc,
@@ -310,38 +319,27 @@ class Lens:
             )
 
     def text_paste(self, text: str, codebook: str | None) -> dict[str, Any]:
-        """Tokenize pasted text, run the model once and show every token's codes."""
-        from codebook_lens.codes.intervene import run_with_codes
+        """Tokenize pasted text, run the model once and show every token's codes.
 
+        The text is cut to the model's context (the cache's sequence length) and to as many
+        tokens as one page may list codes for (``truncated`` says so)."""
         self.needs_model("pasted text (or pick a cached document)")
         if not text.strip():
             raise ValueError("text is empty; paste some text")
         cb = self._codebook_or_all(codebook)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        limit = self.cache.seq_len or 1024
-        ids = list(enc["input_ids"])[:limit]
+        limit = min(self.cache.seq_len or 1024, max(1, MAX_CODE_REFS // self.codes_per_token(cb)))
+        ids = [int(i) for i in enc["input_ids"][:limit]]
         if not ids:
             raise ValueError("text gives no tokens")
         offsets = [tuple(o) for o in enc["offset_mapping"][: len(ids)]]
-        self._check_size(cb, len(ids))
         with self.model_lock:
             result = run_with_codes(self.model, ids)
         rows = {}
         for name in self.codebooks if cb is None else [cb]:
             info = self.cache.info(name)
             rows[name] = result.codes[name][0].cpu().numpy().reshape(len(ids), info.groups, -1)
-        codes = self.token_codes(cb, rows)
-        tokens, prev_end = [], 0
-        for i, ((s, e), tid) in enumerate(zip(offsets, ids, strict=True)):
-            tokens.append(
-                {
-                    "pos": i,
-                    "token_id": int(tid),
-                    **token_text(text, s, e, prev_end),
-                    "codes": codes[i],
-                }
-            )
-            prev_end = max(prev_end, e)
+        tokens = token_rows(text, offsets, ids, self.token_codes(cb, rows), first=0, prev_end=0)
         return {
             "source": "pasted",
             "codebook": cb,
@@ -352,39 +350,15 @@ class Lens:
         }
 
     # ------------------------------------------------------------- steer
-    def steer(self, req: Any) -> dict[str, Any]:
-        """Unsteered and steered samples side by side (same prompt, same seeds).
-
-        ``req`` is a ``parsing.Steering``: the prompt, an ``InterventionSpec`` and sampling.
-        """
-        from codebook_lens.codes.intervene import compare, parse_prompt
-
+    def steer(self, req: Steering) -> dict[str, Any]:
+        """Unsteered and steered samples side by side (same prompt, same seeds)."""
         self.needs_model("steering")
-        prompt = parse_prompt(self.tokenizer, req.prompt)
         with self.model_lock:
-            plain, steered = compare(
-                self.model,
-                self.tokenizer,
-                prompt,
-                req.spec,
-                num_samples=req.num_samples,
-                max_new_tokens=req.max_new_tokens,
-                temperature=req.temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
-                seed=req.seed,
-            )
+            plain, steered = req.sample(self.model, self.tokenizer)
         return {
             "prompt": req.prompt,
             "spec": req.spec.to_dict(),
-            "options": {
-                "num_samples": req.num_samples,
-                "max_new_tokens": req.max_new_tokens,
-                "temperature": req.temperature,
-                "top_k": req.top_k,
-                "top_p": req.top_p,
-                "seed": req.seed,
-            },
+            "options": req.options(),
             "unsteered": [g._asdict() for g in plain],
             "steered": [g._asdict() for g in steered],
         }
