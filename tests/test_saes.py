@@ -136,12 +136,14 @@ def test_sparsify_topk_trained_saved_loaded_recorded(tmp_path: Path) -> None:
     ids = token_batch(2, 8, seed=1)
     with (
         record_latents(model, dictionary) as rec,
+        record_latents(model, sae, site) as raw,  # the peer's own object, wrapped on the fly
         capture_activations(model, site) as acts,
         torch.no_grad(),
     ):
         model(ids)
         own = sae.encode(acts[0].flatten(0, 1))
     assert rec.values.shape == rec.indices.shape == (2, 8, 4)
+    assert torch.equal(raw.indices, rec.indices)
     values, order = own.top_acts.sort(-1, descending=True)
     torch.testing.assert_close(rec.values.flatten(0, 1), values)
     fired = values > 0

@@ -10,7 +10,6 @@ from codebook_lens.codes.saes.dictionary import (
     DenseDictionary,
     Dictionary,
     TopK,
-    as_dictionary,
     module_site,
     top_k_of,
 )
@@ -24,6 +23,7 @@ from codebook_lens.codes.saes.saelens_adapter import (
 from codebook_lens.codes.saes.sites import (
     LatentEdit,
     LatentRecording,
+    as_dictionary,
     capture_activations,
     hook_site,
     record_latents,

@@ -140,7 +140,8 @@ class CodebookDictionary(DenseDictionary):
     """A ``CodebookLayer`` as a dictionary; ``module`` is the HF module whose output it reads.
 
     Latent ``g * num_codes + c`` is code ``c`` of head ``g`` (see ``CodebookLayer.encode``);
-    ``top_k`` gives the ``groups * k`` chosen codes of each token, head by head.
+    ``top_k`` gives the ``groups * k`` chosen codes of each token, head by head, in id order
+    within a head (all chosen codes have the same activation).
     """
 
     def __init__(self, layer: CodebookLayer, module: str | None = None) -> None:
@@ -170,12 +171,13 @@ class CodebookDictionary(DenseDictionary):
                 f"x {self.layer.groups} heads = {self.k}; pass k=None or k={self.k}"
             )
         z = self.layer.encode(x)
-        lead = z.shape[:-1]
-        zg = z.reshape(-1, self.layer.groups, self.layer.num_codes)
+        lead, g, c = z.shape[:-1], self.layer.groups, self.layer.num_codes
+        zg = z.reshape(-1, g, c)
         values, idx = zg.topk(self.layer.k, dim=-1)  # (N, G, k): the chosen codes
-        idx = idx + torch.arange(self.layer.groups, device=idx.device).view(1, -1, 1) * zg.shape[-1]
+        idx = idx.sort(-1).values + torch.arange(g, device=idx.device).view(1, -1, 1) * c
         idx = idx.masked_fill(values == 0, -1)  # slices skipped for NaN/inf input
-        return TopK(values.reshape(*lead, self.k), idx.reshape(*lead, self.k))
+        total = g * self.layer.k
+        return TopK(values.reshape(*lead, total), idx.reshape(*lead, total))
 
     def site(self, model: nn.Module) -> HookSite:
         if self.module is None:
@@ -194,28 +196,3 @@ def module_site(model: nn.Module, name: str, path: str) -> HookSite:
         near = difflib.get_close_matches(path, names, n=5, cutoff=0.4) or names[:8]
         raise ValueError(f"module {path!r} (for {name!r}) is not in the model; nearby: {near}")
     return HookSite(name, path, "output", "module", None)
-
-
-def as_dictionary(obj: Any, module: str | None = None) -> Dictionary:
-    """Wrap a ``CodebookLayer``, sparsify ``SparseCoder`` or SAELens ``SAE`` (or pass a
-    ``Dictionary`` through)."""
-    if isinstance(obj, CodebookLayer):
-        return CodebookDictionary(obj, module)
-    if isinstance(obj, DenseDictionary):
-        return obj
-    owner = type(obj).__module__.split(".")[0]
-    if owner == "sparsify":
-        from codebook_lens.codes.saes.sparsify_adapter import SparsifyDictionary
-
-        return SparsifyDictionary(obj, hookpoint=module)
-    if owner == "sae_lens":
-        from codebook_lens.codes.saes.saelens_adapter import SAELensDictionary
-
-        return SAELensDictionary(obj)
-    if isinstance(obj, Dictionary):
-        return obj
-    raise TypeError(
-        f"cannot use a {type(obj).__name__} as a dictionary; give a CodebookLayer, a sparsify "
-        "SparseCoder, a SAELens SAE or an object with kind, num_latents, d_in, k, W_dec, "
-        "encode, decode, top_k and site"
-    )

@@ -16,10 +16,39 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from codebook_lens.codes.saes.dictionary import Dictionary, TopK
+from codebook_lens.codes.saes.dictionary import (
+    CodebookDictionary,
+    DenseDictionary,
+    Dictionary,
+    TopK,
+)
+from codebook_lens.codes.saes.saelens_adapter import SAELensDictionary
+from codebook_lens.codes.saes.sparsify_adapter import SparsifyDictionary
 from codebook_lens.model.codebook_model import HookSite
+from codebook_lens.model.layer import CodebookLayer
 
 EditMode = Literal["set", "add"]
+
+
+def as_dictionary(obj: Any, module: str | None = None) -> Dictionary:
+    """Wrap a ``CodebookLayer``, sparsify ``SparseCoder`` or SAELens ``SAE`` (or pass a
+    ``Dictionary`` through)."""
+    if isinstance(obj, CodebookLayer):
+        return CodebookDictionary(obj, module)
+    if isinstance(obj, DenseDictionary):
+        return obj
+    owner = type(obj).__module__.split(".")[0]
+    if owner == "sparsify":
+        return SparsifyDictionary(obj, hookpoint=module)
+    if owner == "sae_lens":
+        return SAELensDictionary(obj)
+    if isinstance(obj, Dictionary):
+        return obj
+    raise TypeError(
+        f"cannot use a {type(obj).__name__} as a dictionary; give a CodebookLayer, a sparsify "
+        "SparseCoder, a SAELens SAE or an object with kind, num_latents, d_in, k, W_dec, "
+        "encode, decode, top_k and site"
+    )
 
 
 def _swap_first(value: Any, fn: Callable[[Tensor], Tensor | None]) -> Any:
@@ -99,10 +128,13 @@ class LatentRecording:
 
 @contextlib.contextmanager
 def record_latents(
-    model: nn.Module, dictionary: Dictionary, site: HookSite | None = None, k: int | None = None
+    model: nn.Module, dictionary: Any, site: HookSite | None = None, k: int | None = None
 ) -> Iterator[LatentRecording]:
     """Record each token's ``k`` strongest latents (``dictionary.top_k``) at ``site``
-    (default ``dictionary.site(model)``) in every forward pass inside the block."""
+    (default ``dictionary.site(model)``) in every forward pass inside the block.
+
+    ``dictionary`` is a ``Dictionary`` or anything ``as_dictionary`` wraps."""
+    dictionary = as_dictionary(dictionary)
     site = dictionary.site(model) if site is None else site
     recording = LatentRecording()
 
@@ -153,7 +185,7 @@ class LatentEdit:
 @contextlib.contextmanager
 def splice(
     model: nn.Module,
-    dictionary: Dictionary,
+    dictionary: Any,
     edits: Sequence[LatentEdit],
     site: HookSite | None = None,
     *,
@@ -166,6 +198,7 @@ def splice(
     error is kept, so with no edit the activation is unchanged. ``keep_error=False`` replaces
     ``x`` by the reconstruction ``decode(z_edited)`` itself.
     """
+    dictionary = as_dictionary(dictionary)
     site = dictionary.site(model) if site is None else site
     edits = list(edits)
 
