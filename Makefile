@@ -32,7 +32,7 @@ TOOLS := .venv-tools
 lock:
 	test -x $(TOOLS)/bin/pip-compile || ($(PYTHON) -m venv $(TOOLS) && \
 		$(TOOLS)/bin/pip install -q pip-tools==7.6.2)
-	CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --extra app --extra dev \
+	CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --extra app --extra dev --extra saes \
 		--no-emit-index-url --no-emit-find-links \
 		-c $(TORCH_PIN) -o $(LOCK) \
 		pyproject.toml requirements/build.in

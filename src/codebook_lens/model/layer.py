@@ -683,7 +683,11 @@ class CodebookLayer(nn.Module):
         """Code ids ``(..., groups, k)`` (or ``(..., k)`` ungrouped) -> output ``(..., dim)``.
 
         Differentiable with respect to the codebook. ``weights`` scales each chosen code.
+        Floating-point ``codes`` are dense latent activations ``(..., groups * num_codes)``
+        (the SAE view, see ``encode``) and decode to ``codes @ W_dec``.
         """
+        if codes.is_floating_point():
+            return self._decode_latents(codes, weights)
         if not self.grouped:
             codes = codes.unsqueeze(-2)
             weights = None if weights is None else weights.unsqueeze(-2)
@@ -959,6 +963,60 @@ class CodebookLayer(nn.Module):
         self.codebook.copy_(cent)
         self._initialized = True
         self.initialized.fill_(True)
+
+    # ----------------------------------------------------- dictionary (SAE) view
+    @property
+    def W_dec(self) -> Tensor:
+        """Decoder rows ``(groups * num_codes, dim)``, as a sparse autoencoder's.
+
+        Latent ``g * num_codes + c`` is code ``c`` of group ``g``, placed in group ``g``'s slice
+        of the width (zeros elsewhere: block diagonal); ungrouped it is the codebook itself.
+        """
+        return torch.block_diag(*self.codebook.unbind(0))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Activations ``(..., dim)`` -> latent activations ``(..., groups * num_codes)``.
+
+        ``1.0`` at each chosen code (``1 / k`` with ``reduction='mean'``), ``0`` elsewhere, so
+        ``decode(encode(x))`` equals ``forward(x).output``. Grouped layers number code ``c`` of
+        group ``g`` as latent ``g * num_codes + c`` (see ``W_dec``): each token fires ``k``
+        latents per head. Plain top-k: no statistics are updated and an active ``edit`` is
+        ignored. With ``nonfinite='skip'`` a (token, group) slice holding NaN/inf fires nothing.
+        """
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"input width {x.shape[-1]} does not match dim={self.dim}")
+        lead, (g, c) = tuple(x.shape[:-1]), (self.groups, self.num_codes)
+        xg = x.reshape(-1, g, self.head_dim).to(self.codebook.dtype)  # (N, G, d)
+        if self.layer_norm:
+            xg = F.layer_norm(xg, (self.head_dim,))
+            if self.ln_weight is not None and self.ln_bias is not None:
+                xg = xg * self.ln_weight + self.ln_bias
+        if self.nonfinite == "raise":
+            self._check_finite(xg, lead)
+        bad = ~torch.isfinite(xg).all(-1, keepdim=True)  # (N, G, 1)
+        edit, self.edit = self.edit, None
+        try:
+            codes = self.search(torch.where(bad, 0.0, xg), lead_shape=lead)  # (N, G, k)
+        finally:
+            self.edit = edit
+        z = xg.new_zeros(xg.shape[0], g, c)
+        z.scatter_(-1, codes, 1.0 if self.reduction == "sum" else 1.0 / self.k)
+        return z.masked_fill_(bad, 0.0).reshape(*lead, g * c)
+
+    def _decode_latents(self, z: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Latent activations ``(..., groups * num_codes)`` -> ``z @ W_dec`` ``(..., dim)``."""
+        g, c = self.groups, self.num_codes
+        if weights is not None:
+            raise ValueError("weights are for code ids; dense latent activations carry their own")
+        if z.shape[-1] != g * c:
+            raise ValueError(
+                f"latent activations have width {z.shape[-1]}; this codebook has "
+                f"groups * num_codes = {g * c} latents"
+            )
+        zg = z.reshape(-1, g, c).to(self.codebook.dtype)
+        q = torch.einsum("ngc,gcd->ngd", zg, self.codebook)  # one (C, d) block per group
+        return q.reshape(*z.shape[:-1], self.dim)
 
 
 def _refresh_mirrors(module: nn.Module, incompatible_keys: object) -> None:
