@@ -140,68 +140,60 @@ def _search_setup(p: argparse.ArgumentParser) -> None:
         help="processes to search in (default: the cores, for a large query)",
     )
 
-    def run(args: argparse.Namespace) -> int:
-        from codebook_lens.codes import search as S
-        from codebook_lens.codes.cache import CodeCache
+    p.set_defaults(func=_run_search)
 
-        cache = CodeCache(args.cache)
-        check_positive("--top", args.top)
-        check_positive("--workers", args.workers)
-        if args.timeout is not None and not args.timeout > 0:
-            raise ValueError(f"--timeout={args.timeout} is invalid; it must be > 0 seconds")
-        pattern = S.make_pattern(
-            cache,
-            regex=args.regex,
-            token=args.token,
-            docs_label=args.docs_label,
-            timeout=args.timeout,
-            workers=args.workers,
+
+def _run_search(args: argparse.Namespace) -> int:
+    from codebook_lens.codes import search as S
+    from codebook_lens.codes.cache import CodeCache
+
+    cache = CodeCache(args.cache)
+    check_positive("--top", args.top)
+    check_positive("--workers", args.workers)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout={args.timeout} is invalid; it must be > 0 seconds")
+    pattern = S.make_pattern(
+        cache, regex=args.regex, token=args.token, docs_label=args.docs_label,
+        timeout=args.timeout, workers=args.workers,
+    )  # fmt: skip
+    result = S.search(
+        cache, pattern, codebooks=args.codebook, min_count=args.min_count,
+        min_precision=args.min_precision, min_recall=args.min_recall, top=args.top,
+        sort_by=args.sort_by, workers=args.workers,
+    )  # fmt: skip
+    baseline = _neuron_baseline(args, cache, pattern, result) if args.neuron_baseline else None
+    if args.json:
+        matches = [m.to_dict() for m in result.matches]
+        out: Any = (
+            matches
+            if baseline is None
+            else {"matches": matches, "neuron_baseline": baseline.to_dict()}
         )
-        result = S.search(
-            cache,
-            pattern,
-            codebooks=args.codebook,
-            min_count=args.min_count,
-            min_precision=args.min_precision,
-            min_recall=args.min_recall,
-            top=args.top,
-            sort_by=args.sort_by,
-            workers=args.workers,
-        )
-        baseline = None
-        if args.neuron_baseline:
-            if not args.model:
-                raise ValueError(
-                    "--neuron-baseline needs --model (the model the cache was built with)"
-                )
-            from codebook_lens.codes.analysis import neuron_baseline
-
-            target = (args.codebook or [m.codebook for m in result.matches[:1]] or [None])[0]
-            if target is None:
-                raise ValueError("no code fires on the pattern; nothing to compare a neuron with")
-            model, _ = load_model(args.model)
-            baseline = neuron_baseline(model, cache, pattern, target, max_tokens=args.neuron_tokens)
-        if args.json:
-            matches = [m.to_dict() for m in result.matches]
-            out: Any = (
-                matches
-                if baseline is None
-                else {"matches": matches, "neuron_baseline": baseline.to_dict()}
-            )
-            print(json.dumps(out))
-            for note in cache.notes():  # what the cache leaves out, beside the JSON
-                print(f"note: {note}", file=sys.stderr)
-        else:
-            print(S.format_matches(result))
-            for note in cache.notes():
-                print(f"note: {note}")
-            if baseline is not None:
-                from codebook_lens.codes.analysis import format_neuron_baseline
-
-                print("\n" + format_neuron_baseline(baseline))
+        print(json.dumps(out))
+        for note in cache.notes():  # what the cache leaves out, beside the JSON
+            print(f"note: {note}", file=sys.stderr)
         return 0
+    print(S.format_matches(result))
+    for note in cache.notes():
+        print(f"note: {note}")
+    if baseline is not None:
+        from codebook_lens.codes.analysis import format_neuron_baseline
 
-    p.set_defaults(func=run)
+        print("\n" + format_neuron_baseline(baseline))
+    return 0
+
+
+def _neuron_baseline(args: argparse.Namespace, cache: Any, pattern: Any, result: Any) -> Any:
+    """``search --neuron-baseline``: the best single neuron at the best code's codebook."""
+    from codebook_lens.codes.analysis import neuron_baseline
+
+    if not args.model:
+        raise ValueError("--neuron-baseline needs --model (the model the cache was built with)")
+    target = (args.codebook or [m.codebook for m in result.matches[:1]] or [None])[0]
+    if target is None:
+        raise ValueError("no code fires on the pattern; nothing to compare a neuron with")
+    model, _ = load_model(args.model)
+    return neuron_baseline(model, cache, pattern, target, max_tokens=args.neuron_tokens)
 
 
 @command("code", "profile one code: contexts, tokens, similar codes, promoted tokens")

@@ -1,1 +1,1 @@
-"""The codes stage: the code cache, search, analysis and interventions."""
+"""The codes stage: the code cache, search, analysis, interventions, and SAEs as dictionaries."""
