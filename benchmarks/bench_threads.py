@@ -33,7 +33,11 @@ COMMANDS = {
     "demo": ["demo"],
     "topics": ["experiment", "topics"],
 }
-QUICK = {"demo": ["--quick"], "topics": ["--quick"]}
+QUICK = {
+    "demo": ["--quick", "--base-steps", "10", "--codebook-steps", "12", "--eval-sequences", "16"],
+    "topics": ["--quick"],
+}
+"""What ``--tiny`` runs: the commands' own smoke modes, cut further (seconds each)."""
 
 
 def command_line(name: str, out: Path, tiny: bool, extra: list[str]) -> list[str]:

@@ -157,3 +157,13 @@ def test_bench_reference_without_venv_says_how_to_get_it(
     )
     assert "make venv-ref" in capsys.readouterr().out
     assert not out.exists(), "nothing measured, nothing written"
+
+
+def test_bench_threads_tiny_runs_the_pair_and_records_the_slowdown(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    res = load("bench_threads").main(["--tiny", "--results", str(out)])
+    demo = res["demo"]
+    assert len(demo["pair"]) == 2 and demo["alone"]["wall_s"] > 0
+    assert demo["alone"]["threads_at_start"] >= 1  # the policy announced itself
+    saved = json.loads(out.read_text())["threads"]
+    assert saved["two_runs_slowdown"] == demo["two_runs_slowdown"] > 0
