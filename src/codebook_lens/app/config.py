@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from codebook_lens.config import check_range
+from codebook_lens.threads import available_cores
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -100,7 +92,7 @@ class AppConfig:
     @property
     def workers(self) -> int:
         """Search processes to start (``search_workers`` with ``None`` resolved)."""
-        return usable_cores() if self.search_workers is None else self.search_workers
+        return available_cores() if self.search_workers is None else self.search_workers
 
     @property
     def loopback(self) -> bool:

@@ -39,6 +39,8 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
 from typing import Any, TypeVar
 
+from codebook_lens.threads import available_cores
+
 R = TypeVar("R")
 
 WATCH_SECONDS = 1.0
@@ -49,14 +51,6 @@ _LAUNCH = threading.Lock()  # one launch at a time sets __main__'s file and spec
 _POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 _SHARED: WorkerPool | None = None
 _SHARED_LOCK = threading.Lock()
-
-
-def available_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def choose_workers(workers: int | None, work: float, threshold: float, units: int) -> int:
