@@ -298,6 +298,20 @@ def _batches(cache: CodeCache, limit: int, batch_size: int) -> Iterator[list[tup
         yield batch
 
 
+def window_inputs(tokens: np.ndarray, windows: Sequence[tuple[int, int]]) -> tuple[Any, Any]:
+    """Token ids and attention mask ``(len(windows), longest)`` for windows ``[(start, end)]``
+    of a cache's token array, right-padded with zeros (the windows the cache was built from)."""
+    import torch
+
+    width = max(e - s for s, e in windows)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (s, e) in enumerate(windows):
+        ids[i, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
+        mask[i, : e - s] = 1
+    return ids, mask
+
+
 def site_activations(
     model: CodebookModel,
     cache: CodeCache,
@@ -331,12 +345,7 @@ def site_activations(
     try:
         with eval_mode(model):  # each module's own mode comes back afterwards
             for batch in _batches(cache, n, batch_size):
-                width = max(e - s for s, e in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, (s, e) in enumerate(batch):
-                    ids[i, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
-                    mask[i, : e - s] = 1
+                ids, mask = window_inputs(tokens, batch)
                 captured.clear()
                 with torch.no_grad():
                     model(input_ids=ids.to(device), attention_mask=mask.to(device))

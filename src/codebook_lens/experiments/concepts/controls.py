@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codebook_lens.codes.analysis import window_inputs
 from codebook_lens.codes.cache import CodeCache
 from codebook_lens.model.codebook_model import eval_mode
 from codebook_lens.model.layer import CodebookLayer
@@ -55,12 +56,7 @@ def module_activations(
         with eval_mode(model), torch.no_grad():
             for b in range(0, len(windows), batch_size):
                 batch = windows[b : b + batch_size]
-                width = max(e - s for s, e in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, (s, e) in enumerate(batch):
-                    ids[i, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
-                    mask[i, : e - s] = 1
+                ids, mask = window_inputs(tokens, batch)
                 got.clear()
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
                 x = got[0].float().cpu().numpy()

@@ -3,6 +3,7 @@ site, the best k-means control code and the best precise code; and their summary
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,20 +16,11 @@ from codebook_lens.experiments.concepts.battery import Concept
 
 
 @dataclass
-class NeuronMatch:
+class NeuronMatch(NeuronResult):
     """The best thresholded neuron of one site for a concept."""
 
-    site: str
+    site: str = ""
     """The codebook whose input the neuron belongs to."""
-    neuron: int
-    sign: int
-    """+1: fires when activation >= threshold; -1: when <= threshold."""
-    threshold: float
-    precision: float
-    recall: float
-    f1: float
-    count: int
-    hits: int
 
 
 @dataclass
@@ -280,9 +272,7 @@ def _concept_result(
 
 
 def _neuron(site: str, r: NeuronResult) -> NeuronMatch:
-    return NeuronMatch(
-        site, r.neuron, r.sign, r.threshold, r.precision, r.recall, r.f1, r.count, r.hits
-    )
+    return NeuronMatch(**dataclasses.asdict(r), site=site)
 
 
 def summarize(
