@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,15 +45,45 @@ def test_bad_thread_counts_name_the_field(bad: object) -> None:
         threads.ThreadPolicy(bad)  # type: ignore[arg-type]
 
 
-def test_explicit_threads_are_used_and_never_rechecked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_threads_are_used_never_rechecked_and_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     before = torch.get_num_threads()
-    try:
-        assert threads.configure(1, announce=False) == 1
-        assert torch.get_num_threads() == 1
-        monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: pytest.fail("re-checked"))
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: pytest.fail("re-checked"))
+    with threads.use(1, announce=False) as n:
+        assert n == 1 and torch.get_num_threads() == 1
         threads.tick()
+    assert torch.get_num_threads() == before and threads._POLICY is None
+
+
+def test_omp_num_threads_counts_as_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: pytest.fail("measured"))
+    with threads.use(0, announce=False) as n:
+        assert n == 1
+
+
+def test_main_keeps_the_callers_threads_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from codebook_lens.cli import main
+
+    seen: list[int] = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: 2)
+    monkeypatch.setattr(
+        "codebook_lens.training.pipeline.run_eval", lambda cfg: seen.append(torch.get_num_threads())
+    )
+    monkeypatch.setattr("codebook_lens.training.pipeline.saved_data_config", lambda m: (None, {}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["eval", str(tmp_path)])  # in-process, no --threads: the caller's 1 thread
+        main(["eval", str(tmp_path), "--threads", "2"])
+        main(["eval", str(tmp_path)], own_process=True)  # the program: the automatic policy
     finally:
         torch.set_num_threads(before)
+    assert seen == [1, 2, 2]
 
 
 def test_automatic_policy_follows_the_load(
@@ -62,8 +93,9 @@ def test_automatic_policy_follows_the_load(
     loads = iter([0.0, 1.0])
     monkeypatch.setattr(threads, "other_load", lambda since=None: next(loads))
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
-    try:
-        assert threads.configure(0) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with threads.use(0) as n:
+        assert n == 2
         assert "threads: 2" in capsys.readouterr().err
         threads.tick()  # not due yet: nothing measured
         assert torch.get_num_threads() == 2
@@ -71,6 +103,4 @@ def test_automatic_policy_follows_the_load(
         threads._POLICY.recheck_seconds = 0.0
         threads.tick()  # another process took a core
         assert torch.get_num_threads() == 1
-    finally:
-        threads._POLICY = None
-        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before

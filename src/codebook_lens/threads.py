@@ -7,18 +7,25 @@ with two threads each on two cores trained about 20x slower than with one thread
 
 - OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``), set before torch loads its
   OpenMP runtime (``codebook_lens.cli`` imports this module first);
-- ``--threads N`` (N > 0) is used as given;
-- ``--threads 0`` (the default) uses the cores that no other process is using, measured from
-  ``/proc/stat`` over a short window (our own CPU time subtracted), and measures again every
-  ``recheck_seconds`` while the work runs (``tick()`` in the training and caching loops), so two
-  runs started together on an idle machine settle on one thread each within seconds.
+- ``--threads N`` (N > 0) is used as given, and so is ``OMP_NUM_THREADS`` when set;
+- otherwise (``--threads 0``, the default) the process uses the cores that no other process is
+  using, measured from ``/proc/stat`` over a short window (our own CPU time subtracted), and
+  measures again every ``recheck_seconds`` while the work runs (``tick()`` in the training and
+  caching loops), so two runs started together on an idle machine settle on one thread each
+  within seconds.
+
+The automatic policy belongs to a process: the ``codebook-lens`` command applies it, while
+``cli.main(argv)`` called from Python keeps the caller's torch threads unless ``--threads N``
+is given. ``use`` scopes a policy to a block and restores the previous thread count after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -134,22 +141,45 @@ class ThreadPolicy:
 _POLICY: ThreadPolicy | None = None
 
 
-def configure(requested: int, *, announce: bool = True) -> int:
-    """Set this process's thread policy (the CLI calls it once per long command)."""
+def env_threads() -> int:
+    """``OMP_NUM_THREADS`` when the user set it to a positive integer, else 0."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 0
+
+
+@contextlib.contextmanager
+def use(requested: int, *, announce: bool = True) -> Iterator[int]:
+    """Run the block under a thread policy; the previous policy and thread count come back.
+
+    ``requested`` > 0 is used as given; 0 takes ``OMP_NUM_THREADS`` when the user set it, else
+    the automatic policy. Yields the thread count chosen at the start.
+    """
     global _POLICY
-    _POLICY = ThreadPolicy(requested)
-    n = _POLICY.apply()
-    if announce:
-        how = "as asked" if requested else f"free cores of {available_cores()}, re-checked"
-        print(f"threads: {n} ({how}; OpenMP waits passively)", file=sys.stderr)
-    return n
+    import torch
+
+    before, saved = _POLICY, torch.get_num_threads()
+    explicit = requested or env_threads()
+    _POLICY = ThreadPolicy(explicit)
+    try:
+        n = _POLICY.apply()
+        if announce:
+            how = (
+                "as asked" if requested else "OMP_NUM_THREADS" if explicit
+                else f"free cores of {available_cores()}, re-checked"
+            )  # fmt: skip
+            print(f"threads: {n} ({how}; OpenMP waits passively)", file=sys.stderr)
+        yield n
+    finally:
+        _POLICY = before
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
 
 
 def tick() -> None:
     """Called by long loops between steps: re-checks the automatic policy when it is due.
 
     Torch's thread count is per calling thread in OpenMP, so it must be set from the thread that
-    computes; a loop's own step boundary is that place. Without ``configure`` it does nothing.
+    computes; a loop's own step boundary is that place. Outside ``use`` it does nothing.
     """
     if _POLICY is not None:
         _POLICY.tick()

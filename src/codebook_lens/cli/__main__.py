@@ -1,5 +1,5 @@
 """``python -m codebook_lens.cli``: the same as the ``codebook-lens`` command."""
 
-from codebook_lens.cli.main import main
+from codebook_lens.cli.main import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

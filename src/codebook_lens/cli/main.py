@@ -8,6 +8,7 @@ on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -32,16 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def entry() -> int:
+    """The ``codebook-lens`` program: ``main`` with this process's automatic thread policy."""
+    return main(own_process=True)
+
+
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Run one subcommand; returns its exit code (2 for a user error, with one line on stderr).
+
+    Long commands run under the thread policy (``threads.use``) when ``--threads N`` is given
+    or when this is the program's own process (``entry``); a caller's torch threads stay as
+    they are otherwise.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
+    requested = getattr(args, "cpu_threads", None)
+    scope = (
+        threads.use(requested)
+        if requested is not None and (requested or own_process)
+        else contextlib.nullcontext()
+    )
     try:
-        if getattr(args, "cpu_threads", None) is not None:
-            threads.configure(args.cpu_threads)
-        code = args.func(args)
+        with scope:
+            code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -62,7 +62,6 @@ def run_demo(
     or interrupted run leaves no half-written report behind.
     """
     t0 = time.time()
-    threads.configure(cfg.threads, announce=progress)
     out = (
         Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("fsm-%Y%m%d-%H%M%S")
     )
@@ -72,7 +71,8 @@ def run_demo(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        metrics = _run(cfg, tmp, t0, progress)
+        with threads.use(cfg.threads, announce=progress):
+            metrics = _run(cfg, tmp, t0, progress)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
