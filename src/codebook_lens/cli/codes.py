@@ -7,13 +7,17 @@ import json
 import sys
 from typing import Any
 
-from codebook_lens.cli.base import add_threads, check_positive, command, load_model
+from codebook_lens.cli.base import add_saes, add_threads, check_positive, command, load_model
 
 
 @command("cache", "run a codebook model over text and store every token's codes (a code cache)")
 def _cache_setup(p: argparse.ArgumentParser) -> None:
     add_threads(p)
-    p.add_argument("model", help="folder written by CodebookModel.save_pretrained")
+    p.add_argument(
+        "model",
+        help="folder written by CodebookModel.save_pretrained (with --sae: or a plain HF model)",
+    )
+    add_saes(p, "to cache as a codebook (each token's top-k latents and their activations)")
     p.add_argument("--data", required=True, help="text source: a file, a folder, 'bbc', ...")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to cache (default: 100000)")
     p.add_argument("--out", required=True, help="cache folder to create")
@@ -67,8 +71,9 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
         check_positive("--batch-size", args.batch_size)
         check_positive("--seq-len", args.seq_len)
         check_positive("--chunk-tokens", args.chunk_tokens)
+        check_positive("--sae-k", args.sae_k)
         shard, device = resolve_shard(args.shards, args.shard, args.device)
-        model, tokenizer = load_model(args.model, device)
+        model, tokenizer = load_model(args.model, device, args.sae, args.sae_k)
         if args.tokenizer is not None:
             tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer is None:
