@@ -19,6 +19,7 @@ from test_cache import docs, small_tokenizer
 from codebook_lens.cli import main
 from codebook_lens.codes.analysis import codebook_health
 from codebook_lens.codes.cache import CodeCache, build_cache, check_identity, verify_cache
+from codebook_lens.codes.intervene import EditSpec, InterventionSpec, generate, run_with_codes
 from codebook_lens.codes.saes import DictionaryModel, load_saes
 from codebook_lens.codes.search import code_profile, make_pattern, search, search_loop
 
@@ -217,3 +218,67 @@ def test_cli_caches_searches_and_profiles_saes(
     assert main([*args, "--overwrite", "--sae", str(tmp_path / "missing")]) == 2
     assert "missing' is not a folder" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def steering_setup(setup: dict[str, Any]) -> tuple[DictionaryModel, int, torch.Tensor]:
+    cache: CodeCache = setup["cache"]
+    dm = DictionaryModel(
+        setup["model"], load_saes(setup["run"]) + load_saes(setup["lens"]), k=SAE_K
+    )
+    latent, _ = best_latent(cache, SPARSIFY)
+    ids = torch.from_numpy(np.asarray(cache.tokens[:12], dtype=np.int64))[None]
+    return dm, latent, ids
+
+
+@pytest.mark.parametrize("name", [SPARSIFY, SAELENS])
+def test_forcing_and_banning_a_latent_then_leaving_is_bit_identical(
+    setup: dict[str, Any], name: str
+) -> None:
+    cache: CodeCache = setup["cache"]
+    dm, _, ids = steering_setup(setup)
+    latent = int(np.argmax(cache.code_counts(name)[0]))
+    with torch.no_grad():
+        before = dm(input_ids=ids).logits
+    force = InterventionSpec([EditSpec(name, latent, positions=[-1])]).resolved(cache)
+    peak = float(
+        np.asarray(cache.values(name))[np.asarray(cache.codes(name))[:, 0] == latent].max()
+    )
+    assert force.edits[0].value == pytest.approx(peak)
+    forced = run_with_codes(dm, ids, force)
+    assert not torch.allclose(forced.logits[:, -1], before[:, -1])
+    assert torch.equal(forced.logits[:, :-1], before[:, :-1]), "only the edited position changes"
+    assert latent in forced.codes[name][0, -1].tolist(), "the forced latent is read back"
+    fires = [p for p in range(ids.shape[1]) if latent in run_with_codes(dm, ids).codes[name][0, p]]
+    ban = InterventionSpec([EditSpec(name, latent, positions=fires, action="ban")])
+    banned = run_with_codes(dm, ids, ban)
+    assert not torch.allclose(banned.logits[:, fires[0]], before[:, fires[0]])
+    with torch.no_grad():
+        assert torch.equal(dm(input_ids=ids).logits, before), "bit-identical after the block"
+    with pytest.raises(ValueError, match="value=None is invalid"):
+        run_with_codes(dm, ids, InterventionSpec([EditSpec(name, latent)]))
+    with pytest.raises(ValueError, match="not latents of SAE"):
+        run_with_codes(dm, ids, InterventionSpec([EditSpec(name, 64, value=1.0)]))
+
+
+def test_steering_a_latent_changes_generation(
+    setup: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dm, latent, ids = steering_setup(setup)
+    prompt = ids[0, :6].tolist()
+    plain = generate(dm, None, prompt, max_new_tokens=8, temperature=0)
+    spec = InterventionSpec([EditSpec(SPARSIFY, latent, positions="generated", scale=20.0)])
+    steered = generate(
+        dm, None, prompt, spec.resolved(setup["cache"]), max_new_tokens=8, temperature=0
+    )
+    assert steered[0].ids != plain[0].ids
+    assert generate(dm, None, prompt, max_new_tokens=8, temperature=0) == plain
+
+    spec.save(tmp_path / "steer.yaml")
+    root: Path = setup["root"]
+    args = ["generate", str(root / "model"), "the market", "--n", "1", "--temperature", "0"]
+    args += ["--max-new-tokens", "8", "--json", "--intervene", str(tmp_path / "steer.yaml")]
+    assert main([*args, "--sae", str(setup["run"]), "--cache", str(setup["cache"].path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steered"][0]["ids"] != out["unsteered"][0]["ids"]
+    assert main([*args, "--sae", str(setup["run"])]) == 2
+    assert "value=None is invalid" in capsys.readouterr().err

@@ -304,9 +304,19 @@ def _stats_setup(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "sample from a codebook model, with and without an intervention spec")
 def _generate_setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="folder written by CodebookModel.save_pretrained (or a hub id)")
+    p.add_argument(
+        "model",
+        help="folder written by CodebookModel.save_pretrained (or a hub id; with --sae: or a "
+        "plain HF model)",
+    )
     p.add_argument("prompt", help="prompt text (token ids separated by spaces if no tokenizer)")
     p.add_argument("--intervene", metavar="SPEC", help="intervention spec file (.yaml or .json)")
+    add_saes(p, "whose latents the spec may edit (codebook 'sae.<site>')")
+    p.add_argument(
+        "--cache",
+        help="cache of the model: a forced SAE latent without 'value' is added at 'scale' x its "
+        "largest activation there",
+    )
     p.add_argument("--n", type=int, default=5, help="samples per column (default: 5)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="(default: 40)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
@@ -322,7 +332,12 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
         from codebook_lens.codes import intervene as iv
 
         spec = iv.InterventionSpec.load(args.intervene) if args.intervene else None
-        model, tokenizer = iv.load_model_and_tokenizer(args.model, device=args.device)
+        if spec is not None and args.cache:
+            from codebook_lens.codes.cache import CodeCache
+
+            spec = spec.resolved(CodeCache(args.cache))
+        check_positive("--sae-k", args.sae_k)
+        model, tokenizer = load_model(args.model, args.device, args.sae, args.sae_k)
         prompt = iv.parse_prompt(tokenizer, args.prompt)
         plain, steered = iv.compare(
             model,

@@ -119,9 +119,13 @@ def _codebook_infos(model: Model) -> list[CodebookInfo]:
 
 def _sae_infos(model: Model) -> list[CodebookInfo]:
     """An SAE codebook for each of the model's dictionaries (none without)."""
+    from codebook_lens.codes.saes.model import DictionaryModel
+
+    if not isinstance(model, DictionaryModel):
+        return []
     out = []
-    for name, d in getattr(model, "dictionaries", {}).items():
-        site = model.dictionary_sites[name]  # type: ignore[union-attr]
+    for name, d in model.dictionaries.items():
+        site = model.dictionary_sites[name]
         out.append(
             CodebookInfo(
                 name=name,
@@ -129,7 +133,7 @@ def _sae_infos(model: Model) -> list[CodebookInfo]:
                 layer=site.layer,
                 groups=1,
                 grouped=False,
-                k=model.k[name],  # type: ignore[union-attr]
+                k=model.k[name],
                 num_codes=d.num_latents,
                 dim=d.d_in,
                 kind=d.kind,
@@ -409,6 +413,8 @@ class _Batches:
         {SAE name: (len(window), k)})]``."""
         import torch  # reading a cache needs neither torch nor the model code
 
+        from codebook_lens.codes.saes.model import DictionaryModel
+
         if not self.windows:
             return []
         width = max(len(w) for w in self.windows)
@@ -419,7 +425,7 @@ class _Batches:
             mask[i, : len(w)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.no_grad():
-            if hasattr(self.model, "get_latents"):
+            if isinstance(self.model, DictionaryModel):
                 codes, values = self.model.get_latents(ids, attention_mask=mask)
             else:
                 codes, values = self.model.get_codes(ids, attention_mask=mask), {}

@@ -27,7 +27,7 @@ def model_identity(model: CodebookModel | DictionaryModel) -> dict[str, Any]:
             "codebooks": [],
         }
     else:
-        ident = _codebook_identity(inner)
+        ident = _codebook_identity(inner)  # type: ignore[arg-type]
     if dictionaries is not None:
         ident["dictionaries"] = list(dictionaries)
         ident["dictionary_hash"] = _dictionary_hash(dictionaries)

@@ -36,7 +36,7 @@ def load_model_and_tokenizer(
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(str(path))
-        base = base.to(device) if device is not None else base
+        base = base.to(device) if device is not None else base  # type: ignore[arg-type]
         model = DictionaryModel(base, _load_all(saes, device), k=sae_k)
     else:
         model = CodebookModel.from_pretrained(path, device=device)

@@ -14,6 +14,7 @@ sparsify run folder holding several, or a SAELens folder (``cfg.json`` +
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from codebook_lens.codes.saes.sites import as_dictionary, hook_site
 from codebook_lens.codes.saes.sparsify_adapter import load_sparsify, load_sparsify_run
 from codebook_lens.model.codebook_model import CodebookModel, HookSite
 from codebook_lens.model.hooks import CodeRecording, measure_widths
+from codebook_lens.model.layer import CodebookLayer
 
 SAE_PREFIX = "sae."
 """Codebook names of SAEs start with this."""
@@ -40,7 +42,9 @@ def dictionary_name(dictionary: Dictionary, model: nn.Module) -> str:
     return SAE_PREFIX + (site.name if isinstance(dictionary, SAELensDictionary) else site.module)
 
 
-def load_saes(path: str | Path, *, device: str | torch.device = "cpu") -> list[Dictionary]:
+def load_saes(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> list[Dictionary]:
     """The SAEs in ``path``: a sparsify hookpoint or run folder, or a SAELens folder. Each one
     remembers the folder it came from (``source``) so a cache can name it."""
     p = Path(path)
@@ -116,6 +120,14 @@ class DictionaryModel(nn.Module):
         k: latents kept per token for SAEs without a fixed ``k`` (BatchTopK, JumpReLU, ...).
     """
 
+    inner: nn.Module
+    base: nn.Module
+    codebooks: dict[str, CodebookLayer]
+    sites: list[HookSite]
+    dictionaries: dict[str, Dictionary]
+    dictionary_sites: dict[str, HookSite]
+    k: dict[str, int]
+
     def __init__(
         self,
         model: nn.Module,
@@ -125,19 +137,17 @@ class DictionaryModel(nn.Module):
     ) -> None:
         super().__init__()
         self.inner = model
-        self.base: nn.Module = model.base if isinstance(model, CodebookModel) else model
+        self.base = model.base if isinstance(model, CodebookModel) else model
         self.codebooks = model.codebooks if isinstance(model, CodebookModel) else {}
         self.sites = model.sites if isinstance(model, CodebookModel) else []
         named = _named(self.base, dictionaries)
         if not named:
             raise ValueError("dictionaries=[] is invalid; give at least one SAE")
-        self.dictionaries: dict[str, Dictionary] = named
+        self.dictionaries = named
         self.dictionary_modules = nn.ModuleList(
             [d for d in named.values() if isinstance(d, nn.Module)]
         )
-        self.dictionary_sites: dict[str, HookSite] = {
-            name: d.site(self.base) for name, d in named.items()
-        }
+        self.dictionary_sites = {name: d.site(self.base) for name, d in named.items()}
         self.k = {name: _resolve_k(name, d, k) for name, d in named.items()}
         self._check_widths()
 

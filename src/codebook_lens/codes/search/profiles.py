@@ -104,7 +104,7 @@ class Context:
     right: str
     rank: int
     """Slot of the code among the token's top-k (0 = best match)."""
-    activation: float | None = None
+    activation: float | None
     """SAE codebooks: the latent's activation on this token (else ``None``)."""
 
     def render(self, style: Literal["brackets", "ansi", "html"] = "brackets") -> str:
