@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from helpers.saes import train_saelens, train_sparsify
+from helpers.saes import build_sae_cache
 from test_cache import docs, small_tokenizer
+from transformers import AutoModelForCausalLM
 
 from codebook_lens.cli import main
 from codebook_lens.codes.analysis import codebook_health
@@ -33,17 +34,10 @@ SAE_K = 64  # every latent: the slots of those that did not fire stay unfired
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A plain model folder (with its tokenizer), both SAEs, and a cache of both."""
     root = tmp_path_factory.mktemp("saes")
-    tok = small_tokenizer()
-    model = tiny_model("gpt2", vocab=VOCAB)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    run = train_sparsify(model, root / "sparsify", vocab=VOCAB)
-    lens = train_saelens(model, root / "saelens", vocab=VOCAB)
-    saes = load_saes(run) + load_saes(lens)
-    cache = build_cache(
-        model, tok, docs(), root / "cache", dictionaries=saes, sae_k=SAE_K, progress=False
-    )
-    return {"root": root, "tok": tok, "model": model, "run": run, "lens": lens, "cache": cache}
+    paths = build_sae_cache(root, sae_k=SAE_K)
+    model = AutoModelForCausalLM.from_pretrained(paths["model"]).eval()
+    cache = CodeCache(paths["cache"])
+    return {**paths, "root": root, "tok": small_tokenizer(), "model": model, "cache": cache}
 
 
 def top_latents(model: torch.nn.Module, saes: list[Any], cache: CodeCache) -> dict[str, Any]:

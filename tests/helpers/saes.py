@@ -79,3 +79,23 @@ def train_saelens(
     SAETrainer(trainer_cfg, sae, batches).fit()  # type: ignore[arg-type]
     sae.save_inference_model(out)  # type: ignore[operator]
     return out
+
+
+def build_sae_cache(root: Path, *, sae_k: int = 64) -> dict[str, Path]:
+    """A plain tiny GPT-2 folder (with its tokenizer), a sparsify run and a SAELens SAE trained
+    on it, and a cache of both SAEs (``build_cache(..., dictionaries=...)``); their paths."""
+    from conftest import tiny_model
+    from test_cache import docs, small_tokenizer
+
+    from codebook_lens.codes.cache import build_cache
+    from codebook_lens.codes.saes import load_saes
+
+    tok = small_tokenizer()
+    model = tiny_model("gpt2", vocab=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    run = train_sparsify(model, root / "sparsify", vocab=len(tok))
+    lens = train_saelens(model, root / "saelens", vocab=len(tok))
+    saes = load_saes(run) + load_saes(lens)
+    build_cache(model, tok, docs(), root / "cache", dictionaries=saes, sae_k=sae_k, progress=False)
+    return {"model": root / "model", "run": run, "lens": lens, "cache": root / "cache"}

@@ -54,6 +54,7 @@ from codebook_lens.codes.intervene.generation import (
     run_with_codes,
 )
 from codebook_lens.codes.intervene.loading import (
+    cache_saes,
     compare,
     format_side_by_side,
     load_model_and_tokenizer,
@@ -84,6 +85,7 @@ __all__ = [
     "RunResult",
     "Slot",
     "ablate",
+    "cache_saes",
     "compare",
     "encode_prompt",
     "format_side_by_side",

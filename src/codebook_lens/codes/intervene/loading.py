@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ def load_model_and_tokenizer(
     *,
     device: str | None = None,
     saes: Sequence[str | os.PathLike[str]] | None = None,
-    sae_k: int | None = None,
+    sae_k: int | Mapping[str, int] | None = None,
 ) -> tuple[CodebookModel | DictionaryModel, Any]:
     """A saved codebook model and its tokenizer (``None`` if none was saved with it).
 
@@ -53,6 +53,13 @@ def load_model_and_tokenizer(
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer
+
+
+def cache_saes(cache: Any) -> tuple[list[str], dict[str, int]]:
+    """The folders of a cache's SAE codebooks and the latents each keeps per token, for
+    ``load_model_and_tokenizer(path, saes=..., sae_k=...)`` (``[]`` for a codebook cache)."""
+    infos = [cb for cb in cache.codebooks.values() if cb.is_sae]
+    return [cb.source for cb in infos], {cb.name: cb.k for cb in infos}
 
 
 def _is_codebook_model(path: str | os.PathLike[str]) -> bool:

@@ -117,7 +117,8 @@ class DictionaryModel(nn.Module):
         model: the model the SAEs were trained on.
         dictionaries: SAEs (sparsify, SAELens, ``Dictionary``) as a list (named by
             ``dictionary_name``) or by name.
-        k: latents kept per token for SAEs without a fixed ``k`` (BatchTopK, JumpReLU, ...).
+        k: latents kept per token for SAEs without a fixed ``k`` (BatchTopK, JumpReLU, ...),
+            one for all or by name.
     """
 
     inner: nn.Module
@@ -133,7 +134,7 @@ class DictionaryModel(nn.Module):
         model: nn.Module,
         dictionaries: Sequence[Any] | Mapping[str, Any],
         *,
-        k: int | None = None,
+        k: int | Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.inner = model
@@ -148,7 +149,10 @@ class DictionaryModel(nn.Module):
             [d for d in named.values() if isinstance(d, nn.Module)]
         )
         self.dictionary_sites = {name: d.site(self.base) for name, d in named.items()}
-        self.k = {name: _resolve_k(name, d, k) for name, d in named.items()}
+        self.k = {
+            name: _resolve_k(name, d, k.get(name) if isinstance(k, Mapping) else k)
+            for name, d in named.items()
+        }
         self._check_widths()
 
     def _check_widths(self) -> None:
