@@ -5,6 +5,8 @@ profiled like codes; the CLI runs the same through ``cli.main``."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -276,3 +278,26 @@ def test_steering_a_latent_changes_generation(
     assert out["steered"][0]["ids"] != out["unsteered"][0]["ids"]
     assert main([*args, "--sae", str(setup["run"])]) == 2
     assert "value=None is invalid" in capsys.readouterr().err
+
+
+def test_readme_sae_section_runs_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's section: its Python block, then each of its shell commands via cli.main
+    (``serve`` is run as a server by the browser test)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Your SAEs in codebook-lens", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (shell,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md[saes]", "exec"), {})  # noqa: S102
+    commands = [
+        shlex.split(line, comments=True) for line in shell.replace("\\\n", " ").splitlines()
+    ]
+    commands = [c for c in commands if c]
+    assert [c[1] for c in commands][-1] == "serve"
+    for argv in commands[:-1]:
+        assert argv[0] == "codebook-lens"
+        assert main(argv[1:]) == 0, (argv, capsys.readouterr().err)
+    out = capsys.readouterr().out
+    assert "activation" in out and "sae.transformer.h.0" in out

@@ -334,12 +334,7 @@ class InterventionSpec:
                     f"known codebooks: {known}"
                 )
             layer = model.codebooks[e.codebook]
-            bad = [c for c in e.code_list if c >= layer.num_codes]
-            if bad:
-                raise ValueError(
-                    f"{where}: codes={bad} are not in codebook {e.codebook!r}, which has "
-                    f"num_codes={layer.num_codes} (allowed ids: 0 .. {layer.num_codes - 1})"
-                )
+            _check_ids(e, layer.num_codes, where, f"in codebook {e.codebook!r}", "num_codes=")
             if e.head is not None:
                 if not layer.grouped:
                     raise ValueError(
@@ -374,12 +369,7 @@ class InterventionSpec:
 
 def _check_sae_edit(e: EditSpec, sae: Any, where: str) -> None:
     """Raise unless ``e`` fits the SAE ``sae`` (latent ids, no head, a value to force at)."""
-    bad = [c for c in e.code_list if c >= sae.num_latents]
-    if bad:
-        raise ValueError(
-            f"{where}: codes={bad} are not latents of SAE {e.codebook!r}, which has "
-            f"{sae.num_latents} (allowed ids: 0 .. {sae.num_latents - 1})"
-        )
+    _check_ids(e, sae.num_latents, where, f"latents of SAE {e.codebook!r}", "num_latents=")
     if e.head is not None:
         raise ValueError(f"{where}: head={e.head} is invalid; an SAE has no heads")
     if e.action == "force" and e.value is None:
@@ -387,4 +377,14 @@ def _check_sae_edit(e: EditSpec, sae: Any, where: str) -> None:
             f"{where}: value=None is invalid for forcing latents of SAE {e.codebook!r}; give "
             "value (the activation to add each latent at), or resolve it from a cache "
             "(InterventionSpec.resolved(cache), --cache CACHE)"
+        )
+
+
+def _check_ids(e: EditSpec, size: int, where: str, of: str, what: str) -> None:
+    """Raise unless every id of ``e`` is below ``size`` (the codebook's codes, the latents)."""
+    bad = [c for c in e.code_list if c >= size]
+    if bad:
+        raise ValueError(
+            f"{where}: codes={bad} are not {of}, which has {what}{size} "
+            f"(allowed ids: 0 .. {size - 1})"
         )
