@@ -8,6 +8,7 @@ Screenshots go to a temporary folder (``CODEBOOK_LENS_SCREENSHOTS=DIR`` keeps th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -20,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.saes import build_sae_cache
 from test_app import build_model_cache
+from test_saes_cache import SPARSIFY, best_latent
+
+from codebook_lens.codes.cache import CodeCache
 
 CHROMIUM = os.environ.get("CODEBOOK_LENS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -44,12 +49,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(cache_dir: Path, model_dir: Path, log: Path) -> Iterator[str]:
     """`codebook-lens serve CACHE --model DIR` on a free loopback port; yields its base URL."""
-    model_dir, cache_dir = build_model_cache(tmp_path_factory.mktemp("browser"))
     port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
     cmd = [
         sys.executable,
         "-m",
@@ -84,6 +87,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`codebook-lens serve CACHE --model DIR` on a free loopback port; yields its base URL."""
+    model_dir, cache_dir = build_model_cache(tmp_path_factory.mktemp("browser"))
+    with serving(cache_dir, model_dir, tmp_path_factory.mktemp("log") / "server.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def sae_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A cache of a sparsify and a SAELens SAE over a plain model, served with that model
+    (the SAEs are loaded again from the manifest); yields the URL and a token to search."""
+    paths = build_sae_cache(tmp_path_factory.mktemp("browser-saes"))
+    latent, token = best_latent(CodeCache(paths["cache"]), SPARSIFY)
+    log = tmp_path_factory.mktemp("log") / "sae-server.log"
+    with serving(paths["cache"], paths["model"], log) as base:
+        yield base, token
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +225,42 @@ def test_errors_render_as_pages(server: str, page: Any, shots: Path) -> None:
     page.goto(server + "/search?q=%28unclosed")
     assert "invalid" in page.inner_text(".error-message")
     page.screenshot(path=str(shots / "6-error.png"))
+
+
+def test_sae_latents_search_code_page_and_steer(
+    sae_server: tuple[str, str], page: Any, shots: Path
+) -> None:
+    server, token = sae_server
+    page.goto(server + "/")
+    assert page.locator("#health tbody tr").count() == 2  # one codebook per SAE
+    page.click("nav >> text=Search")
+    page.fill("#q", token)
+    page.select_option("#kind", "token")
+    page.click("#search-button")
+    page.wait_for_selector("section.result")
+    assert page.locator("section.result").count() == 2
+    link = page.locator(f"section.result a.code-link[href*='{SPARSIFY}/']").first
+    label = link.inner_text()
+    link.click()
+    page.wait_for_selector("#code-title")
+    assert page.inner_text("#code-title") == label
+    assert float(page.inner_text("#activation-max")) > 0, "the latent's activations show"
+    acts = [float(a) for a in page.locator("table.contexts td.activation").all_inner_texts()]
+    assert acts and acts == sorted(acts, reverse=True)
+    page.locator("#activation-histogram").wait_for(state="visible")
+    page.screenshot(path=str(shots / "6-sae-code.png"), full_page=True)
+
+    page.click("#steer-link")
+    page.wait_for_selector("#steer-form")
+    assert page.input_value("#codes") != ""
+    page.fill("#prompt", "the market")
+    page.fill("input[name=max_new_tokens]", "8")
+    page.fill("input[name=num_samples]", "2")
+    page.fill("input[name=scale]", "20")
+    page.click("#steer-button")
+    page.wait_for_selector("#steer-result")
+    assert page.locator("#steered .gen").count() == 2
+    plain = page.locator("#unsteered .gen").all_inner_texts()
+    assert page.locator("#steered .gen").all_inner_texts() != plain, "steering changes text"
+    page.screenshot(path=str(shots / "7-sae-steer.png"), full_page=True)
+    assert not page.problems, page.problems

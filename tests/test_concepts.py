@@ -292,3 +292,10 @@ def test_quick_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert metrics["base"] == str(out / "base")  # trained like `experiment topics`
     assert len(metrics["concepts"]) + len(metrics["skipped"]) == len(load_battery())
     assert (out / "report.html").is_file() and (out / "model" / "config.json").is_file()
+
+
+def test_code_counts_skip_unfired_sae_slots() -> None:
+    from codebook_lens.experiments.concepts import code_counts
+
+    codes = np.array([[[0, 3]], [[2, 3]], [[0, 1]]])  # (3 tokens, 1 group, k=2); 3 = unfired
+    assert code_counts(codes, 3).tolist() == [[2, 1, 1]]

@@ -174,7 +174,7 @@ def steering_from_form(form: Any) -> Steering:
 
     The spec is ``spec`` (YAML or JSON text) when given, else the single edit of the fields
     ``codebook``, ``codes`` (``"12, 40"``), ``head``, ``positions``, ``action``, ``slot``,
-    ``scale``, else nothing.
+    ``scale``, ``value``, else nothing.
     """
     if not form.prompt.strip():
         raise ValueError("prompt is missing; give the text to continue")
@@ -185,11 +185,12 @@ def steering_from_form(form: Any) -> Steering:
         if not form.codebook or not codes:
             raise ValueError("give both codebook and codes (e.g. codes='12, 40') to steer")
         edit: dict[str, Any] = {"codebook": form.codebook, "codes": codes}
-        for name in ("head", "positions", "action", "slot", "scale"):
+        for name in ("head", "positions", "action", "slot", "scale", "value"):
             if getattr(form, name) != "":
                 edit[name] = getattr(form, name)
-        if "scale" in edit:
-            edit["scale"] = float(edit["scale"])
+        for name in ("scale", "value"):
+            if name in edit:
+                edit[name] = float(edit[name])
         spec = InterventionSpec.from_dict([edit], source="edit")
     else:
         spec = InterventionSpec()

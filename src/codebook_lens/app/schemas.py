@@ -18,7 +18,13 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from codebook_lens.app.config import AppConfig
 from codebook_lens.codes.analysis import CodebookHealth
 from codebook_lens.codes.direct_effect import PromotedToken
-from codebook_lens.codes.search import CodeMatch, Context, LabelCount, TokenCount
+from codebook_lens.codes.search import (
+    ActivationStats,
+    CodeMatch,
+    Context,
+    LabelCount,
+    TokenCount,
+)
 from codebook_lens.flags import field_docs
 
 
@@ -130,9 +136,13 @@ class Edit(Doc):
     slot: Slot = "replace-lowest"
     """For 'force': overwrite the lowest-ranked chosen codes, or 'append' them."""
     scale: float = Field(1.0, ge=-100.0, le=100.0, allow_inf_nan=False)
-    """For 'force': weight multiplying the forced code vectors."""
+    """For 'force': weight multiplying the forced code vectors (an SAE latent: the multiple
+    of its largest activation in the cache it is added at, unless value is given)."""
     head: HeadId | None = None
     """For per-head codebooks: the head to edit; null edits every head."""
+    value: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    """For 'force' on an SAE latent: the activation to add it at; null: scale x its largest
+    activation in the cache."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,9 @@ def request_models(config: AppConfig) -> RequestModels:
         action: Action | EmptyField = ""
         slot: Slot | EmptyField = ""
         scale: num(float, ge=-100.0, le=100.0, allow_inf_nan=False) = ""  # type: ignore[valid-type]
+        value: num(float, ge=-1e6, le=1e6, allow_inf_nan=False) = ""  # type: ignore[valid-type]
+        """For 'force' on an SAE latent: the activation to add it at (default: scale x its
+        largest activation in the cache)."""
         spec: str = Field("", max_length=20_000)
         """A full intervention spec (YAML or JSON); replaces the single-edit fields."""
         num_samples: num(int, ge=1, le=samples) = ""  # type: ignore[valid-type]
@@ -340,6 +353,11 @@ class PromotedTokenOut(PromotedToken):
     """``direct_effect.PromotedToken``."""
 
 
+@pydantic_dataclass(config=DOCS)
+class ActivationStatsOut(ActivationStats):
+    """``search.ActivationStats``: how strongly an SAE latent fires where it fires."""
+
+
 class CodeProfileOut(Doc):
     """``search.code_profile``: how often a code fires, where, on what, and what it writes."""
 
@@ -357,6 +375,10 @@ class CodeProfileOut(Doc):
     promoted: list[PromotedTokenOut] | None
     """Tokens the code promotes most (needs the model), else null."""
     promoted_note: str
+    kind: str
+    """'codebook', or the SAE's kind ('sparsify_topk', 'saelens_batchtopk', ...)."""
+    activations: ActivationStatsOut | None
+    """An SAE latent's activations where it fires (mean, max, histogram); null for codes."""
     ref: CodeRef
     n_tokens: int
     steer_url: str
@@ -429,6 +451,7 @@ class EditOut(Doc):
     slot: Slot
     scale: float
     head: int | None
+    value: float | None
 
 
 class SpecOut(Doc):

@@ -7,6 +7,7 @@ the JSON the API returns and the pages render. It computes nothing itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -22,7 +23,7 @@ from codebook_lens.app.parsing import Steering
 from codebook_lens.app.searching import SearchPool
 from codebook_lens.codes.analysis import codebook_health, plot_health
 from codebook_lens.codes.cache import check_identity, load_cache
-from codebook_lens.codes.intervene import load_model_and_tokenizer, run_with_codes
+from codebook_lens.codes.intervene import cache_saes, load_model_and_tokenizer, run_with_codes
 from codebook_lens.codes.search import code_profile
 
 log = logging.getLogger("codebook_lens.app")
@@ -87,7 +88,9 @@ class Lens:
         self.config = config
         self.cache = open_cache(config.cache_dir) if cache is None else cache
         if model is None and config.model_dir is not None:
-            model, tokenizer = load_model_and_tokenizer(config.model_dir)
+            # SAE codebooks: their SAEs are loaded again from where the cache says they came
+            saes, sae_k = cache_saes(self.cache)
+            model, tokenizer = load_model_and_tokenizer(config.model_dir, saes=saes, sae_k=sae_k)
         if model is not None:
             check_identity(self.cache, model)
         self.model = model
@@ -197,12 +200,13 @@ class Lens:
         n = len(next(iter(rows.values()))) if rows else 0
         out: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         for name in names:
-            grouped = self.cache.info(name).grouped
+            info = self.cache.info(name)
             arr = rows[name].tolist()
             for i in range(n):
                 for h, ks in enumerate(arr[i]):
                     for c in ks:
-                        out[i].append(code_ref(name, c, h if grouped else None))
+                        if c != info.unfired:  # an SAE slot no latent filled
+                            out[i].append(code_ref(name, c, h if info.grouped else None))
         return out
 
     def code(
@@ -353,6 +357,7 @@ class Lens:
     def steer(self, req: Steering) -> dict[str, Any]:
         """Unsteered and steered samples side by side (same prompt, same seeds)."""
         self.needs_model("steering")
+        req = dataclasses.replace(req, spec=req.spec.resolved(self.cache))
         with self.model_lock:
             plain, steered = req.sample(self.model, self.tokenizer)
         return {

@@ -36,10 +36,32 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(path: str, device: str | None = None) -> tuple[Any, Any]:
+def load_model(
+    path: str,
+    device: str | None = None,
+    saes: list[str] | None = None,
+    sae_k: int | None = None,
+) -> tuple[Any, Any]:
     from codebook_lens.codes.intervene import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(path, device=device)
+    return load_model_and_tokenizer(path, device=device, saes=saes, sae_k=sae_k)
+
+
+def add_saes(p: argparse.ArgumentParser, what: str) -> None:
+    """``--sae PATH`` (repeatable) and ``--sae-k N``: SAEs read at sites of the model."""
+    p.add_argument(
+        "--sae",
+        action="append",
+        metavar="PATH",
+        help=f"an SAE {what}: a sparsify hookpoint or run folder, or a SAELens SAE folder "
+        "(repeatable); MODEL may then be a plain Hugging Face model folder",
+    )
+    p.add_argument(
+        "--sae-k",
+        type=int,
+        default=None,
+        help="latents kept per token for SAEs without a fixed k (BatchTopK, JumpReLU, ...)",
+    )
 
 
 def check_positive(name: str, value: int | None) -> None:

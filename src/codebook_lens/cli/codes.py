@@ -7,13 +7,17 @@ import json
 import sys
 from typing import Any
 
-from codebook_lens.cli.base import add_threads, check_positive, command, load_model
+from codebook_lens.cli.base import add_saes, add_threads, check_positive, command, load_model
 
 
 @command("cache", "run a codebook model over text and store every token's codes (a code cache)")
 def _cache_setup(p: argparse.ArgumentParser) -> None:
     add_threads(p)
-    p.add_argument("model", help="folder written by CodebookModel.save_pretrained")
+    p.add_argument(
+        "model",
+        help="folder written by CodebookModel.save_pretrained (with --sae: or a plain HF model)",
+    )
+    add_saes(p, "to cache as a codebook (each token's top-k latents and their activations)")
     p.add_argument("--data", required=True, help="text source: a file, a folder, 'bbc', ...")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to cache (default: 100000)")
     p.add_argument("--out", required=True, help="cache folder to create")
@@ -53,49 +57,41 @@ def _cache_setup(p: argparse.ArgumentParser) -> None:
         help="tokens between checkpoints (default: 262144)",
     )
 
-    def run(args: argparse.Namespace) -> int:
-        from codebook_lens.codes.cache import (
-            DEFAULT_CHUNK_TOKENS,
-            build_cache,
-            interleave_labels,
-            resolve_shard,
-        )
-        from codebook_lens.model.tokenizer import load_tokenizer
-        from codebook_lens.training.data import load_documents
+    p.set_defaults(func=_run_cache)
 
-        check_positive("--tokens", args.tokens)
-        check_positive("--batch-size", args.batch_size)
-        check_positive("--seq-len", args.seq_len)
-        check_positive("--chunk-tokens", args.chunk_tokens)
-        shard, device = resolve_shard(args.shards, args.shard, args.device)
-        model, tokenizer = load_model(args.model, device)
-        if args.tokenizer is not None:
-            tokenizer = load_tokenizer(args.tokenizer)
-        if tokenizer is None:
-            raise ValueError(f"{args.model}: no tokenizer saved with the model; pass --tokenizer")
-        cache = build_cache(
-            model,
-            tokenizer,
-            interleave_labels(load_documents(args.data)),
-            args.out,
-            max_tokens=args.tokens,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            overwrite=args.overwrite,
-            source=args.data,
-            codebooks=args.codebooks,
-            index=args.index,
-            resume=args.resume,
-            shard=shard,
-            chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
-        )
-        print(
-            f"wrote {cache.path}: {cache.n_tokens} tokens, {cache.n_docs} documents, "
-            f"{len(cache.codebooks)} codebooks"
-        )
-        return 0
 
-    p.set_defaults(func=run)
+def _run_cache(args: argparse.Namespace) -> int:
+    from codebook_lens.codes.cache import (
+        DEFAULT_CHUNK_TOKENS,
+        build_cache,
+        interleave_labels,
+        resolve_shard,
+    )
+    from codebook_lens.model.tokenizer import load_tokenizer
+    from codebook_lens.training.data import load_documents
+
+    check_positive("--tokens", args.tokens)
+    check_positive("--batch-size", args.batch_size)
+    check_positive("--seq-len", args.seq_len)
+    check_positive("--chunk-tokens", args.chunk_tokens)
+    check_positive("--sae-k", args.sae_k)
+    shard, device = resolve_shard(args.shards, args.shard, args.device)
+    model, tokenizer = load_model(args.model, device, args.sae, args.sae_k)
+    if args.tokenizer is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer saved with the model; pass --tokenizer")
+    cache = build_cache(
+        model, tokenizer, interleave_labels(load_documents(args.data)), args.out,
+        max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+        overwrite=args.overwrite, source=args.data, codebooks=args.codebooks, index=args.index,
+        resume=args.resume, shard=shard, chunk_tokens=args.chunk_tokens or DEFAULT_CHUNK_TOKENS,
+    )  # fmt: skip
+    print(
+        f"wrote {cache.path}: {cache.n_tokens} tokens, {cache.n_docs} documents, "
+        f"{len(cache.codebooks)} codebooks"
+    )
+    return 0
 
 
 @command("search", "rank codes by precision/recall/F1 against a regex, token or document set")
@@ -291,9 +287,19 @@ def _stats_setup(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "sample from a codebook model, with and without an intervention spec")
 def _generate_setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="folder written by CodebookModel.save_pretrained (or a hub id)")
+    p.add_argument(
+        "model",
+        help="folder written by CodebookModel.save_pretrained (or a hub id; with --sae: or a "
+        "plain HF model)",
+    )
     p.add_argument("prompt", help="prompt text (token ids separated by spaces if no tokenizer)")
     p.add_argument("--intervene", metavar="SPEC", help="intervention spec file (.yaml or .json)")
+    add_saes(p, "whose latents the spec may edit (codebook 'sae.<site>')")
+    p.add_argument(
+        "--cache",
+        help="cache of the model: a forced SAE latent without 'value' is added at 'scale' x its "
+        "largest activation there",
+    )
     p.add_argument("--n", type=int, default=5, help="samples per column (default: 5)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="(default: 40)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
@@ -309,7 +315,12 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
         from codebook_lens.codes import intervene as iv
 
         spec = iv.InterventionSpec.load(args.intervene) if args.intervene else None
-        model, tokenizer = iv.load_model_and_tokenizer(args.model, device=args.device)
+        if spec is not None and args.cache:
+            from codebook_lens.codes.cache import CodeCache
+
+            spec = spec.resolved(CodeCache(args.cache))
+        check_positive("--sae-k", args.sae_k)
+        model, tokenizer = load_model(args.model, args.device, args.sae, args.sae_k)
         prompt = iv.parse_prompt(tokenizer, args.prompt)
         plain, steered = iv.compare(
             model,

@@ -14,8 +14,9 @@ import numpy as np
 from codebook_lens.codes.cache import CodeCache, check_identity
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
+    from codebook_lens.codes.saes.model import DictionaryModel
     from codebook_lens.model.codebook_model import CodebookModel
 
 PROMOTED_NOTE = (
@@ -49,7 +50,7 @@ def _final_norm(base: nn.Module) -> nn.Module | None:
 
 
 def promoted_tokens(
-    model: CodebookModel,
+    model: CodebookModel | DictionaryModel,
     cache: CodeCache,
     codebook: str,
     code: int,
@@ -67,12 +68,18 @@ def promoted_tokens(
     check_identity(cache, model)
     h = cache.check_code(codebook, code, head)
     cb = cache.info(codebook)
-    layer = model.codebooks[codebook]
     base = model.base
     get_out = getattr(base, "get_output_embeddings", None)
     unembed = get_out() if callable(get_out) else None
     if not isinstance(unembed, torch.nn.Module) or not hasattr(unembed, "weight"):
         return None, "no output embedding found on the model"
+    if cb.is_sae:  # an SAE latent writes its decoder row (a width check follows)
+        sae = getattr(model, "dictionaries", {}).get(codebook)
+        if sae is None:
+            return None, f"the model was loaded without the SAE {codebook!r}"
+        vec = sae.W_dec[code].detach().float()
+        return _unembedded(cache, base, unembed, vec, top)
+    layer = model.codebooks[codebook]
     site = next(s for s in model.sites if s.name == codebook)
     with torch.no_grad():
         vec = layer.codebook[h, code].detach().float()
@@ -88,6 +95,16 @@ def promoted_tokens(
             vec = vec.float()
         elif cb.placement not in ("mlp_out", "attn_out", "residual"):
             return None, f"not computed for placement {cb.placement!r} (not the residual width)"
+    return _unembedded(cache, base, unembed, vec, top)
+
+
+def _unembedded(
+    cache: CodeCache, base: nn.Module, unembed: nn.Module, vec: Tensor, top: int
+) -> tuple[list[PromotedToken] | None, str]:
+    """The ``top`` tokens whose logits the residual-width ``vec`` raises most."""
+    import torch
+
+    with torch.no_grad():
         norm = _final_norm(base)
         if norm is not None and (hasattr(norm, "bias") or isinstance(norm, torch.nn.LayerNorm)):
             vec = vec - vec.mean()

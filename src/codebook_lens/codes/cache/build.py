@@ -1,5 +1,9 @@
 """Building a cache: run a codebook model over documents once, keep every token's codes.
 
+SAEs (``dictionaries=``) are stored as codebooks too: each token's top-k latents and their
+activations (see ``format``), from the same forward pass; the model may then be a plain Hugging
+Face causal LM without codebooks.
+
 Documents are cut into windows of ``seq_len`` tokens from the document start, run in batches,
 and written through ``CacheWriter`` with a checkpoint every ``chunk_tokens`` tokens. With
 ``shard=(i, n)`` the build writes shard ``i`` of ``n`` (a contiguous run of the documents).
@@ -10,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -25,7 +29,10 @@ from codebook_lens.codes.cache.shards import check_shard, shard_name
 from codebook_lens.codes.cache.writer import CacheWriter, merge_shards
 
 if TYPE_CHECKING:
+    from codebook_lens.codes.saes.model import DictionaryModel
     from codebook_lens.model.codebook_model import CodebookModel
+
+    Model = CodebookModel | DictionaryModel
 
 DEFAULT_CHUNK_TOKENS = 1 << 18
 """Tokens between two build checkpoints (what an interrupted build can lose)."""
@@ -90,10 +97,11 @@ def _vocab_strings(tokenizer: Any) -> list[str]:
     return [str(s) for s in tokenizer.batch_decode([[i] for i in range(n)])]
 
 
-def _codebook_infos(model: CodebookModel) -> list[CodebookInfo]:
+def _codebook_infos(model: Model) -> list[CodebookInfo]:
     out = []
-    for s in model.sites:
-        layer = model.codebooks[s.name]
+    inner = getattr(model, "inner", model)
+    for s in getattr(inner, "sites", []) if hasattr(inner, "codebooks") else []:
+        layer = inner.codebooks[s.name]
         out.append(
             CodebookInfo(
                 name=s.name,
@@ -106,7 +114,56 @@ def _codebook_infos(model: CodebookModel) -> list[CodebookInfo]:
                 dim=layer.dim,
             )
         )
+    return out + _sae_infos(model)
+
+
+def _sae_infos(model: Model) -> list[CodebookInfo]:
+    """An SAE codebook for each of the model's dictionaries (none without)."""
+    from codebook_lens.codes.saes.model import DictionaryModel
+
+    if not isinstance(model, DictionaryModel):
+        return []
+    out = []
+    for name, d in model.dictionaries.items():
+        site = model.dictionary_sites[name]
+        out.append(
+            CodebookInfo(
+                name=name,
+                placement=site.placement,
+                layer=site.layer,
+                groups=1,
+                grouped=False,
+                k=model.k[name],
+                num_codes=d.num_latents,
+                dim=d.d_in,
+                kind=d.kind,
+                site={"name": site.name, "module": site.module, "hook": site.hook},
+                source=str(getattr(d, "source", "") or ""),
+                values="float32",
+            )
+        )
     return out
+
+
+def _as_model(
+    model: Any, dictionaries: Sequence[Any] | Mapping[str, Any] | None, sae_k: int | None
+) -> Model:
+    """``model`` with ``dictionaries`` read at their sites (a ``DictionaryModel``) if given."""
+    from codebook_lens.codes.saes.model import DictionaryModel
+    from codebook_lens.model.codebook_model import CodebookModel
+
+    if dictionaries:
+        if isinstance(model, DictionaryModel):
+            raise ValueError(
+                "model already reads SAEs (a DictionaryModel); leave dictionaries=None"
+            )
+        return DictionaryModel(model, dictionaries, k=sae_k)
+    if not isinstance(model, CodebookModel | DictionaryModel):
+        raise ValueError(
+            f"model is a {type(model).__name__} without codebooks; give a CodebookModel, or "
+            "SAEs to cache from it (dictionaries=[...], --sae PATH)"
+        )
+    return model
 
 
 def _shard_plan(
@@ -137,7 +194,7 @@ def _shard_plan(
 
 
 def build_cache(
-    model: CodebookModel,
+    model: Model | Any,
     tokenizer: Any,
     documents: Iterable[DocumentLike],
     out: str | os.PathLike[str],
@@ -153,11 +210,14 @@ def build_cache(
     resume: bool = False,
     shard: tuple[int, int] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    dictionaries: Sequence[Any] | Mapping[str, Any] | None = None,
+    sae_k: int | None = None,
 ) -> CodeCache:
     """Run ``model`` over ``documents`` and write a cache of at most ``max_tokens`` tokens.
 
     Args:
-        model: a ``CodebookModel`` (its device is used; it is put in eval mode meanwhile).
+        model: a ``CodebookModel``, a ``DictionaryModel``, or with ``dictionaries`` a plain
+            Hugging Face causal LM (its device is used; it is put in eval mode meanwhile).
         tokenizer: a Hugging Face *fast* tokenizer (character offsets come from it).
         documents: objects with ``.id``, ``.text`` and ``.label``.
         out: the cache folder (written to a hidden partial folder, renamed at the end).
@@ -174,7 +234,11 @@ def build_cache(
             shards together open as that cache (``out/manifest.json`` is written by the shard
             that completes the set).
         chunk_tokens: tokens between checkpoints.
+        dictionaries: SAEs (sparsify, SAELens; ``codes.saes.load_saes``) stored as codebooks
+            ``sae.<site>`` (see ``codes.saes.model``), by name or as a list.
+        sae_k: latents kept per token for SAEs without a fixed ``k``.
     """
+    model = _as_model(model, dictionaries, sae_k)
     _check_build_args(tokenizer, max_tokens=max_tokens, chunk_tokens=chunk_tokens, shard=shard)
     seq_len = _window_length(model, seq_len)
     infos, omitted = _stored_codebooks(model, codebooks, index)
@@ -207,7 +271,7 @@ def build_cache(
 
 
 def _stored_codebooks(
-    model: CodebookModel, codebooks: Sequence[str] | None, index: str | Sequence[str] | bool
+    model: Model, codebooks: Sequence[str] | None, index: str | Sequence[str] | bool
 ) -> tuple[list[CodebookInfo], list[str]]:
     """``(codebooks to store, marked indexed or not; names of the model's others)``."""
     all_infos = _codebook_infos(model)
@@ -220,7 +284,7 @@ def _stored_codebooks(
 
 
 def _open_writer(
-    model: CodebookModel,
+    model: Model,
     tokenizer: Any,
     target: Path,
     infos: list[CodebookInfo],
@@ -239,11 +303,7 @@ def _open_writer(
         vocab=_vocab_strings(tokenizer),
         tokenizer=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         seq_len=seq_len,
-        vectors={
-            name: layer.codebook.detach().float().cpu().numpy()
-            for name, layer in model.codebooks.items()
-            if name in names
-        },
+        vectors=_vectors(model, names),
         extra={"source": build["source"], "max_tokens": build["max_tokens"]},
         overwrite=overwrite,
         resume=resume,
@@ -251,6 +311,19 @@ def _open_writer(
         omitted=omitted,
         shard=shard,
     )
+
+
+def _vectors(model: Model, names: set[str]) -> dict[str, np.ndarray]:
+    """``{name: (groups, num_codes, head_dim)}``: code vectors, or an SAE's decoder rows."""
+    out = {
+        name: layer.codebook.detach().float().cpu().numpy()
+        for name, layer in model.codebooks.items()
+        if name in names
+    }
+    for name, d in getattr(model, "dictionaries", {}).items():
+        if name in names:
+            out[name] = d.W_dec.detach().float().cpu().numpy()[None]
+    return out
 
 
 class _Settings(NamedTuple):
@@ -276,7 +349,7 @@ def _check_build_args(
         )
 
 
-def _window_length(model: CodebookModel, seq_len: int | None) -> int:
+def _window_length(model: Model, seq_len: int | None) -> int:
     """``seq_len``, or by default the model's maximum positions (at most 1024)."""
     base_cfg = getattr(model.base, "config", None)
     if seq_len is None:
@@ -316,9 +389,7 @@ class _Batches:
     """Windows waiting for the model, and the documents around them in reading order; a flush
     runs the windows as one batch, then replays documents and windows into the writer."""
 
-    def __init__(
-        self, model: CodebookModel, writer: CacheWriter, batch_size: int, bar: Any
-    ) -> None:
+    def __init__(self, model: Model, writer: CacheWriter, batch_size: int, bar: Any) -> None:
         self.model, self.writer, self.batch_size, self.bar = model, writer, batch_size, bar
         self.device = next(model.parameters()).device
         self.infos = list(writer.codebooks.values())
@@ -337,9 +408,12 @@ class _Batches:
         self.windows.append(tokens)
         return len(self.windows) >= self.batch_size
 
-    def _run(self) -> list[dict[str, np.ndarray]]:
-        """Codes of every queued window: ``[{name: (len(window), [groups,] k)}]``."""
+    def _run(self) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """Codes and values of every queued window: ``[({name: (len(window), [groups,] k)},
+        {SAE name: (len(window), k)})]``."""
         import torch  # reading a cache needs neither torch nor the model code
+
+        from codebook_lens.codes.saes.model import DictionaryModel
 
         if not self.windows:
             return []
@@ -349,11 +423,19 @@ class _Batches:
         for i, w in enumerate(self.windows):
             ids[i, : len(w)] = torch.from_numpy(w.astype(np.int64))
             mask[i, : len(w)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.no_grad():
-            codes = self.model.get_codes(ids.to(self.device), attention_mask=mask.to(self.device))
-        host = {cb.name: codes[cb.name].cpu().numpy() for cb in self.infos}
+            if isinstance(self.model, DictionaryModel):
+                codes, values = self.model.get_latents(ids, attention_mask=mask)
+            else:
+                codes, values = self.model.get_codes(ids, attention_mask=mask), {}
+        host = {cb.name: _stored_codes(cb, codes[cb.name].cpu().numpy()) for cb in self.infos}
+        vals = {cb.name: values[cb.name].cpu().numpy() for cb in self.infos if cb.values}
         return [
-            {cb.name: host[cb.name][i, : len(w)].astype(cb.dtype) for cb in self.infos}
+            (
+                {cb.name: host[cb.name][i, : len(w)] for cb in self.infos},
+                {name: v[i, : len(w)] for name, v in vals.items()},
+            )
             for i, w in enumerate(self.windows)
         ]
 
@@ -364,7 +446,7 @@ class _Batches:
                 self.writer.add_document(*item[1:])
             else:
                 _, i, toks, offs = item
-                self.writer.add_tokens(toks, offs, results[i])
+                self.writer.add_tokens(toks, offs, *results[i])
                 self.bar.update(len(toks))
         self.queue.clear()
         self.windows.clear()
@@ -372,8 +454,15 @@ class _Batches:
             time.sleep(self.delay)
 
 
+def _stored_codes(cb: CodebookInfo, codes: np.ndarray) -> np.ndarray:
+    """Codes in the stored dtype; an SAE's unfired slots (``-1``) become ``cb.unfired``."""
+    if cb.unfired is not None:
+        codes = np.where(codes < 0, cb.unfired, codes)
+    return codes.astype(cb.dtype)
+
+
 def _encode(
-    model: CodebookModel,
+    model: Model,
     tokenizer: Any,
     items: Iterable[tuple[DocumentLike, int | None]],
     writer: CacheWriter,

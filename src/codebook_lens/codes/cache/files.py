@@ -105,7 +105,11 @@ def _expected_files(
             n_keys = cb.groups * cb.num_codes
             pos_dtype = "int32" if n < 2**31 else "int64"
             out[f"index/{cb.file}.indptr.npy"] = ((n_keys + 1,), "int64")
-            out[f"index/{cb.file}.positions.npy"] = ((n * cb.groups * cb.k,), pos_dtype)
+            # SAE codebooks index only fired slots: as many as their counts add up to.
+            n_pos = None if cb.is_sae else n * cb.groups * cb.k
+            out[f"index/{cb.file}.positions.npy"] = ((n_pos,), pos_dtype)
+        if cb.values:
+            out[f"values/{cb.file}.npy"] = ((n, cb.k), cb.values)
         vec = f"vectors/{cb.file}.npy"
         if vec in recorded or (path / vec).exists():  # vectors are optional
             out[vec] = ((cb.groups, cb.num_codes, None), "float32")

@@ -18,11 +18,18 @@ needs::
     index/<name>.indptr.npy        (groups * num_codes + 1,) int64  } inverted index (CSR):
     index/<name>.positions.npy     (n_tokens * groups * k,) int32   } key = group * C + code
     vectors/<name>.npy             (groups, num_codes, head_dim) float32 code vectors
+    values/<name>.npy              (n_tokens, k) float32 latent activations (SAE codebooks)
 
 ``index`` answers "where does code X fire" in O(hits): the sorted token positions of key
 ``g * C + c`` are ``positions[indptr[key]:indptr[key + 1]]``. The index is optional per
 codebook (it is twice the size of the codes); without it, positions come from a scan of the
 codes, and search (which needs only the codes and the counts) is as fast as with it.
+
+**SAE codebooks** (``kind`` other than ``"codebook"``) hold a sparse autoencoder's latents: each
+token's ``k`` strongest latents, strongest first, in ``codes/`` and their activations in
+``values/``. A slot where fewer than ``k`` latents fired holds the id ``num_codes`` (one past the
+last latent; value 0): counts, the index and search never count it. ``site`` says where the SAE
+reads and ``source`` where it was loaded from, so the app can load it again.
 
 Documents are split into windows of ``seq_len`` tokens from the document start, each run
 without earlier context; the same windows are used whenever activations are recomputed.
@@ -79,10 +86,29 @@ class CodebookInfo:
     """File stem under ``codes/``, ``counts/``, ``index/`` and ``vectors/``."""
     indexed: bool = True
     """Whether the inverted index (``index/``) was built for this codebook."""
+    kind: str = "codebook"
+    """``"codebook"``, or the SAE's kind: ``"sparsify_topk"``, ``"saelens_batchtopk"``, ..."""
+    site: dict[str, Any] | None = None
+    """SAE codebooks: where the SAE reads: ``{"name", "module", "hook"}`` (its own site name,
+    the Hugging Face module path, 'input' or 'output' of that module)."""
+    source: str = ""
+    """SAE codebooks: the folder the SAE was loaded from (absolute)."""
+    values: str = ""
+    """dtype of ``values/<file>.npy`` (the latents' activations); ``""`` for codebooks."""
+
+    @property
+    def is_sae(self) -> bool:
+        """Whether this codebook holds an SAE's latents (with activations and unfired slots)."""
+        return self.kind != "codebook"
+
+    @property
+    def unfired(self) -> int | None:
+        """The id stored in a slot where no latent fired (SAE codebooks), else ``None``."""
+        return self.num_codes if self.is_sae else None
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        return code_dtype(self.num_codes)
+        return code_dtype(self.num_codes + 1 if self.is_sae else self.num_codes)
 
     @property
     def code_shape(self) -> tuple[int, ...]:

@@ -217,6 +217,21 @@ class CodeCache:
         arr = self._memo(f"codes:{codebook}", lambda: self._load(f"codes/{cb.file}.npy"))
         return arr.reshape(self.n_tokens, cb.groups, cb.k)
 
+    def values(self, codebook: str) -> Any:
+        """``(n_tokens, k)`` activations of an SAE codebook's stored latents, slot by slot
+        (``0`` in unfired slots); ``ValueError`` for a codebook stored without them."""
+        cb = self.info(codebook)
+        if not cb.values:
+            raise ValueError(
+                f"codebook {codebook!r} has no activation values (it is a {cb.kind!r}; only "
+                "SAE codebooks store them)"
+            )
+        if self.sharded:
+            return self._memo(
+                f"values:{codebook}", lambda: ShardedArray([p.values(codebook) for p in self.parts])
+            )
+        return self._memo(f"values:{codebook}", lambda: self._load(f"values/{cb.file}.npy"))
+
     def index(self, codebook: str) -> tuple[np.ndarray, np.ndarray]:
         """``(indptr, positions)`` of the codebook's inverted index (key = head * C + code).
 

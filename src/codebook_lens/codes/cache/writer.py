@@ -194,6 +194,8 @@ class CacheWriter:
         if state is None:
             for sub in ("codes", "counts", "index", "vectors"):
                 (self.tmp / sub).mkdir(parents=True)
+            if any(cb.values for cb in codebooks):
+                (self.tmp / "values").mkdir()
             self._open_streams(None)
         else:
             self._restore(state)
@@ -256,6 +258,13 @@ class CacheWriter:
             )
             for cb in self.codebooks.values()
         }
+        self._values = {
+            cb.name: _NpyStream(
+                self.tmp / "values" / f"{cb.file}.npy", cb.values, (cb.k,), rows=rows
+            )
+            for cb in self.codebooks.values()
+            if cb.values
+        }
         size = None if state is None else int(state["docs_bytes"])
         self._docs = _ByteStream(self._docs_file, size=size)
 
@@ -290,7 +299,14 @@ class CacheWriter:
     def _streams(self) -> list[_NpyStream]:
         if self.phase != "encoding":
             return []
-        return [self._tokens, self._doc_ids, self._offsets, self._doc_index, *self._codes.values()]
+        return [
+            self._tokens,
+            self._doc_ids,
+            self._offsets,
+            self._doc_index,
+            *self._codes.values(),
+            *self._values.values(),
+        ]
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -324,27 +340,39 @@ class CacheWriter:
         return self.n_docs - 1
 
     def add_tokens(
-        self, tokens: np.ndarray, offsets: np.ndarray, codes: dict[str, np.ndarray]
+        self,
+        tokens: np.ndarray,
+        offsets: np.ndarray,
+        codes: dict[str, np.ndarray],
+        values: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Append tokens of the current document.
 
         Args:
             tokens: ``(n,)`` token ids.
             offsets: ``(n, 2)`` character start/end in the document text.
-            codes: ``{name: (n, [groups,] k)}`` code ids for every stored codebook.
+            codes: ``{name: (n, [groups,] k)}`` code ids for every stored codebook (SAE
+                codebooks: latent ids, ``num_codes`` in unfired slots).
+            values: ``{name: (n, k)}`` activations of every codebook stored with values.
         """
         if self._doc is None:
             raise ValueError("add_document() must come before add_tokens()")
         n = len(tokens)
         if set(codes) != set(self.codebooks):
             raise ValueError(f"codes for {sorted(codes)}; expected {sorted(self.codebooks)}")
+        values = values or {}
+        if set(values) != set(self._values):
+            raise ValueError(f"values for {sorted(values)}; expected {sorted(self._values)}")
         for name, c in codes.items():
             cb = self.codebooks[name]
-            if c.size and (int(c.min()) < 0 or int(c.max()) >= cb.num_codes):
-                raise ValueError(f"codes[{name!r}] has ids outside [0, {cb.num_codes - 1}]")
-            if len(c) != n:
-                raise ValueError(f"codes[{name!r}] has {len(c)} rows for {n} tokens")
+            top = cb.num_codes if cb.unfired is None else cb.unfired + 1
+            if c.size and (int(c.min()) < 0 or int(c.max()) >= top):
+                raise ValueError(f"codes[{name!r}] has ids outside [0, {top - 1}]")
+            if len(c) != n or (name in values and len(values[name]) != n):
+                raise ValueError(f"codes[{name!r}] or values[{name!r}] do not have {n} rows")
             self._codes[name].append(c)
+            if name in values:
+                self._values[name].append(values[name])
         self._tokens.append(np.asarray(tokens))
         self._doc_ids.append(np.full(n, self.n_docs - 1, dtype=np.int32))
         self._offsets.append(np.asarray(offsets))
@@ -414,9 +442,10 @@ class CacheWriter:
                     cb.num_codes,
                     idx / f"{cb.file}.indptr.npy",
                     idx / f"{cb.file}.positions.npy",
+                    padded=cb.is_sae,
                 )
             else:
-                counts = count_codes(codes, cb.num_codes)
+                counts = count_codes(codes, cb.num_codes, padded=cb.is_sae)
             target = self.tmp / "counts" / f"{cb.file}.npy"
             tmp = target.with_suffix(".tmp.npy")
             np.save(tmp, counts.reshape(cb.groups, cb.num_codes), allow_pickle=False)

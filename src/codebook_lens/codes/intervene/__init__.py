@@ -10,6 +10,10 @@ An ``InterventionSpec`` is a list of ``EditSpec``s, loadable from YAML or JSON::
         action: force            # force | ban
         slot: replace-lowest     # force: overwrite the lowest-ranked codes, or append
         scale: 1.0               # force: weight of the forced code vectors
+      - codebook: sae.transformer.h.0   # an SAE of the model (a DictionaryModel)
+        codes: 17                # latent ids
+        action: force            # adds value x W_dec[17] at the SAE's site; ban removes
+        value: 4.0               # its contribution; no value: scale x its max in a cache
 
 ``intervene(model, spec)`` installs the edits on the codebook layers (``CodebookLayer.edit``)
 for the duration of a ``with`` block and always removes them, so logits after the block are
@@ -25,6 +29,11 @@ How an edit acts on one token's codes (per head), with ``k`` codes chosen normal
 - ``force`` with ``slot='append'``: the forced codes are added after the token's ``k`` best
   others. A codebook with append edits returns ``k + m`` codes at every position; tokens
   outside the edit's positions repeat their last code there with weight 0 (no effect).
+
+An SAE latent (codebook ``sae.<site>`` of a ``DictionaryModel``) is steered the usual SAE way:
+``force`` adds ``value x W_dec[latent]`` to the activation at the SAE's site, ``ban`` subtracts
+the latent's contribution ``z[latent] x W_dec[latent]``; ``InterventionSpec.resolved(cache)``
+fills a missing ``value`` with ``scale`` x the latent's largest activation in the cache.
 
 Positions are absolute token positions in the sequence (prompt first). During generation with a
 KV cache each forward pass sees only new tokens; a hook on the base model reads the cache
@@ -45,6 +54,7 @@ from codebook_lens.codes.intervene.generation import (
     run_with_codes,
 )
 from codebook_lens.codes.intervene.loading import (
+    cache_saes,
     compare,
     format_side_by_side,
     load_model_and_tokenizer,
@@ -75,6 +85,7 @@ __all__ = [
     "RunResult",
     "Slot",
     "ablate",
+    "cache_saes",
     "compare",
     "encode_prompt",
     "format_side_by_side",

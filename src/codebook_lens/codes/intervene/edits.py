@@ -1,5 +1,6 @@
-"""Applying an ``InterventionSpec`` inside forward passes: one ``LayerEdit`` per codebook layer,
-installed by ``intervene`` for the duration of a ``with`` block."""
+"""Applying an ``InterventionSpec`` inside forward passes: one ``LayerEdit`` per codebook layer
+and one ``LatentSteer`` hook per SAE, installed by ``intervene`` for the duration of a ``with``
+block."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from torch import Tensor
 
 from codebook_lens.codes.intervene.spec import EditSpec, InterventionSpec, Positions
-from codebook_lens.model.codebook_model import CodebookModel
+from codebook_lens.codes.saes.sites import hook_site
+from codebook_lens.model.codebook_model import CodebookModel, HookSite
 from codebook_lens.model.kv_cache import find_cache_length
 from codebook_lens.model.layer import CodebookLayer
 
@@ -111,6 +113,36 @@ class LayerEdit:
         return codes, weights
 
 
+class LatentSteer:
+    """Every edit aimed at one SAE: a function of the activation at its site ``(..., seq, d)``.
+
+    ``force`` adds ``value x W_dec[latent]`` at the edit's positions; ``ban`` subtracts the
+    latent's own contribution there, ``z[latent] x W_dec[latent]`` with ``z = encode(x)``.
+    """
+
+    def __init__(self, sae: Any, edits: list[EditSpec], cursor: _Cursor) -> None:
+        self.sae, self.edits, self.cursor = sae, edits, cursor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            flat = x.reshape(-1, x.shape[-1])
+            pos = self.cursor.positions(tuple(x.shape[:-1]), x.device)
+            w_dec = self.sae.W_dec
+            delta = torch.zeros(flat.shape, dtype=w_dec.dtype, device=x.device)
+            z = None
+            for e in self.edits:
+                mask = e.positions_parsed.mask(pos, self.cursor.prompt_length)  # (N,)
+                rows = w_dec[torch.tensor(e.code_list, device=w_dec.device)]  # (m, d)
+                if e.action == "force":
+                    assert e.value is not None  # checked by InterventionSpec.validate
+                    change = (e.value * rows.sum(0)).expand_as(delta)
+                else:
+                    z = self.sae.encode(flat) if z is None else z
+                    change = -(z[:, e.code_list].to(w_dec.dtype) @ rows)
+                delta = delta + torch.where(mask[:, None], change, torch.zeros_like(change))
+            return (flat + delta.to(x.dtype)).reshape(x.shape)
+
+
 @contextlib.contextmanager
 def intervene(
     model: CodebookModel,
@@ -131,13 +163,15 @@ def intervene(
     if prompt_length is not None and prompt_length < 1:
         raise ValueError(f"prompt_length={prompt_length} is invalid; it must be >= 1")
     spec.validate(model, prompt_length=prompt_length, length=length)
+    saes = getattr(model, "dictionaries", {})
     by_layer: dict[str, list[EditSpec]] = {}
+    by_sae: dict[str, list[EditSpec]] = {}
     for e in spec.edits:
-        by_layer.setdefault(e.codebook, []).append(e)
+        (by_sae if e.codebook in saes else by_layer).setdefault(e.codebook, []).append(e)
     busy = [n for n in by_layer if model.codebooks[n].edit is not None]
     if busy:
         raise ValueError(f"an intervention is already active on codebook(s) {busy}")
-    if not by_layer:
+    if not by_layer and not by_sae:
         yield spec
         return
 
@@ -161,11 +195,16 @@ def intervene(
     handle = model.base.register_forward_pre_hook(track, with_kwargs=True)
     installed: list[CodebookLayer] = []
     try:
-        for name, edits in by_layer.items():
-            layer = model.codebooks[name]
-            layer.edit = LayerEdit(layer, edits, cursor)
-            installed.append(layer)
-        yield spec
+        with contextlib.ExitStack() as stack:
+            for name, edits in by_layer.items():
+                layer = model.codebooks[name]
+                layer.edit = LayerEdit(layer, edits, cursor)
+                installed.append(layer)
+            sites: dict[str, HookSite] = getattr(model, "dictionary_sites", {})
+            for name, edits in by_sae.items():
+                steer = LatentSteer(saes[name], edits, cursor)
+                stack.enter_context(hook_site(model.base, sites[name], steer))
+            yield spec
     finally:
         handle.remove()
         for layer in installed:

@@ -6,22 +6,42 @@ from __future__ import annotations
 import os
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from codebook_lens.codes.intervene.generation import Generation, generate
 from codebook_lens.codes.intervene.spec import InterventionSpec
-from codebook_lens.model.codebook_model import CodebookModel
+from codebook_lens.codes.saes.model import DictionaryModel, load_saes
+from codebook_lens.model.codebook_model import CONFIG_NAME, CodebookModel, foreign_formats
 
 
 def load_model_and_tokenizer(
-    path: str | os.PathLike[str], *, device: str | None = None
-) -> tuple[CodebookModel, Any]:
-    """A saved codebook model and its tokenizer (``None`` if none was saved with it)."""
+    path: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    saes: Sequence[str | os.PathLike[str]] | None = None,
+    sae_k: int | Mapping[str, int] | None = None,
+) -> tuple[CodebookModel | DictionaryModel, Any]:
+    """A saved codebook model and its tokenizer (``None`` if none was saved with it).
+
+    With ``saes`` (folders for ``codes.saes.load_saes``) the model reads those SAEs too (a
+    ``DictionaryModel``, ``sae_k`` latents per token for SAEs without a fixed k), and ``path``
+    may be a plain Hugging Face causal LM folder (or hub id) without codebooks.
+    """
     from transformers import AutoTokenizer
 
-    model = CodebookModel.from_pretrained(path, device=device)
+    model: CodebookModel | DictionaryModel
+    if saes and not _is_codebook_model(path):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(path))
+        base = base.to(device) if device is not None else base  # type: ignore[arg-type]
+        model = DictionaryModel(base, _load_all(saes, device), k=sae_k)
+    else:
+        model = CodebookModel.from_pretrained(path, device=device)
+        if saes:
+            model = DictionaryModel(model, _load_all(saes, device), k=sae_k)
     model.eval()
     local = Path(path)
     if local.is_dir() and not any(
@@ -33,6 +53,25 @@ def load_model_and_tokenizer(
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer
+
+
+def cache_saes(cache: Any) -> tuple[list[str], dict[str, int]]:
+    """The folders of a cache's SAE codebooks and the latents each keeps per token, for
+    ``load_model_and_tokenizer(path, saes=..., sae_k=...)`` (``[]`` for a codebook cache)."""
+    infos = [cb for cb in cache.codebooks.values() if cb.is_sae]
+    return [cb.source for cb in infos], {cb.name: cb.k for cb in infos}
+
+
+def _is_codebook_model(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a codebook model (ours or a converted format), not a plain LM."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return True
+    return any(f.detect(path, local_files_only=True) for f in foreign_formats())
+
+
+def _load_all(paths: Sequence[str | os.PathLike[str]], device: str | None) -> list[Any]:
+    return [d for path in paths for d in load_saes(path, device=device or "cpu")]
 
 
 def compare(

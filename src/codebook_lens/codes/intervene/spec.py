@@ -120,13 +120,19 @@ class Positions:
 # ----------------------------------------------------------------- the spec
 @dataclass
 class EditSpec:
-    """One edit: force or ban some codes of one codebook at some positions."""
+    """One edit: force or ban some codes of one codebook (or latents of an SAE) at some
+    positions.
+
+    On an SAE (codebook ``sae.<site>``), ``force`` adds ``value x W_dec[latent]`` to the
+    activation at the SAE's site (steering), and ``ban`` removes the latent's contribution
+    (``x - z[latent] x W_dec[latent]``, with ``z`` the SAE's encoding of ``x``).
+    """
 
     codebook: str
-    """Codebook name, e.g. 'layers.0.attn_heads' or 'layers.1.mlp_out'."""
+    """Codebook name, e.g. 'layers.0.attn_heads', 'layers.1.mlp_out' or 'sae.transformer.h.0'."""
 
     codes: int | list[int]
-    """Code id or list of code ids (each in 0 .. num_codes - 1)."""
+    """Code id or list of code ids (each in 0 .. num_codes - 1); latent ids for an SAE."""
 
     positions: str | int | list[int] = "all"
     """'all', 'prompt', 'generated', an index, a list of indices, or a slice like '3:10'."""
@@ -138,7 +144,12 @@ class EditSpec:
     """For 'force': overwrite the lowest-ranked chosen codes ('replace-lowest') or 'append'."""
 
     scale: float = 1.0
-    """For 'force': weight multiplying the forced code vectors."""
+    """For 'force': weight multiplying the forced code vectors; on an SAE, the multiple of the
+    latent's largest activation in a cache that ``value`` defaults to."""
+
+    value: float | None = None
+    """For 'force' on an SAE: the activation to add the latent at (``value x W_dec[latent]``);
+    ``None``: ``scale`` x its largest activation in the cache (``InterventionSpec.resolved``)."""
 
     head: int | None = None
     """For per-head (attn_heads) codebooks: the head to edit; None edits every head."""
@@ -160,8 +171,10 @@ class EditSpec:
         check_choice("action", self.action, ACTIONS)
         check_choice("slot", self.slot, SLOTS)
         check_range("scale", self.scale)
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale={self.scale!r} is invalid; it must be a finite number")
+        for name in ("scale", "value"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not math.isfinite(v)):
+                raise ValueError(f"{name}={v!r} is invalid; it must be a finite number")
         if self.head is not None and (
             isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0
         ):
@@ -212,6 +225,26 @@ class InterventionSpec:
     # ---------------------------------------------------------- formats
     def to_dict(self) -> dict[str, Any]:
         return {"edits": [e.to_dict() for e in self.edits]}
+
+    def resolved(self, cache: Any) -> InterventionSpec:
+        """A copy in which every 'force' edit of an SAE codebook of ``cache`` without a
+        ``value`` gets ``scale`` x the latent's largest activation in the cache."""
+        import numpy as np
+
+        edits = []
+        for e in self.edits:
+            info = cache.codebooks.get(e.codebook)
+            if e.action == "force" and e.value is None and info is not None and info.values:
+                peaks = []
+                for code in e.code_list:
+                    cache.check_code(e.codebook, code)
+                    pos = cache.positions(e.codebook, code)
+                    row_codes = np.asarray(cache.codes(e.codebook)[pos, 0, :])
+                    vals = np.asarray(cache.values(e.codebook)[pos])[row_codes == code]
+                    peaks.append(float(vals.max()) if vals.size else 0.0)
+                e = EditSpec(**{**asdict(e), "value": e.scale * max(peaks)})
+            edits.append(e)
+        return InterventionSpec(edits)
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "spec") -> InterventionSpec:
@@ -284,23 +317,24 @@ class InterventionSpec:
     ) -> None:
         """Check every edit against ``model`` (names, code ids, heads, slot budget) and, when
         the lengths are known, every explicit position against the sequence."""
-        known = list(model.codebooks)
+        saes = getattr(model, "dictionaries", {})
+        known = list(model.codebooks) + list(saes)
         forced: dict[tuple[str, int], int] = {}
         excluded: dict[tuple[str, int], set[int]] = {}
         for i, e in enumerate(self.edits):
             where = f"edits[{i}]"
+            if e.codebook in saes:
+                _check_sae_edit(e, saes[e.codebook], where)
+                if prompt_length is not None and length is not None:
+                    e.positions_parsed.check(prompt_length, length, name=f"{where}: positions")
+                continue
             if e.codebook not in known:
                 raise ValueError(
                     f"{where}: codebook={e.codebook!r} is not a codebook of this model; "
                     f"known codebooks: {known}"
                 )
             layer = model.codebooks[e.codebook]
-            bad = [c for c in e.code_list if c >= layer.num_codes]
-            if bad:
-                raise ValueError(
-                    f"{where}: codes={bad} are not in codebook {e.codebook!r}, which has "
-                    f"num_codes={layer.num_codes} (allowed ids: 0 .. {layer.num_codes - 1})"
-                )
+            _check_ids(e, layer.num_codes, where, f"in codebook {e.codebook!r}", "num_codes=")
             if e.head is not None:
                 if not layer.grouped:
                     raise ValueError(
@@ -331,3 +365,26 @@ class InterventionSpec:
                     )
             if prompt_length is not None and length is not None:
                 e.positions_parsed.check(prompt_length, length, name=f"{where}: positions")
+
+
+def _check_sae_edit(e: EditSpec, sae: Any, where: str) -> None:
+    """Raise unless ``e`` fits the SAE ``sae`` (latent ids, no head, a value to force at)."""
+    _check_ids(e, sae.num_latents, where, f"latents of SAE {e.codebook!r}", "num_latents=")
+    if e.head is not None:
+        raise ValueError(f"{where}: head={e.head} is invalid; an SAE has no heads")
+    if e.action == "force" and e.value is None:
+        raise ValueError(
+            f"{where}: value=None is invalid for forcing latents of SAE {e.codebook!r}; give "
+            "value (the activation to add each latent at), or resolve it from a cache "
+            "(InterventionSpec.resolved(cache), --cache CACHE)"
+        )
+
+
+def _check_ids(e: EditSpec, size: int, where: str, of: str, what: str) -> None:
+    """Raise unless every id of ``e`` is below ``size`` (the codebook's codes, the latents)."""
+    bad = [c for c in e.code_list if c >= size]
+    if bad:
+        raise ValueError(
+            f"{where}: codes={bad} are not {of}, which has {what}{size} "
+            f"(allowed ids: 0 .. {size - 1})"
+        )

@@ -13,6 +13,14 @@ from codebook_lens.codes.saes.dictionary import (
     module_site,
     top_k_of,
 )
+from codebook_lens.codes.saes.model import (
+    SAE_PREFIX,
+    DictionaryModel,
+    Latents,
+    dictionary_name,
+    load_cache_saes,
+    load_saes,
+)
 from codebook_lens.codes.saes.saelens_adapter import (
     SUPPORTED_HOOKS,
     SAELensDictionary,
@@ -38,10 +46,13 @@ from codebook_lens.codes.saes.sparsify_adapter import (
 
 __all__ = [
     "EXTRA_HINT",
+    "SAE_PREFIX",
     "SUPPORTED_HOOKS",
     "CodebookDictionary",
     "DenseDictionary",
     "Dictionary",
+    "DictionaryModel",
+    "Latents",
     "LatentEdit",
     "LatentRecording",
     "SAELensDictionary",
@@ -49,8 +60,11 @@ __all__ = [
     "TopK",
     "as_dictionary",
     "capture_activations",
+    "dictionary_name",
     "hook_site",
+    "load_cache_saes",
     "load_saelens",
+    "load_saes",
     "load_sparsify",
     "load_sparsify_run",
     "module_site",

@@ -29,6 +29,7 @@ from codebook_lens.codes.search.patterns import (
     token_pattern,
 )
 from codebook_lens.codes.search.profiles import (
+    ActivationStats,
     CodeProfile,
     Context,
     LabelCount,
@@ -39,6 +40,8 @@ from codebook_lens.codes.search.profiles import (
     code_labels,
     code_profile,
     code_tokens,
+    fired_codes,
+    latent_activations,
     similar_codes,
     token_codes,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "PARALLEL_MIN_ENTRIES",
     "PARALLEL_MIN_TEXT_BYTES",
     "SORT_KEYS",
+    "ActivationStats",
     "CodeMatch",
     "CodeProfile",
     "Context",
@@ -82,7 +86,9 @@ __all__ = [
     "docs_pattern",
     "format_matches",
     "format_profile",
+    "fired_codes",
     "format_table",
+    "latent_activations",
     "make_pattern",
     "profile_html",
     "regex_pattern",

@@ -61,9 +61,15 @@ def format_profile(p: CodeProfile, *, color: bool = False) -> str:
         f"fires on {p.count} tokens ({p.frequency:.4%}); usage rank {p.usage_rank}",
         "",
     ]
+    if p.activations is not None:
+        a = p.activations
+        out[-1:] = [f"{p.kind} latent: activation mean {a.mean:.3g}, max {a.max:.3g}", ""]
     out.append("contexts:")
     style: Literal["ansi", "brackets"] = "ansi" if color else "brackets"
-    out += [f"  {c.render(style)}" for c in p.contexts] or ["  (never fires)"]
+    out += [
+        f"  {c.render(style)}" + ("" if c.activation is None else f"  ({c.activation:.3g})")
+        for c in p.contexts
+    ] or ["  (never fires)"]
     tables: list[tuple[str, str, list[tuple[str, TokenCount | LabelCount, str]]]] = [
         ("tokens", "token", [(repr(t.text), t, ".3f") for t in p.tokens])
     ]

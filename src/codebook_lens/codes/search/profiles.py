@@ -104,6 +104,8 @@ class Context:
     right: str
     rank: int
     """Slot of the code among the token's top-k (0 = best match)."""
+    activation: float | None
+    """SAE codebooks: the latent's activation on this token (else ``None``)."""
 
     def render(self, style: Literal["brackets", "ansi", "html"] = "brackets") -> str:
         """One line with the firing token highlighted."""
@@ -131,9 +133,10 @@ def code_contexts(
 ) -> list[Context]:
     """Up to ``n`` contexts where ``code`` fires.
 
-    The cache keeps code ranks, not scores, so "top activating" means: firings where the code
-    is the token's best match (rank 0) first, then rank 1, ...; within a rank, contexts are
-    spread evenly over the cache instead of all coming from its first document.
+    A codebook's cache keeps code ranks, not scores, so "top activating" means: firings where
+    the code is the token's best match (rank 0) first, then rank 1, ...; within a rank,
+    contexts are spread evenly over the cache instead of all coming from its first document.
+    An SAE codebook keeps activations: its strongest firings come first, each with its value.
     """
     h = cache.check_code(codebook, code, head)
     pos = cache.positions(codebook, code, h)
@@ -141,15 +144,11 @@ def code_contexts(
         return []
     slots = np.asarray(cache.codes(codebook)[pos, h, :]) == code  # (m, k)
     rank = slots.argmax(axis=1)
-    picked: list[int] = []
-    for r in np.unique(rank):
-        members = np.flatnonzero(rank == r)
-        need = n - len(picked)
-        if need <= 0:
-            break
-        if len(members) > need:
-            members = members[np.linspace(0, len(members) - 1, need).round().astype(np.int64)]
-        picked.extend(int(i) for i in members)
+    acts = _activations(cache, codebook, pos, rank)
+    if acts is not None:  # strongest first (ties: earlier first)
+        picked = [int(i) for i in np.argsort(-acts, kind="stable")[:n]]
+    else:
+        picked = _spread_by_rank(rank, n)
     docs = cache.docs
     out = []
     for i in picked:
@@ -167,9 +166,69 @@ def code_contexts(
                 token=doc.text[s:e],
                 right=doc.text[e : e + window],
                 rank=int(rank[i]),
+                activation=None if acts is None else float(acts[i]),
             )
         )
     return out
+
+
+def _spread_by_rank(rank: np.ndarray, n: int) -> list[int]:
+    """Up to ``n`` rows, best rank first, spread evenly within a rank."""
+    picked: list[int] = []
+    for r in np.unique(rank):
+        members = np.flatnonzero(rank == r)
+        need = n - len(picked)
+        if need <= 0:
+            break
+        if len(members) > need:
+            members = members[np.linspace(0, len(members) - 1, need).round().astype(np.int64)]
+        picked.extend(int(i) for i in members)
+    return picked
+
+
+def _activations(
+    cache: CodeCache, codebook: str, pos: np.ndarray, slot: np.ndarray
+) -> np.ndarray | None:
+    """``(m,)`` float64 activations of an SAE latent at ``pos`` (in ``slot``), else ``None``."""
+    if not cache.info(codebook).values:
+        return None
+    vals = np.asarray(cache.values(codebook)[pos], dtype=np.float64)  # (m, k)
+    return vals[np.arange(len(pos)), slot]
+
+
+@dataclass
+class ActivationStats:
+    """How strongly an SAE latent fires where it fires."""
+
+    mean: float
+    max: float
+    min: float
+    histogram: list[int]
+    """Firings per bin of ``edges``."""
+    edges: list[float]
+    """``len(histogram) + 1`` bin edges, from ``min`` to ``max``."""
+
+
+def latent_activations(
+    cache: CodeCache, codebook: str, code: int, *, bins: int = 20
+) -> ActivationStats | None:
+    """Mean, extremes and a histogram of an SAE latent's activations (``None`` for codebooks
+    and for latents that never fire)."""
+    cache.check_code(codebook, code)
+    pos = cache.positions(codebook, code)
+    if not cache.info(codebook).values or not len(pos):
+        return None
+    slot = (np.asarray(cache.codes(codebook)[pos, 0, :]) == code).argmax(axis=1)
+    acts = _activations(cache, codebook, pos, slot)
+    assert acts is not None
+    hist, edges = np.histogram(acts, bins=bins)
+    return ActivationStats(
+        mean=float(acts.mean()),
+        max=float(acts.max()),
+        min=float(acts.min()),
+        histogram=[int(x) for x in hist],
+        edges=[float(x) for x in edges],
+    )
 
 
 @dataclass
@@ -192,11 +251,20 @@ def token_codes(
             f"token range [{start}, {end}) is invalid; it must lie in [0, {cache.n_tokens}]"
         )
     names = list(cache.codebooks) if codebooks is None else list(codebooks)
-    rows = {n: np.asarray(cache.codes(n)[start:end]).tolist() for n in names}
+    rows = {n: fired_codes(cache, n, np.asarray(cache.codes(n)[start:end])) for n in names}
     return [
         TokenCodes(p, cache.token_text(p), {n: rows[n][p - start] for n in names})
         for p in range(start, end)
     ]
+
+
+def fired_codes(cache: CodeCache, codebook: str, rows: np.ndarray) -> list[list[list[int]]]:
+    """Stored codes ``(n, groups, k)`` as lists, without an SAE codebook's unfired slots."""
+    unfired = cache.info(codebook).unfired
+    out = rows.tolist()
+    if unfired is None:
+        return out  # type: ignore[no-any-return]
+    return [[[c for c in head if c != unfired] for head in row] for row in out]
 
 
 # ------------------------------------------------------------------- profile
@@ -228,6 +296,10 @@ class CodeProfile:
     promoted: list[PromotedToken] | None = None
     """Output tokens the code promotes most (needs the model), else ``None``."""
     promoted_note: str = ""
+    kind: str = "codebook"
+    """The codebook's kind (``"codebook"``, ``"sparsify_topk"``, ...)."""
+    activations: ActivationStats | None = None
+    """SAE latents: their activations where they fire; ``None`` for codes."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,4 +356,6 @@ def code_profile(
         similar=similar_codes(cache, codebook, code, h, top=n_similar),
         promoted=promoted,
         promoted_note=note,
+        kind=cb.kind,
+        activations=latent_activations(cache, codebook, code) if cb.values else None,
     )

@@ -87,12 +87,16 @@ def _part_hits(part: CodeCache, codebook: str, positions: np.ndarray) -> np.ndar
     n_keys = cb.groups * cb.num_codes
     out = np.zeros(n_keys, dtype=np.int64)
     rows = max(1, ROWS_CHUNK // (cb.groups * cb.k))  # bounded memory for huge patterns
-    narrow = n_keys <= 1 << 16  # every key fits in 16 bits: one bincount over all heads
+    # Every key (and an SAE codebook's unfired id, key n_keys) fits in 16 bits: one bincount
+    # over all heads; the unfired slots land past the last key and are cut off.
+    padded = cb.unfired is not None
+    narrow = n_keys + padded <= 1 << 16
     offs = (np.arange(cb.groups, dtype=np.uint16) * cb.num_codes)[None, :, None] if narrow else None
     for s in range(0, len(positions), rows):
         sub = np.asarray(codes[positions[s : s + rows]])  # (m, G, k), the stored dtype
         if offs is not None:
-            out += np.bincount((sub.astype(np.uint16, copy=False) + offs).ravel(), minlength=n_keys)
+            keys = (sub.astype(np.uint16, copy=False) + offs).ravel()
+            out += np.bincount(keys, minlength=n_keys + padded)[:n_keys]
         else:  # wider keys: a bincount per head on the codes as stored (less memory traffic)
             for g in range(cb.groups):
                 lo = g * cb.num_codes

@@ -58,7 +58,8 @@ class ConceptResult:
 
 def code_counts(codes: np.ndarray, num_codes: int, rows: np.ndarray | None = None) -> np.ndarray:
     """``(groups, num_codes)`` tokens on which each code fires, over ``rows`` (default all)
-    of ``codes`` ``(N, groups, k)``; one bincount in bounded chunks."""
+    of ``codes`` ``(N, groups, k)``; one bincount in bounded chunks. Ids ``>= num_codes`` (an
+    SAE's slot where no latent fired) count for nothing."""
     n, g, k = codes.shape
     offs = (np.arange(g, dtype=np.int64) * num_codes)[None, :, None]
     out = np.zeros(g * num_codes, dtype=np.int64)
@@ -66,7 +67,9 @@ def code_counts(codes: np.ndarray, num_codes: int, rows: np.ndarray | None = Non
     step = max(1, (1 << 22) // max(1, g * k))
     for s in range(0, total, step):
         part = codes[s : s + step] if rows is None else codes[rows[s : s + step]]
-        out += np.bincount((part.astype(np.int64) + offs).ravel(), minlength=g * num_codes)
+        ids = part.astype(np.int64)
+        fired = ids < num_codes
+        out += np.bincount((ids + offs)[fired], minlength=g * num_codes)
     return out.reshape(g, num_codes)
 
 
