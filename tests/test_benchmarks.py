@@ -161,9 +161,14 @@ def test_bench_reference_without_venv_says_how_to_get_it(
 
 def test_bench_threads_tiny_runs_the_pair_and_records_the_slowdown(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    res = load("bench_threads").main(["--tiny", "--results", str(out)])
+    res = load("bench_threads").main(["--tiny", "--step-rates", "--results", str(out)])
     demo = res["demo"]
     assert len(demo["pair"]) == 2 and demo["alone"]["wall_s"] > 0
     assert demo["alone"]["threads_at_start"] >= 1  # the policy announced itself
     saved = json.loads(out.read_text())["threads"]
     assert saved["two_runs_slowdown"] == demo["two_runs_slowdown"] > 0
+    rates = saved["step_rates"]
+    assert set(rates) == {"passive", "active"} and set(rates["passive"]) == {"1", "2"}
+    assert all(
+        len(r["pair"]) == 2 and r["alone"] > 0 for by_n in rates.values() for r in by_n.values()
+    )
