@@ -8,20 +8,15 @@ Screenshots go to a temporary folder (``CODEBOOK_LENS_SCREENSHOTS=DIR`` keeps th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.saes import build_sae_cache
+from helpers.serving import serving
 from test_app import build_model_cache
 from test_saes_cache import SPARSIFY, best_latent
 
@@ -41,52 +36,6 @@ CHROMIUM_ARGS = [
 HIGHLIGHT = "rgb(255, 213, 74)"  # --hit in static/style.css
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(cache_dir: Path, model_dir: Path, log: Path) -> Iterator[str]:
-    """`codebook-lens serve CACHE --model DIR` on a free loopback port; yields its base URL."""
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "codebook_lens.cli",
-        "serve",
-        str(cache_dir),
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/api/overview", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,13 @@ requests; every other check runs with its defaults.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.serving import serving
 
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")  # a dev dependency
@@ -157,47 +152,18 @@ def test_app_with_model_conforms_to_its_schema(model_app_schema: Any) -> None:
 
 
 # --------------------------------------------------- the real server, loopback
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(
     model_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """``codebook-lens serve CACHE --model DIR`` on a free loopback port; yields its base URL."""
     model_dir, cache_dir = model_dirs
-    port = _free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
-    cmd = [sys.executable, "-m", "codebook_lens.cli", "serve", str(cache_dir)]
-    cmd += ["--model", str(model_dir), "--port", str(port), "--host", "127.0.0.1"]
-    cmd += ["--max-new-tokens", "8", "--search-workers", "0", "--regex-timeout", "0.5"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/api/overview", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
+    extra = ["--host", "127.0.0.1", "--max-new-tokens", "8", "--search-workers", "0"]
+    with serving(
+        cache_dir, model_dir, log, extra=[*extra, "--regex-timeout", "0.5"], threads=1
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
 
 
