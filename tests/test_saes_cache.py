@@ -24,7 +24,7 @@ from codebook_lens.codes.analysis import codebook_health
 from codebook_lens.codes.cache import CodeCache, build_cache, check_identity, verify_cache
 from codebook_lens.codes.intervene import EditSpec, InterventionSpec, generate, run_with_codes
 from codebook_lens.codes.saes import DictionaryModel, load_saes
-from codebook_lens.codes.search import code_profile, make_pattern, search, search_loop
+from codebook_lens.codes.search import code_profile, make_pattern, profile_html, search, search_loop
 
 VOCAB = 320
 SPARSIFY = "sae.transformer.h.0"
@@ -145,6 +145,9 @@ def test_code_profile_of_a_latent_shows_activations(setup: dict[str, Any]) -> No
     assert acts == sorted(acts, reverse=True), "strongest activations first"
     assert acts[0] == pytest.approx(prof.activations.max)
     assert len(prof.similar) > 0, "similar latents by decoder direction"
+    page = profile_html(prof)
+    assert f"max {prof.activations.max:.3g}" in page and f"({acts[0]:.3g})" in page
+    assert page.count("</td><td>") >= len(prof.activations.histogram)  # the histogram rows
 
 
 def test_other_sae_weights_are_refused(setup: dict[str, Any]) -> None:

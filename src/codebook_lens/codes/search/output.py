@@ -104,8 +104,15 @@ def profile_html(p: CodeProfile) -> str:
         "</head><body>",
         f"<h1>code {p.code} of {e(where)}</h1>",
         f"<p>fires on {p.count} tokens ({p.frequency:.4%}); usage rank {p.usage_rank} "
-        f"of {p.num_codes}</p><h2>contexts</h2><ul>",
-        *[f"<li>{c.render('html')}</li>" for c in p.contexts],
+        f"of {p.num_codes}</p>",
+        *_activations_html(p),
+        "<h2>contexts</h2><ul>",
+        *[
+            f"<li>{c.render('html')}"
+            + ("" if c.activation is None else f"  ({c.activation:.3g})")
+            + "</li>"
+            for c in p.contexts
+        ],
         "</ul><h2>tokens</h2><table><tr><th>token</th><th>count</th><th>share</th>"
         "<th>coverage</th></tr>",
         *[
@@ -131,6 +138,24 @@ def profile_html(p: CodeProfile) -> str:
             parts.append(f"<p><small>{e(p.promoted_note)}</small></p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _activations_html(p: CodeProfile) -> list[str]:
+    """An SAE latent's activation summary and histogram (nothing for codes)."""
+    a = p.activations
+    if a is None:
+        return []
+    rows = [
+        f"<tr><td>{lo:.3g} .. {hi:.3g}</td><td>{n}</td></tr>"
+        for lo, hi, n in zip(a.edges, a.edges[1:], a.histogram, strict=False)
+    ]
+    return [
+        f"<p>{html.escape(p.kind)} latent: activation mean {a.mean:.3g}, min {a.min:.3g}, "
+        f"max {a.max:.3g}</p>",
+        "<table><tr><th>activation</th><th>firings</th></tr>",
+        *rows,
+        "</table>",
+    ]
 
 
 def save_html(page: str, path: str | os.PathLike[str]) -> Path:
