@@ -161,7 +161,7 @@ TARGETS: tuple[tuple[str, str], ...] = (
     ("codes_beat_neurons", "more states with a pure code than with a pure best neuron"),
     ("patching", "patching all codes along the transition >= 80% success"),
 )
-"""The demo's targets (issue 15): key and description."""
+"""The demo's targets: key and description."""
 
 REFERENCE = {
     "source": "https://huggingface.co/taufeeque/TokFSM_k1_codebook_model",
