@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import RESULTS, machine, save_section  # noqa: E402
+from helpers.serving import wait_until_up  # noqa: E402
 from helpers.synthetic import synthetic_cache  # noqa: E402
 
 from codebook_lens.codes.cache import CodeCache
@@ -150,16 +151,10 @@ def start_server(
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/static/style.css", timeout=2):
-                return proc, base
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start:\n{log.read_text()}") from None
-            time.sleep(0.3)
+    if not wait_until_up(proc, base + "/static/style.css", 180):
+        proc.kill()
+        raise RuntimeError(f"server did not start:\n{log.read_text()}")
+    return proc, base
 
 
 def percentile(xs: list[float], p: float) -> float:

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.serving import wait_until_up
 from helpers.synthetic import synthetic_cache
 from processes import alive, children, cmdline, descendants, has_proc, wait_gone
 
@@ -81,17 +82,11 @@ def start_server(cache_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes]
            "127.0.0.1", "--port", str(port), "--search-workers", str(workers)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/static/style.css", timeout=2):
-                return proc, base
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                _, err = proc.communicate()
-                raise RuntimeError(f"server did not start:\n{err.decode()[-2000:]}") from None
-            time.sleep(0.3)
+    if not wait_until_up(proc, base + "/static/style.css", 240):
+        proc.kill()
+        _, err = proc.communicate()
+        raise RuntimeError(f"server did not start:\n{err.decode()[-2000:]}")
+    return proc, base
 
 
 def tree(pid: int) -> list[int]:

@@ -22,6 +22,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until_up(proc: subprocess.Popen[bytes], url: str, seconds: float) -> bool:
+    """Poll ``url`` until it answers 200 (True), or ``proc`` exits or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+
+
 @contextlib.contextmanager
 def serving(
     cache_dir: Path,
@@ -44,17 +59,8 @@ def serving(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/api/overview", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
+        if not wait_until_up(proc, base + "/api/overview", 120):
+            pytest.fail(f"the server did not start:\n{log.read_text()}")
         yield base
     finally:
         proc.terminate()
