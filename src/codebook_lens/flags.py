@@ -3,7 +3,9 @@
 ``add_dataclass_args(parser, TrainConfig)`` adds one ``--flag`` per field (``--warmup-steps``),
 with the field's docstring as its ``--help`` text; ``dataclass_from_args(TrainConfig, args)``
 builds the config back from the parsed flags. Flags that were not given stay ``None`` in
-``args``, so they never override a value from a saved run or a ``--config`` file.
+``args``, so they never override a value from a saved run or a ``--config`` file. A field's
+``metadata=flag(...)`` shapes its argument (a positional, another name, a switch, a
+repeatable flag, one of a mutually exclusive group).
 """
 
 from __future__ import annotations
@@ -20,8 +22,44 @@ from typing import Any, Literal, get_args, get_origin
 from codebook_lens.config import config_from_dict
 
 
+def flag(
+    *,
+    name: str | None = None,
+    positional: bool = False,
+    switch: bool = False,
+    nargs: str | None = None,
+    repeat: bool = False,
+    exclusive: str | None = None,
+    required: bool = False,
+    metavar: str | None = None,
+) -> dict[str, Any]:
+    """``dataclasses.field(metadata=...)`` for a field whose flag is not the plain ``--name``.
+
+    Args:
+        name: the flag (e.g. ``"--n"``); the parsed value still lands under the field's name.
+        positional: an argument without ``--`` (required).
+        switch: a ``store_true`` flag (no ``--no-...`` form).
+        nargs: e.g. ``"+"`` for ``--codebooks A B``.
+        repeat: ``--codebook A --codebook B`` collects a list.
+        exclusive: the fields sharing this group name are mutually exclusive.
+        required: the flag must be given (for ``exclusive``: one of the group must be).
+        metavar: what ``--help`` shows as the value.
+    """
+    return {"flag": locals()}
+
+
 def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under dataclass fields (sparsify style)."""
+    """Docstrings written under dataclass fields (sparsify style), inherited ones included."""
+    if not dataclasses.is_dataclass(cls):
+        return _own_field_docs(cls)
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
@@ -66,36 +104,66 @@ def add_dataclass_args(
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
+    exclusive: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        tp = hints[f.name]
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else f.default_factory()  # type: ignore[misc]
-            if f.default_factory is not dataclasses.MISSING
-            else None
-        )
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "help": help_text}
-        origin = get_origin(tp)
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is Literal:
-            kwargs["choices"] = list(get_args(tp))
-        elif origin is list or any(get_origin(a) is list for a in args):
-            kwargs["type"] = _parse_list
-            kwargs["metavar"] = "A,B,..."
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        elif args and all(a in (int, float, str) for a in args):
-            kwargs["type"] = args[0]
+        meta: dict[str, Any] = f.metadata.get("flag", {})
+        target = group
+        if meta.get("exclusive"):
+            key = meta["exclusive"]
+            if key not in exclusive:
+                exclusive[key] = parser.add_mutually_exclusive_group(required=meta["required"])
+            target = exclusive[key]
+        if meta.get("positional"):
+            target.add_argument(prefix + f.name, help=docs.get(f.name, "").replace("%", "%%"))
+            continue
+        flag_name = meta.get("name") or "--" + (prefix + f.name).replace("_", "-")
+        target.add_argument(flag_name, **_argument(f, hints[f.name], docs, prefix, meta))
+
+
+def _argument(
+    f: dataclasses.Field[Any], tp: Any, docs: dict[str, str], prefix: str, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """``add_argument`` keywords of one field."""
+    default = (
+        f.default
+        if f.default is not dataclasses.MISSING
+        else f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not dataclasses.MISSING
+        else None
+    )
+    shown = "" if meta.get("required") or meta.get("switch") else f" (default: {default!r})"
+    help_text = f"{docs.get(f.name, '')}{shown}".replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "help": help_text}
+    if meta.get("required") and not meta.get("exclusive"):
+        kwargs["required"] = True
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    origin = get_origin(tp)
+    args = [a for a in get_args(tp) if a is not type(None)]
+    listed = origin is list or any(get_origin(a) is list for a in args)
+    if meta.get("switch"):
+        kwargs["action"] = "store_true"
+    elif tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif origin is Literal:
+        kwargs["choices"] = list(get_args(tp))
+    elif listed and (meta.get("nargs") or meta.get("repeat")):
+        if meta.get("repeat"):
+            kwargs["action"] = "append"
         else:
-            kwargs["type"] = str
-        group.add_argument(flag, **kwargs)
+            kwargs["nargs"] = meta["nargs"]
+    elif listed:
+        kwargs["type"] = _parse_list
+        kwargs.setdefault("metavar", "A,B,...")
+    elif tp in (int, float, str):
+        kwargs["type"] = tp
+    elif args and all(a in (int, float, str) for a in args):
+        kwargs["type"] = args[0]
+    else:
+        kwargs["type"] = str
+    return kwargs
 
 
 def dataclass_from_args(

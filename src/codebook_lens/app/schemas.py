@@ -8,7 +8,7 @@ extends the result's dataclass (a pydantic dataclass over it), so each result is
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Le
@@ -21,8 +21,10 @@ from codebook_lens.codes.direct_effect import PromotedToken
 from codebook_lens.codes.search import (
     ActivationStats,
     CodeMatch,
+    CodeProfile,
     Context,
     LabelCount,
+    SortKey,
     TokenCount,
 )
 from codebook_lens.flags import field_docs
@@ -82,7 +84,6 @@ class ErrorBody(Doc):
 
 # ----------------------------------------------------------------- requests
 SearchKind = Literal["regex", "token", "topic"]
-SortKey = Literal["f1", "precision", "recall", "count"]
 Action = Literal["force", "ban"]
 Slot = Literal["replace-lowest", "append"]
 NonBlank = r"\S"
@@ -358,27 +359,19 @@ class ActivationStatsOut(ActivationStats):
     """``search.ActivationStats``: how strongly an SAE latent fires where it fires."""
 
 
-class CodeProfileOut(Doc):
+@pydantic_dataclass(config=ConfigDict(**DOCS, json_schema_serialization_defaults_required=True))
+class CodeProfileOut(CodeProfile):
     """``search.code_profile``: how often a code fires, where, on what, and what it writes."""
 
-    codebook: str
-    code: int
-    head: int | None
-    num_codes: int
-    count: int
-    frequency: float
-    usage_rank: int
-    contexts: list[ContextOut]
-    tokens: list[TokenCountOut]
-    labels: list[LabelCountOut]
-    similar: list[SimilarCodeOut]
-    promoted: list[PromotedTokenOut] | None
+    contexts: list[ContextOut]  # type: ignore[assignment]
+    tokens: list[TokenCountOut]  # type: ignore[assignment]
+    labels: list[LabelCountOut]  # type: ignore[assignment]
+    similar: list[SimilarCodeOut]  # type: ignore[assignment]
+    promoted: list[PromotedTokenOut] | None = None  # type: ignore[assignment]
     """Tokens the code promotes most (needs the model), else null."""
-    promoted_note: str
-    kind: str
-    """'codebook', or the SAE's kind ('sparsify_topk', 'saelens_batchtopk', ...)."""
-    activations: ActivationStatsOut | None
+    activations: ActivationStatsOut | None = None  # type: ignore[assignment]
     """An SAE latent's activations where it fires (mean, max, histogram); null for codes."""
+    _: KW_ONLY
     ref: CodeRef
     n_tokens: int
     steer_url: str

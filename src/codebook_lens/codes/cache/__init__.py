@@ -27,6 +27,7 @@ positions and documents in one global order, the concatenation of the shards.
 
 from codebook_lens.codes.cache.build import (
     DEFAULT_CHUNK_TOKENS,
+    CacheConfig,
     build_cache,
     interleave_labels,
     select_codebooks,
@@ -59,6 +60,7 @@ __all__ = [
     "CACHE_FORMAT",
     "CACHE_VERSION",
     "DEFAULT_CHUNK_TOKENS",
+    "CacheConfig",
     "READABLE_VERSIONS",
     "CacheWriter",
     "CodeCache",

@@ -15,6 +15,7 @@ import fnmatch
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -27,6 +28,7 @@ from codebook_lens.codes.cache.identity import model_identity
 from codebook_lens.codes.cache.reader import CodeCache
 from codebook_lens.codes.cache.shards import check_shard, shard_name
 from codebook_lens.codes.cache.writer import CacheWriter, merge_shards
+from codebook_lens.flags import flag
 
 if TYPE_CHECKING:
     from codebook_lens.codes.saes.model import DictionaryModel
@@ -36,6 +38,53 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK_TOKENS = 1 << 18
 """Tokens between two build checkpoints (what an interrupted build can lose)."""
+
+
+@dataclass
+class CacheConfig:
+    """What the ``cache`` command runs over and how it writes the cache (its flags)."""
+
+    data: str = field(default="", metadata=flag(required=True))
+    """Text source: a file, a folder, 'bbc', ..."""
+    out: str = field(default="", metadata=flag(required=True))
+    """Cache folder to create."""
+    tokens: int = 100_000
+    """Tokens to cache."""
+    tokenizer: str | None = None
+    """Tokenizer (None: the model folder's)."""
+    seq_len: int | None = None
+    """Window length (None: the model's maximum)."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    device: str | None = None
+    """e.g. cuda (None: cpu)."""
+    overwrite: bool = field(default=False, metadata=flag(switch=True))
+    """Replace an existing cache folder."""
+    codebooks: list[str] | None = field(default=None, metadata=flag(nargs="+", metavar="GLOB"))
+    """Store only the codebooks matching these globs, e.g. 'layers.1[0-5].*' (None: all)."""
+    index: list[str] = field(
+        default_factory=lambda: ["all"], metadata=flag(nargs="+", metavar="all|none|GLOB")
+    )
+    """Codebooks that get an inverted index; without one, finding where a code fires scans
+    the codes (search itself needs no index)."""
+    resume: bool = field(default=False, metadata=flag(switch=True))
+    """Continue an interrupted build of OUT."""
+    shards: int | None = None
+    """Split the documents over N shards (None: torchrun's WORLD_SIZE, else 1)."""
+    shard: int | None = None
+    """The shard to write, 0 .. N-1 (None: RANK)."""
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    """Tokens between checkpoints."""
+
+    def build_options(self) -> dict[str, Any]:
+        """``build_cache``'s keywords for these settings (all but the shard)."""
+        names = ("seq_len", "batch_size", "overwrite", "codebooks", "index", "resume")
+        return {
+            "max_tokens": self.tokens,
+            "source": self.data,
+            "chunk_tokens": self.chunk_tokens,
+            **{n: getattr(self, n) for n in names},
+        }
 
 
 def select_codebooks(
@@ -98,22 +147,13 @@ def _vocab_strings(tokenizer: Any) -> list[str]:
 
 
 def _codebook_infos(model: Model) -> list[CodebookInfo]:
-    out = []
     inner = getattr(model, "inner", model)
-    for s in getattr(inner, "sites", []) if hasattr(inner, "codebooks") else []:
+    sites = getattr(inner, "sites", []) if hasattr(inner, "codebooks") else []
+    out = []
+    for s in sites:
         layer = inner.codebooks[s.name]
-        out.append(
-            CodebookInfo(
-                name=s.name,
-                placement=s.placement,
-                layer=s.layer,
-                groups=layer.groups,
-                grouped=layer.grouped,
-                k=layer.k,
-                num_codes=layer.num_codes,
-                dim=layer.dim,
-            )
-        )
+        shape = {a: getattr(layer, a) for a in ("groups", "grouped", "k", "num_codes", "dim")}
+        out.append(CodebookInfo(name=s.name, placement=s.placement, layer=s.layer, **shape))
     return out + _sae_infos(model)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -12,8 +13,27 @@ from torch import Tensor
 from codebook_lens.codes.intervene.edits import intervene
 from codebook_lens.codes.intervene.spec import InterventionSpec
 from codebook_lens.config import check_range
+from codebook_lens.flags import flag
 from codebook_lens.model.codebook_model import CodebookModel, eval_mode
 from codebook_lens.model.kv_cache import cache_kwargs, output_cache
+
+
+@dataclass
+class Sampling:
+    """How ``generate`` draws continuations (the ``generate`` command's sampling flags)."""
+
+    num_samples: int = field(default=5, metadata=flag(name="--n"))
+    """Samples per column."""
+    max_new_tokens: int = 40
+    """Tokens generated per sample."""
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_k: int | None = None
+    """Sample from the k likeliest tokens."""
+    top_p: float | None = None
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Seed of the draws (the same seed pairs samples with and without a spec)."""
 
 
 class RunResult(NamedTuple):

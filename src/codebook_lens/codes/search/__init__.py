@@ -3,13 +3,15 @@
 - ``patterns``: token positions from a regex, a token string or a set of documents;
 - ``ranking``: every code's hits, precision, recall and F1 for a pattern (``search``);
 - ``profiles``: one code's tokens, labels, contexts, similar codes (``code_profile``);
-- ``output``: text tables, terminal text and HTML pages.
+- ``output``: text tables, terminal text and HTML pages;
+- ``config``: ``SearchConfig``, the ``search`` command's options.
 
 Large queries use the machine (``workers=``): see ``codes.pool``.
 """
 
 from codebook_lens.codes.direct_effect import PromotedToken
 from codebook_lens.codes.pool import available_cores
+from codebook_lens.codes.search.config import SearchConfig
 from codebook_lens.codes.search.output import (
     format_matches,
     format_profile,
@@ -63,6 +65,7 @@ __all__ = [
     "PARALLEL_MIN_ENTRIES",
     "PARALLEL_MIN_TEXT_BYTES",
     "SORT_KEYS",
+    "SearchConfig",
     "ActivationStats",
     "CodeMatch",
     "CodeProfile",

@@ -33,7 +33,11 @@ from codebook_lens.experiments.concepts.battery import (
     load_battery,
 )
 from codebook_lens.experiments.concepts.config import ConceptsConfig
-from codebook_lens.experiments.concepts.controls import kmeans_codes, module_activations
+from codebook_lens.experiments.concepts.controls import (
+    kmeans_codes,
+    kmeans_like,
+    module_activations,
+)
 from codebook_lens.experiments.concepts.report import write_concepts_report
 from codebook_lens.experiments.concepts.run import (
     Prepared,
@@ -71,6 +75,7 @@ __all__ = [
     "concept_positions",
     "format_summary",
     "kmeans_codes",
+    "kmeans_like",
     "load_battery",
     "locate_concepts",
     "module_activations",

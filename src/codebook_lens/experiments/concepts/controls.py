@@ -100,3 +100,10 @@ def kmeans_codes(
         layer.init_kmeans(x[torch.from_numpy(rows)])
     layer.eval()
     return layer.search(x).numpy().astype(np.uint16 if num_codes <= 65_536 else np.uint32)
+
+
+def kmeans_like(layer: CodebookLayer, acts: np.ndarray, **fit: Any) -> np.ndarray:
+    """``kmeans_codes`` with the size, heads, similarity and normalisation of ``layer``
+    (``fit``: ``fit_tokens``, ``iters``, ``seed``)."""
+    shape = {a: getattr(layer, a) for a in ("num_codes", "k", "groups", "similarity", "layer_norm")}
+    return kmeans_codes(acts, **shape, **fit)

@@ -23,7 +23,7 @@ from codebook_lens.experiments.concepts.battery import (
     load_battery,
 )
 from codebook_lens.experiments.concepts.config import ConceptsConfig
-from codebook_lens.experiments.concepts.controls import kmeans_codes, module_activations
+from codebook_lens.experiments.concepts.controls import kmeans_like, module_activations
 from codebook_lens.experiments.concepts.report import write_concepts_report
 from codebook_lens.experiments.concepts.scoring import (
     ConceptResult,
@@ -208,16 +208,8 @@ def site_units(
                 base_acts = module_activations(
                     model.base, cache, site.module, site.hook, max_tokens=n
                 )
-        ctrl_codes = kmeans_codes(
-            base_acts,
-            num_codes=layer.num_codes,
-            k=layer.k,
-            groups=layer.groups,
-            similarity=layer.similarity,
-            layer_norm=layer.layer_norm,
-            fit_tokens=cfg.kmeans_tokens,
-            iters=cfg.kmeans_iters,
-            seed=cfg.seed,
+        ctrl_codes = kmeans_like(
+            layer, base_acts, fit_tokens=cfg.kmeans_tokens, iters=cfg.kmeans_iters, seed=cfg.seed
         )
         del base_acts
         control[site.name] = SiteCodes(ctrl_codes, layer.num_codes, info.grouped)

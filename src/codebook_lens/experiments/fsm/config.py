@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from codebook_lens.config import check_choice
-from codebook_lens.experiments.fsm.data import (
-    FSMConfig,
-)
+from codebook_lens.experiments.fsm.data import FSMConfig, MachineShape
 from codebook_lens.model.config import CodebookConfig
 from codebook_lens.training.base_models import ModelConfig
 
@@ -18,15 +16,10 @@ PatchScope = Literal["transition", "last"]
 
 
 @dataclass
-class DemoConfig:
-    """Every setting of the FSM demo (the defaults reproduce the paper's setup on a CPU)."""
+class DemoConfig(MachineShape):
+    """Every setting of the FSM demo (the defaults reproduce the paper's setup on a CPU); the
+    machine's shape (``num_states``, ``num_edges``, ``base``) comes from ``MachineShape``."""
 
-    num_states: int = 100
-    """FSM states N."""
-    num_edges: int = 10
-    """Out-edges per state E."""
-    base: int = 10
-    """Digits base; states are written as zero-padded base-b digits, one token each."""
     seq_len: int = 65
     """Training sequence length in tokens including BOS (BOS + 32 two-digit states)."""
     fsm_seed: int = 0

@@ -29,8 +29,8 @@ ModelLike = Callable[..., Any]
 
 
 @dataclass
-class FSMConfig:
-    """Options of a TokFSM task."""
+class MachineShape:
+    """The size of a TokFSM task and how its sequences are written."""
 
     num_states: int = 100
     """Number of states N (at least 2)."""
@@ -40,8 +40,6 @@ class FSMConfig:
     """Base b in which states are written; one token per digit (at least 2)."""
     seq_len: int = 129
     """Tokens per sequence including BOS (default: BOS + 64 two-digit states)."""
-    seed: int = 0
-    """Seed of the random machine (edges)."""
 
     def __post_init__(self) -> None:
         if self.num_states < 2:
@@ -55,6 +53,14 @@ class FSMConfig:
             raise ValueError(f"base={self.base} is invalid; it must be >= 2")
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} is invalid; it must be >= 2 (BOS + 1 digit)")
+
+
+@dataclass
+class FSMConfig(MachineShape):
+    """Options of a TokFSM task: its shape and the seed of its random edges."""
+
+    seed: int = 0
+    """Seed of the random machine (edges)."""
 
 
 class TokFSM:
