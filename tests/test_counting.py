@@ -36,8 +36,10 @@ def reference_counts(codes: np.ndarray, positions: np.ndarray, num_codes: int) -
     ],
 )
 def test_count_codes_equals_reference(
-    n: int, groups: int, k: int, num_codes: int, dtype: type, tmp_path: Path
-) -> None:
+    n: int, groups: int, k: int, num_codes: int, dtype: type, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(counting, "SMALL_ENTRIES", 0)  # the kernel even on small inputs
     rng = np.random.default_rng(n + groups + k)
     codes = rng.integers(0, num_codes + 1, (n, groups, k)).astype(dtype)  # num_codes = unfired
     np.save(tmp_path / "codes.npy", codes)
@@ -64,6 +66,7 @@ def test_count_codes_in_small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     positions = rng.integers(0, 500, 333)
     want = reference_counts(codes, positions, 50)
     monkeypatch.setattr(counting, "ROWS_ENTRIES", 7 * 5 * 3)
+    monkeypatch.setattr(counting, "SMALL_ENTRIES", 0)
     assert np.array_equal(count_codes(codes, positions, 50), want)
 
 
@@ -78,8 +81,9 @@ def test_count_codes_keeps_the_thread_count() -> None:
 def test_code_hits_on_shards_equal_reference(
     tmp_path: Path, shards: int, groups: int, k: int
 ) -> None:
+    # Default thresholds: shard pieces small enough for the plain path and large ones both.
     cache = synthetic_cache(
-        tmp_path / "c", n_tokens=3_000, n_codebooks=2, num_codes=300, k=k, groups=groups,
+        tmp_path / "c", n_tokens=12_000, n_codebooks=2, num_codes=300, k=k, groups=groups,
         shards=shards, index="none",
     )  # fmt: skip
     assert len(CodeCache(tmp_path / "c").parts) == shards

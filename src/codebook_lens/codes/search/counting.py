@@ -20,6 +20,10 @@ from codebook_lens.model.cpu_threads import one_cpu_thread
 ROWS_ENTRIES = 1 << 22
 """Ids (rows x heads x k) moved per step: bounds the kernel's buffers (8 MB at 16-bit ids)."""
 
+SMALL_ENTRIES = 1 << 16
+"""Below this many ids (positions x heads x k) the plain per-head ``np.bincount`` is faster:
+the kernel's fixed cost (thread switch, buffers, a histogram call per head) dominates."""
+
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
@@ -48,12 +52,13 @@ def count_codes(codes: np.ndarray, positions: np.ndarray, num_codes: int) -> np.
     top = num_codes  # the largest id stored: an unfired slot's
     bits = 8 * codes.dtype.itemsize
     fast = (
-        codes.flags.c_contiguous
+        len(positions) * groups * k >= SMALL_ENTRIES
+        and codes.flags.c_contiguous
         and codes.dtype.kind == "u"
         and (codes.dtype.itemsize == 1 or top < 1 << (bits - 1))
     )
     if not fast:
-        return _count_plain(codes, positions, num_codes, out)
+        return count_codes_plain(codes, positions, num_codes)
     cell = np.dtype((np.void, codes.dtype.itemsize * k))
     cells = codes.reshape(n, groups * k).view(cell)  # (tokens, groups): one cell per head
     rows = max(1, min(len(positions), ROWS_ENTRIES // (groups * k)))
@@ -75,11 +80,13 @@ def count_codes(codes: np.ndarray, positions: np.ndarray, num_codes: int) -> np.
     return out
 
 
-def _count_plain(
-    codes: np.ndarray, positions: np.ndarray, num_codes: int, out: np.ndarray
-) -> np.ndarray:
-    """``count_codes`` for layouts the cell kernel does not take (non-contiguous arrays)."""
+def count_codes_plain(codes: np.ndarray, positions: np.ndarray, num_codes: int) -> np.ndarray:
+    """``count_codes`` by gathered rows and one ``np.bincount`` per head: for layouts the cell
+    kernel does not take (non-contiguous arrays, ids past the signed range), and the baseline
+    the benchmark compares it with."""
     groups, k = codes.shape[1:]
+    out = np.zeros((groups, num_codes), dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.intp)
     rows = max(1, ROWS_ENTRIES // (groups * k))
     for s in range(0, len(positions), rows):
         sub = np.asarray(codes[positions[s : s + rows]])
