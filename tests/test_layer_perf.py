@@ -207,3 +207,30 @@ def test_cuda_layer_matches_cpu_and_trains() -> None:
     assert gpu.codebook.grad is not None and torch.isfinite(gpu.codebook.grad).all()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(gpu(x.cuda()).codes, gpu(x.cuda()).codes)
+
+
+@pytest.mark.parametrize(("groups", "k"), [(4, 1), (1, 8)])
+def test_small_call_on_one_thread_equals_the_threaded_path(
+    groups: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small CPU call's element-wise work on one thread: same outputs, codes and gradients,
+    and the caller's thread count afterwards."""
+    import codebook_lens.model.layer as layer_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for limit in (0, layer_module.SMALL_CALL_ELEMENTS):
+            monkeypatch.setattr(layer_module, "SMALL_CALL_ELEMENTS", limit)
+            layer = CodebookLayer(groups * 16, 600, k, groups=groups, layer_norm=True, seed=0)
+            x = torch.randn(3, 700, groups * 16, generator=torch.Generator().manual_seed(1))
+            x.requires_grad_(True)
+            res = layer(x)
+            (res.output.square().sum() + res.loss).backward()
+            assert torch.get_num_threads() == 2
+            results.append((res.output, res.codes, res.loss, x.grad, layer.codebook.grad))
+        for a, b in zip(*results, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

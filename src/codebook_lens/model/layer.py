@@ -148,6 +148,12 @@ _SMALL_SEARCH = 1 << 18
 """Searches with at most this many scores (tokens x groups x codes) over a codebook of at most
 this many elements run as one batched product in the calling thread: for one generated token,
 handing tiles to threads costs more than it saves."""
+SMALL_CALL_ELEMENTS = 1 << 21
+"""CPU calls whose input has at most this many elements (tokens x dim) run their element-wise
+work (layer norm, losses, straight-through, statistics) on one intra-op thread; the search
+still shares its tiles over every thread. Such ops take tens of microseconds, and splitting
+them over threads makes each wait for its partner thread, milliseconds on a busy machine
+(benchmarks/README.md, per-call breakdown)."""
 BF16_MARGIN = 8
 """Extra candidates kept by the bf16 search (``score_dtype='bfloat16'``) beyond k, re-ranked
 exactly in fp32: bf16 rounding (8-bit mantissa) reorders near-ties, rarely by more than a few
@@ -442,6 +448,7 @@ class CodebookLayer(nn.Module):
         self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
         self._offsets: Tensor | None = None
         self._grad_buffer = _GradBuffer()
+        self._search_threads = 0  # threads for the search while a small call runs on one
 
     def _init_parameters(self, seed: int | None, layer_norm_affine: bool) -> None:
         """The codes ``(groups, C, head_dim)``, and the input LayerNorm's weight and bias."""
@@ -584,7 +591,7 @@ class CodebookLayer(nn.Module):
     def _search_tiled(self, x: Tensor, k: int, out: Tensor) -> None:
         """``search`` on CPU: one-group tiles shared out to threads (see ``search``)."""
         n_tok, g = x.shape[0], self.groups
-        threads = torch.get_num_threads()
+        threads = self._search_threads or torch.get_num_threads()
         rows = _tile_rows(self.num_codes, self.chunk_size)
         # Row ranges per group: enough tasks to keep every thread busy to the end, each
         # preparing its group's codes once (C x d: little next to its range's products).
@@ -711,8 +718,17 @@ class CodebookLayer(nn.Module):
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"input width {x.shape[-1]} does not match dim={self.dim}")
+        threads = torch.get_num_threads()
+        small = x.device.type == "cpu" and threads > 1 and x.numel() <= SMALL_CALL_ELEMENTS
         with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x)
+            if not small:
+                return self._forward(x)
+            self._search_threads = threads
+            try:
+                with one_cpu_thread(x.device):
+                    return self._forward(x)
+            finally:
+                self._search_threads = 0
 
     def _forward(self, x: Tensor) -> CodebookOutput:
         lead = tuple(x.shape[:-1])
