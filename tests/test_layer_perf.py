@@ -234,3 +234,41 @@ def test_small_call_on_one_thread_equals_the_threaded_path(
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_auto_score_dtype_keeps_fp32_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    import codebook_lens.model.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "AUTO_CHECK_SCORES", 1)
+    monkeypatch.setattr(layer_module, "bf16_matrix_units", lambda device: (False, "no units"))
+    auto = CodebookLayer(32, 300, 4, groups=2, seed=0)
+    exact = CodebookLayer(32, 300, 4, groups=2, seed=0, score_dtype="float32")
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))
+    assert auto.score_dtype == "auto"
+    assert torch.equal(auto(x).codes, exact(x).codes)
+    assert auto.score_dtype_reason == "float32: no units"
+    assert not auto._bf16_scores()
+
+
+@pytest.mark.parametrize(("gain", "want_bf16"), [(1e9, True), (0.0, False)])
+def test_auto_score_dtype_checks_agreement_and_time(
+    gain: float, want_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With bf16 units, 'auto' picks bf16 only if it gives the fp32 codes and is faster."""
+    import codebook_lens.model.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "AUTO_CHECK_SCORES", 1)
+    monkeypatch.setattr(layer_module, "AUTO_BF16_GAIN", gain)
+    monkeypatch.setattr(layer_module, "bf16_matrix_units", lambda device: (True, "units"))
+    layer = CodebookLayer(16, 50, 1, seed=0)
+    exact = CodebookLayer(16, 50, 1, seed=0, score_dtype="float32")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    same = torch.equal(
+        CodebookLayer(16, 50, 1, seed=0, score_dtype="bfloat16")(x).codes, exact(x).codes
+    )
+    layer(x)
+    assert layer._bf16_scores() == (want_bf16 and same)
+    assert layer.score_dtype_reason.startswith("bfloat16" if want_bf16 and same else "float32")
+    assert "bf16 codes" in layer.score_dtype_reason
+    layer.score_dtype = "float32"  # an explicit choice wins over the check
+    assert not layer._bf16_scores()

@@ -18,7 +18,9 @@ This module has no Hugging Face imports; ``codebook_model.py`` puts layers into 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -154,10 +156,49 @@ work (layer norm, losses, straight-through, statistics) on one intra-op thread; 
 still shares its tiles over every thread. Such ops take tens of microseconds, and splitting
 them over threads makes each wait for its partner thread, milliseconds on a busy machine
 (benchmarks/README.md, per-call breakdown)."""
+AUTO_CHECK_SCORES = 1 << 24
+"""``score_dtype='auto'`` decides on the first search with at least this many scores (tokens x
+groups x codes): smaller ones are too short to time and run in fp32."""
+AUTO_BF16_GAIN = 0.8
+"""``score_dtype='auto'`` picks bf16 only if its search takes less than this share of fp32's."""
 BF16_MARGIN = 8
 """Extra candidates kept by the bf16 search (``score_dtype='bfloat16'``) beyond k, re-ranked
 exactly in fp32: bf16 rounding (8-bit mantissa) reorders near-ties, rarely by more than a few
 places (agreement with fp32 codes in benchmarks/README.md)."""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_matrix_units(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bf16 matrices in hardware, and what was found."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
+        return ok, f"{name} {'supports' if ok else 'lacks'} bf16"
+    if device.type != "cpu":
+        return False, f"device {device.type}: bf16 units unknown"
+    found = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if found:
+        return True, f"CPU has {', '.join(found)} (torch CPU capability {capability})"
+    return False, (
+        f"CPU has neither amx_bf16 nor avx512_bf16 (torch CPU capability {capability}): bf16 "
+        "matrix products are emulated and slower than fp32"
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _tile_rows(num_codes: int, limit: int) -> int:
@@ -370,6 +411,10 @@ class CodebookLayer(nn.Module):
             out of the loss, the statistics and the revival buffer (no host sync).
         score_dtype: 'float32' (exact search) or 'bfloat16': score in bf16, then re-rank the
             best ``k + BF16_MARGIN`` candidates exactly in fp32 (for bf16 matrix hardware).
+            'auto' (default): fp32, unless the device has bf16 matrix units
+            (``bf16_matrix_units``) and, on the first search of at least ``AUTO_CHECK_SCORES``
+            scores, bf16 gives exactly the fp32 codes in less than ``AUTO_BF16_GAIN`` of its
+            time; ``score_dtype_reason`` says what was chosen and why.
     """
 
     counts: Tensor
@@ -405,7 +450,7 @@ class CodebookLayer(nn.Module):
         grouped: bool | None = None,
         seed: int | None = None,
         nonfinite: str = "raise",
-        score_dtype: str = "float32",
+        score_dtype: str = "auto",
     ) -> None:
         super().__init__()
         _check_options(
@@ -437,6 +482,13 @@ class CodebookLayer(nn.Module):
         self.grouped = groups > 1 if grouped is None else grouped
         self.nonfinite = nonfinite
         self.score_dtype = score_dtype
+        self._score_low = score_dtype == "bfloat16"  # what the search uses ('auto': decided later)
+        self.score_dtype_reason = (
+            "undecided: no search large enough to check yet"
+            if score_dtype == "auto"
+            else f"{score_dtype}: as given"
+        )
+        """Why the search scores in the dtype it does (for ``score_dtype='auto'``)."""
         self._init_parameters(seed, layer_norm_affine)
         self._init_buffers()
 
@@ -551,19 +603,55 @@ class CodebookLayer(nn.Module):
         out = torch.empty(n_tok, g, k, dtype=torch.int64, device=x.device)
         if n_tok == 0:
             return out
-        small = n_tok * g * c <= _SMALL_SEARCH and self.codebook.numel() <= _SMALL_SEARCH
         with torch.autocast(x.device.type, enabled=False):
-            if self.edit is not None or x.device.type != "cpu" or small:
-                self._search_batched(x, k, lead_shape, out)
-            else:
-                self._search_tiled(x, k, out)
+            undecided = self.score_dtype_reason.startswith("undecided")
+            if undecided and n_tok * g * c >= AUTO_CHECK_SCORES and self.edit is None:
+                self._choose_score_dtype(x, k, lead_shape)
+            self._search_into(x, k, lead_shape, out)
         return out
+
+    def _search_into(self, x: Tensor, k: int, lead_shape: tuple[int, ...], out: Tensor) -> None:
+        n_tok, g, c = x.shape[0], self.groups, self.num_codes
+        small = n_tok * g * c <= _SMALL_SEARCH and self.codebook.numel() <= _SMALL_SEARCH
+        if self.edit is not None or x.device.type != "cpu" or small:
+            self._search_batched(x, k, lead_shape, out)
+        else:
+            self._search_tiled(x, k, out)
+
+    def _bf16_scores(self) -> bool:
+        """Whether the search scores in bf16 now (``score_dtype`` may be set after init)."""
+        return self._score_low if self.score_dtype == "auto" else self.score_dtype == "bfloat16"
+
+    def _choose_score_dtype(self, x: Tensor, k: int, lead_shape: tuple[int, ...]) -> None:
+        """``score_dtype='auto'``: bf16 if the device has bf16 units and, on ``x``, bf16 gives
+        the fp32 codes exactly in less than ``AUTO_BF16_GAIN`` of fp32's time; else fp32."""
+        has_units, why = bf16_matrix_units(x.device)
+        if not has_units:
+            self._score_low, self.score_dtype_reason = False, f"float32: {why}"
+            return
+        runs: dict[bool, tuple[float, Tensor]] = {}
+        for low in (False, True, False, True):  # the second round of each is timed
+            self._score_low = low
+            codes = torch.empty(x.shape[0], self.groups, k, dtype=torch.int64, device=x.device)
+            _sync(x.device)
+            t0 = time.perf_counter()
+            self._search_into(x, k, lead_shape, codes)
+            _sync(x.device)
+            runs[low] = (time.perf_counter() - t0, codes)
+        (t32, exact), (t16, approx) = runs[False], runs[True]
+        same = torch.equal(exact.sort(-1).values, approx.sort(-1).values)
+        self._score_low = same and t16 < AUTO_BF16_GAIN * t32
+        self.score_dtype_reason = (
+            f"{'bfloat16' if self._score_low else 'float32'}: {why}; bf16 codes "
+            f"{'equal' if same else 'differ from'} the fp32 ones on the check "
+            f"({x.shape[0]} tokens), bf16 search {t16:.4f} s against fp32 {t32:.4f} s"
+        )
 
     def _search_batched(self, x: Tensor, k: int, lead_shape: tuple[int, ...], out: Tensor) -> None:
         """``search`` as ``(G, n, C)`` batched products over chunks of all groups' rows."""
         n_tok, g, c = x.shape[0], self.groups, self.num_codes
         step = max(1, min(self.chunk_size // g, n_tok))
-        low = self.score_dtype == "bfloat16"
+        low = self._bf16_scores()
         w, b = self._score_params()
         wt = (w.bfloat16() if low else w).transpose(1, 2)  # (G, d, C): a view, read transposed
         bias = None if b is None else b.unsqueeze(1)  # (G, 1, C)
@@ -629,7 +717,7 @@ class CodebookLayer(nn.Module):
             w, b = self._prepare(cbg.float())
         else:
             w, b = prepared[0][gi], None if prepared[1] is None else prepared[1][gi]
-        low = self.score_dtype == "bfloat16"
+        low = self._bf16_scores()
         wt = (w.bfloat16() if low else w).t()  # (d, C), a view
         c = self.num_codes
         tile = torch.empty(min(rows, hi - lo) * c, dtype=torch.bfloat16 if low else torch.float32)
