@@ -56,6 +56,8 @@ from common import (  # noqa: E402
 )
 
 from codebook_lens import CodebookLayer  # noqa: E402
+from codebook_lens.model.cpu_threads import one_cpu_thread  # noqa: E402
+from codebook_lens.model.layer import cpu_flags  # noqa: E402
 
 KEY = {"tokens": 32_768, "num_codes": 10_000, "dim": 64, "k": 8}
 """The configuration whose numbers go to results.json's headline keys (issue 8)."""
@@ -246,14 +248,7 @@ HEADER = [
 # ------------------------------------------------------------------------- the floor
 def cpu_matrix_units() -> dict[str, bool]:
     """Which bf16 matrix instructions this CPU has (from /proc/cpuinfo flags)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
 
 
@@ -338,6 +333,101 @@ def floor_case(key: dict[str, int], repeats: int, device: torch.device) -> dict[
         f"{agreement:.4f} of tokens; bf16 units {cpu_matrix_units()})",
     )
     return res
+
+
+def breakdown(tokens: int, num_codes: int, dim: int, k: int, repeats: int) -> dict[str, Any]:
+    """Where a CPU layer call's time goes, fp32 against bf16 scoring, on one thread.
+
+    The search's own steps, over the tiles one task scores (``tile_rows`` rows of the
+    ``tokens``): dtype conversion of the inputs and codes, the score matmul, the top-k (bf16:
+    of ``k + BF16_MARGIN`` candidates), the exact fp32 re-ranking of those (bf16 only); then the
+    whole layer's forward and its backward. Interleaved, medians of ``repeats``.
+    """
+    import codebook_lens.model.layer as L
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, dim, generator=gen)
+    w = F.normalize(torch.randn(num_codes, dim, generator=gen), dim=-1)
+    rows = L.tile_rows(num_codes, 2048)
+    tiles = [slice(s, min(s + rows, tokens)) for s in range(0, tokens, rows)]
+    m = min(num_codes, k + L.BF16_MARGIN)
+    s32 = torch.empty(rows, num_codes)
+    s16 = torch.empty(rows, num_codes, dtype=torch.bfloat16)
+    x16, w16 = x.bfloat16(), w.bfloat16()
+
+    def each_tile(fn: Callable[[slice], object]) -> Callable[[], None]:
+        def run() -> None:
+            for t in tiles:
+                fn(t)
+
+        return run
+
+    def scores32(t: slice) -> torch.Tensor:
+        return torch.mm(x[t], w.t(), out=s32[: t.stop - t.start])
+
+    def scores16(t: slice) -> torch.Tensor:
+        return torch.mm(x16[t], w16.t(), out=s16[: t.stop - t.start])
+
+    sc32, sc16 = scores32(tiles[0]).clone(), scores16(tiles[0]).clone()
+    steps: dict[str, Callable[[], object]] = {
+        "fp32 score matmul": each_tile(scores32),
+        "fp32 top-k": each_tile(lambda t: L.topk_indices(sc32[: t.stop - t.start], k)),
+        "bf16 dtype conversion": lambda: (x.bfloat16(), w.bfloat16()),
+        "bf16 score matmul": each_tile(scores16),
+        "bf16 top-k (k + margin)": each_tile(lambda t: L.topk_indices(sc16[: t.stop - t.start], m)),
+        "bf16 top-k + exact re-ranking": each_tile(
+            lambda t: L.rerank(sc16[: t.stop - t.start], x[t], w, None, k)
+        ),
+    }
+    layers = {}
+    for dtype in ("float32", "bfloat16"):
+        layer = CodebookLayer(dim, num_codes, k, seed=0, score_dtype=dtype).train()
+        xg = x.clone().requires_grad_(True)
+        grad = torch.randn(tokens, dim, generator=gen)
+        holder: dict[str, Any] = {}
+
+        def fwd(layer: CodebookLayer = layer, xg: torch.Tensor = xg, h: dict = holder) -> None:
+            layer.codebook.grad = xg.grad = None
+            h["res"] = layer(xg)
+
+        def bwd(grad: torch.Tensor = grad, h: dict = holder) -> None:
+            res = h.pop("res")
+            torch.autograd.backward((res.output, res.loss), (grad, torch.ones(())))
+
+        layers[dtype] = (fwd, bwd)
+    tag = {"float32": "fp32", "bfloat16": "bf16"}
+    for dtype, (fwd, bwd) in layers.items():
+        steps[f"{tag[dtype]} layer forward"] = fwd
+        steps[f"{tag[dtype]} layer backward"] = bwd  # runs right after its forward
+    with one_cpu_thread(torch.device("cpu")):
+        secs, _ = time_wall_cpu(steps, repeats)
+    rerank = secs["bf16 top-k + exact re-ranking"] - secs["bf16 top-k (k + margin)"]
+    rows_out = [
+        ["dtype conversion (x, codes to bf16)", "-", f"{secs['bf16 dtype conversion']:.4f}"],
+        ["score matmul", f"{secs['fp32 score matmul']:.4f}", f"{secs['bf16 score matmul']:.4f}"],
+        ["top-k", f"{secs['fp32 top-k']:.4f}", f"{secs['bf16 top-k (k + margin)']:.4f}"],
+        ["exact fp32 re-ranking", "-", f"{max(rerank, 0.0):.4f}"],
+        ["layer forward (all of it)", f"{secs['fp32 layer forward']:.4f}",
+         f"{secs['bf16 layer forward']:.4f}"],
+        ["layer backward", f"{secs['fp32 layer backward']:.4f}",
+         f"{secs['bf16 layer backward']:.4f}"],
+    ]  # fmt: skip
+    has_units, why = L.bf16_matrix_units(torch.device("cpu"))
+    print_table(
+        ["step (one thread)", "fp32 s", "bf16 s"],
+        rows_out,
+        f"Layer time breakdown, {tokens:,} x {num_codes:,} x {dim}, k={k}, tiles of {rows} rows, "
+        f"one thread, median of {repeats}",
+    )
+    auto = CodebookLayer(dim, num_codes, k, seed=0).train()
+    with torch.no_grad():
+        auto(x)
+    print(f"bf16 matrix units: {why}\nscore_dtype='auto' chose: {auto.score_dtype_reason}")
+    return {
+        "tokens": tokens, "num_codes": num_codes, "dim": dim, "k": k, "tile_rows": rows,
+        "seconds": secs, "rerank_seconds": rerank, "bf16_units": has_units, "bf16_units_why": why,
+        "auto_choice": auto.score_dtype_reason, "repeats": repeats,
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------- extras
@@ -461,6 +551,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="only the machine peak and the key case's floor ratios, merged into the section",
     )
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the fp32 / bf16 time breakdown (CPU, one thread), merged in")  # fmt: skip
+    ap.add_argument("--breakdown-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -470,6 +563,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = {"tokens": 512, "num_codes": 1000, "dim": 32, "k": 8}
     issue2 = (512, 1000, 32) if args.tiny else (16_384, 10_000, 64)
     print(f"bench_layer on {machine()}", flush=True)
+    if args.breakdown:
+        bd = breakdown(256 if args.tiny else args.breakdown_tokens, key["num_codes"], key["dim"],
+                       8, repeats)  # fmt: skip
+        update_section(None if args.tiny else args.results, "layer", {"breakdown": bd})
+        return bd
     if args.quick:
         fl = floor_case({**key, "k": 8}, repeats, device)
         keys = ("compute_floor_ratio", "compute_floor_ratio_bf16", "bf16_code_agreement")

@@ -201,7 +201,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _tile_rows(num_codes: int, limit: int) -> int:
+def tile_rows(num_codes: int, limit: int) -> int:
     """Token rows per CPU score tile: about ``_TILE_BYTES`` of fp32 scores, at most ``limit``."""
     return max(1, min(limit, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * num_codes))))
 
@@ -308,7 +308,7 @@ class _GradBuffer:
             self.rows, self.version = rows, buf._version
 
 
-def _rerank(scores: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, k: int) -> Tensor:
+def rerank(scores: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, k: int) -> Tensor:
     """Top-k ids from low-precision ``scores`` ``(..., n, C)``, re-ranked exactly in fp32.
 
     Keeps the best ``k + BF16_MARGIN`` candidates by ``scores``, rescores them as
@@ -673,14 +673,14 @@ class CodebookLayer(nn.Module):
                 torch.baddbmm(bias, xs, wt, out=scores)
             if self.edit is not None:
                 scores = self.edit.edit_scores(scores, rows, lead_shape)
-            codes = _rerank(scores, xs, w, b, k) if low else topk_indices(scores, k)
+            codes = rerank(scores, xs, w, b, k) if low else topk_indices(scores, k)
             out[rows] = codes.transpose(0, 1)
 
     def _search_tiled(self, x: Tensor, k: int, out: Tensor) -> None:
         """``search`` on CPU: one-group tiles shared out to threads (see ``search``)."""
         n_tok, g = x.shape[0], self.groups
         threads = self._search_threads or torch.get_num_threads()
-        rows = _tile_rows(self.num_codes, self.chunk_size)
+        rows = tile_rows(self.num_codes, self.chunk_size)
         # Row ranges per group: enough tasks to keep every thread busy to the end, each
         # preparing its group's codes once (C x d: little next to its range's products).
         parts = max(1, min(-(-n_tok // rows), -(-4 * threads // g) if threads > 1 else 1))
@@ -729,7 +729,7 @@ class CodebookLayer(nn.Module):
                 torch.mm(xs.bfloat16(), wt, out=scores)
                 if b is not None:
                     scores.add_(b)
-                out[s:e, gi] = _rerank(scores, xs, w, b, k)
+                out[s:e, gi] = rerank(scores, xs, w, b, k)
             else:
                 if b is None:
                     torch.mm(xs, wt, out=scores)
