@@ -429,6 +429,72 @@ def breakdown(tokens: int, num_codes: int, dim: int, k: int, repeats: int) -> di
     }  # fmt: skip
 
 
+PER_CALL_CASES = {
+    "fsm heads 2,080 x 4 x 16, C=1,000, k=1": (2080, 4, 16, 1000, 1),
+    "Pythia heads 2,048 x 16 x 64, C=10,000, k=8": (2048, 16, 64, 10_000, 8),
+}
+
+
+def per_call(repeats: int, tiny: bool) -> dict[str, Any]:
+    """Small-layer calls (forward + backward, training mode): where the time goes (the
+    profiler's top ops) and the small-call path on against off, interleaved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import codebook_lens.model.layer as L
+
+    cases = {"tiny 128 x 2 x 8, C=50, k=1": (128, 2, 8, 50, 1)} if tiny else PER_CALL_CASES
+    on = L.SMALL_CALL_ELEMENTS
+    out: dict[str, Any] = {}
+    for name, (n, g, d, c, k) in cases.items():
+        layer = CodebookLayer(g * d, c, k, groups=g, layer_norm=True, reduction="mean", seed=0)
+        layer.train()
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, n, g * d, generator=gen).requires_grad_(True)
+        grad = torch.randn(1, n, g * d, generator=gen)
+
+        def call(limit: int, layer: CodebookLayer = layer, x: torch.Tensor = x,
+                 grad: torch.Tensor = grad) -> Callable[[], None]:  # fmt: skip
+            def run() -> None:
+                L.SMALL_CALL_ELEMENTS = limit
+                try:
+                    x.grad = layer.codebook.grad = None
+                    res = layer(x)
+                    torch.autograd.backward((res.output, res.loss), (grad, torch.ones(())))
+                finally:
+                    L.SMALL_CALL_ELEMENTS = on
+
+            return run
+
+        fns = {"small-call path on": call(on), "off (every op on every thread)": call(0)}
+        secs, cpu = time_wall_cpu(fns, repeats, warmup=2)
+        tables = {}
+        for label, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    fn()
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+            total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
+            tables[label] = [
+                {"op": e.key, "calls": e.count // 3, "self_ms": e.self_cpu_time_total / 3e3,
+                 "share": e.self_cpu_time_total / total}
+                for e in ops
+            ]  # fmt: skip
+            print_table(
+                ["op", "calls / call", "self ms / call", "share"],
+                [
+                    [r["op"], str(r["calls"]), f"{r['self_ms']:.2f}", f"{r['share']:.0%}"]
+                    for r in tables[label]
+                ],  # fmt: skip
+                f"Profile of one call, {name}, {label} (torch.profiler, self CPU time)",
+            )
+        speed = secs["off (every op on every thread)"] / secs["small-call path on"]
+        print(f"{name}: on {secs['small-call path on'] * 1e3:.1f} ms, off "
+              f"{secs['off (every op on every thread)'] * 1e3:.1f} ms: {speed:.2f}x "
+              f"(load average {os.getloadavg()[0]:.2f})")  # fmt: skip
+        out[name] = {"seconds": secs, "cpu_seconds": cpu, "speedup": speed, "profile": tables}
+    return {"cases": out, "repeats": repeats, "machine": machine()}
+
+
 # ------------------------------------------------------------------------- extras
 def chunk_sweep(
     tokens: int,
@@ -553,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--breakdown", action="store_true",
                     help="only the fp32 / bf16 time breakdown (CPU, one thread), merged in")  # fmt: skip
     ap.add_argument("--breakdown-tokens", type=int, default=4096)
+    ap.add_argument("--per-call", action="store_true",
+                    help="only the small-layer per-call profile and the small-call path on/off")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -562,6 +630,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = {"tokens": 512, "num_codes": 1000, "dim": 32, "k": 8}
     issue2 = (512, 1000, 32) if args.tiny else (16_384, 10_000, 64)
     print(f"bench_layer on {machine()}", flush=True)
+    if args.per_call:
+        pc = per_call(repeats if args.repeats else (1 if args.tiny else 15), args.tiny)
+        update_section(None if args.tiny else args.results, "layer", {"per_call": pc})
+        return pc
     if args.breakdown:
         bd = breakdown(256 if args.tiny else args.breakdown_tokens, key["num_codes"], key["dim"],
                        8, repeats)  # fmt: skip

@@ -272,3 +272,27 @@ def test_auto_score_dtype_checks_agreement_and_time(
     assert "bf16 codes" in layer.score_dtype_reason
     layer.score_dtype = "float32"  # an explicit choice wins over the check
     assert not layer._bf16_scores()
+
+
+def test_small_call_backward_restores_threads_on_every_path() -> None:
+    """Input without gradient, backward through the loss only, two layers in a row: the
+    thread count after each backward is the caller's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = CodebookLayer(16, 40, 1, groups=2, layer_norm=True, seed=0)
+        b = CodebookLayer(16, 40, 2, seed=1)
+        x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+        a(x).loss.backward()  # x needs no gradient: the end of the pass switches back
+        assert torch.get_num_threads() == 2
+        xr = x.clone().requires_grad_(True)
+        ra = a(xr)
+        rb = b(ra.output * 2)
+        (rb.output.sum() + ra.loss + rb.loss).backward()
+        assert torch.get_num_threads() == 2
+        assert xr.grad is not None and a.codebook.grad is not None
+        ra = a(xr)
+        ra.output.sum().backward()  # the loss unused
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -814,14 +814,20 @@ class CodebookLayer(nn.Module):
             self._search_threads = threads
             try:
                 with one_cpu_thread(x.device):
-                    return self._forward(x)
+                    res = self._forward(x, one_thread_backward=torch.is_grad_enabled())
             finally:
                 self._search_threads = 0
+            return res
 
-    def _forward(self, x: Tensor) -> CodebookOutput:
+    def _forward(self, x: Tensor, one_thread_backward: bool = False) -> CodebookOutput:
         lead = tuple(x.shape[:-1])
         in_dtype = x.dtype
         xg = x.reshape(-1, self.groups, self.head_dim).to(self.codebook.dtype)  # (N, G, d)
+        gate = _OneThreadBackward() if one_thread_backward else None
+        if gate is not None and xg.requires_grad:
+            # The input's gradient is the last this call computes: back to every thread then.
+            xg = xg.view_as(xg)
+            xg.register_hook(gate.leave_hook)
         if self.layer_norm:
             xg = F.layer_norm(xg, (self.head_dim,))
             if self.ln_weight is not None and self.ln_bias is not None:
@@ -873,6 +879,9 @@ class CodebookLayer(nn.Module):
             out = torch.where(bad.unsqueeze(-1), xg, out)
             codes = codes.masked_fill(bad.unsqueeze(-1), -1)
         out = out.reshape(*lead, self.dim).to(in_dtype)
+        if gate is not None and (out.requires_grad or loss.requires_grad):
+            out, loss = _EnterOneThread.apply(out, loss, gate)
+            self.last_loss = loss
         codes_out = codes.reshape(*lead, self.groups, codes.shape[-1])
         if not self.grouped:
             codes_out = codes_out.squeeze(-2)
@@ -1173,6 +1182,62 @@ class _BagSum(torch.autograd.Function):
         if weights is not None and ctx.needs_input_grad[2]:
             grad_weights = (grad.unsqueeze(1) * F.embedding(bags, table)).sum(-1)
         return grad_table, None, grad_weights, None
+
+
+class _OneThreadBackward:
+    """One small call's backward on one intra-op thread (see ``SMALL_CALL_ELEMENTS``).
+
+    ``_EnterOneThread`` (on the call's outputs) switches to one thread when the backward
+    reaches the call; the hook on the call's input switches back once its gradient is made,
+    and the end of the backward pass does so in any case (an input without gradient, an
+    error). Nested calls share one switch: the outermost saved count is restored.
+    """
+
+    depth = 0
+    saved = 0
+
+    def __init__(self) -> None:
+        self.entered = False
+
+    def enter(self) -> None:
+        if self.entered:
+            return
+        self.entered = True
+        cls = _OneThreadBackward
+        if cls.depth == 0:
+            cls.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        cls.depth += 1
+        # Runs when this backward pass ends, whatever it reached.
+        torch.autograd.Variable._execution_engine.queue_callback(self.leave)
+
+    def leave(self) -> None:
+        if not self.entered:
+            return
+        self.entered = False
+        cls = _OneThreadBackward
+        cls.depth -= 1
+        if cls.depth == 0:
+            torch.set_num_threads(cls.saved)
+
+    def leave_hook(self, grad: Tensor) -> None:
+        self.leave()
+
+
+class _EnterOneThread(torch.autograd.Function):
+    """Identity on ``(output, loss)`` whose backward switches to one thread first."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, loss: Tensor, gate: _OneThreadBackward) -> Any:
+        ctx.gate = gate
+        ctx.set_materialize_grads(False)
+        # Copies, not views: a caller may write into the output in place (a few KB here).
+        return out.clone(), loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor | None, g_loss: Tensor | None) -> Any:
+        ctx.gate.enter()
+        return g_out, g_loss, None
 
 
 def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:
