@@ -25,6 +25,8 @@ and its grouped 8-head version, a chunk-size sweep, eval-mode search with a FAIS
     python benchmarks/bench_layer.py --full     # C in {1k,10k,50k} x tokens {4k,32k} x D {64,512}
     python benchmarks/bench_layer.py --tiny     # seconds; what tests/test_benchmarks.py runs
     python benchmarks/bench_layer.py --quick    # the machine's peak and the key case's floor ratios
+    python benchmarks/bench_layer.py --breakdown   # fp32 / bf16 time per search step, one thread
+    python benchmarks/bench_layer.py --per-call    # small calls: profile, small-call path on/off
 """
 
 from __future__ import annotations

@@ -27,6 +27,15 @@ processes above what they held before, sampled every 5 ms; the file pages mapped
 (page cache, which grows with what is read) are reported beside it as ``mapped``.
 
     python benchmarks/bench_search.py --scale    # about 20 minutes on 2 cores; ~8 GB of disk
+    python benchmarks/bench_search.py --scale --wide-only   # only the 1M x 384 case (~6.5 GB)
+
+``--broad`` times broad queries (``the``: 14% of the tokens, the sport documents: a third) on a
+``--broad-tokens`` (100k) x 384-codebook cache that builds in seconds: the counting kernel
+(``count_codes``) against the per-head ``np.bincount`` (``count_codes_plain``) on one core,
+side by side, and the whole search; results under ``broad`` (``broad_query_seconds``: the
+documents query). ``--scale`` records the 384-codebook case's ``broad_query_seconds`` too.
+
+    python benchmarks/bench_search.py --broad    # about a minute
 """
 
 from __future__ import annotations
