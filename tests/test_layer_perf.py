@@ -296,3 +296,15 @@ def test_small_call_backward_restores_threads_on_every_path() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_small_call_outputs_need_gradients_as_before() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = CodebookLayer(16, 40, 1, recon_weight=0.0, seed=0)  # a constant loss
+        x = torch.randn(20, 16, requires_grad=True)
+        res = layer(x)
+        assert res.output.requires_grad and not res.loss.requires_grad
+    finally:
+        torch.set_num_threads(threads)

@@ -1232,7 +1232,10 @@ class _EnterOneThread(torch.autograd.Function):
         ctx.gate = gate
         ctx.set_materialize_grads(False)
         # Copies, not views: a caller may write into the output in place (a few KB here).
-        return out.clone(), loss.clone()
+        res = out.clone(), loss.clone()
+        pairs = zip(res, (out, loss), strict=True)
+        ctx.mark_non_differentiable(*(r for r, t in pairs if not t.requires_grad))
+        return res
 
     @staticmethod
     def backward(ctx: Any, g_out: Tensor | None, g_loss: Tensor | None) -> Any:
