@@ -336,6 +336,30 @@ def floor_case(key: dict[str, int], repeats: int, device: torch.device) -> dict[
     return res
 
 
+def _layer_steps(x: torch.Tensor, num_codes: int, k: int) -> dict[str, Callable[[], object]]:
+    """Forward, then backward, of an fp32 and a bf16-scoring layer on ``x`` (in this order)."""
+    tokens, dim = x.shape
+    gen = torch.Generator().manual_seed(1)
+    steps: dict[str, Callable[[], object]] = {}
+    for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16")):
+        layer = CodebookLayer(dim, num_codes, k, seed=0, score_dtype=dtype).train()
+        xg = x.clone().requires_grad_(True)
+        grad = torch.randn(tokens, dim, generator=gen)
+        holder: dict[str, Any] = {}
+
+        def fwd(layer: CodebookLayer = layer, xg: torch.Tensor = xg, h: dict = holder) -> None:
+            layer.codebook.grad = xg.grad = None
+            h["res"] = layer(xg)
+
+        def bwd(grad: torch.Tensor = grad, h: dict = holder) -> None:
+            res = h.pop("res")
+            torch.autograd.backward((res.output, res.loss), (grad, torch.ones(())))
+
+        steps[f"{tag} layer forward"] = fwd
+        steps[f"{tag} layer backward"] = bwd  # runs right after its forward
+    return steps
+
+
 def breakdown(tokens: int, num_codes: int, dim: int, k: int, repeats: int) -> dict[str, Any]:
     """Where a CPU layer call's time goes, fp32 against bf16 scoring, on one thread.
 
@@ -380,26 +404,7 @@ def breakdown(tokens: int, num_codes: int, dim: int, k: int, repeats: int) -> di
             lambda t: L.rerank(sc16[: t.stop - t.start], x[t], w, None, k)
         ),
     }
-    layers = {}
-    for dtype in ("float32", "bfloat16"):
-        layer = CodebookLayer(dim, num_codes, k, seed=0, score_dtype=dtype).train()
-        xg = x.clone().requires_grad_(True)
-        grad = torch.randn(tokens, dim, generator=gen)
-        holder: dict[str, Any] = {}
-
-        def fwd(layer: CodebookLayer = layer, xg: torch.Tensor = xg, h: dict = holder) -> None:
-            layer.codebook.grad = xg.grad = None
-            h["res"] = layer(xg)
-
-        def bwd(grad: torch.Tensor = grad, h: dict = holder) -> None:
-            res = h.pop("res")
-            torch.autograd.backward((res.output, res.loss), (grad, torch.ones(())))
-
-        layers[dtype] = (fwd, bwd)
-    tag = {"float32": "fp32", "bfloat16": "bf16"}
-    for dtype, (fwd, bwd) in layers.items():
-        steps[f"{tag[dtype]} layer forward"] = fwd
-        steps[f"{tag[dtype]} layer backward"] = bwd  # runs right after its forward
+    steps.update(_layer_steps(x, num_codes, k))
     with one_cpu_thread(torch.device("cpu")):
         secs, _ = time_wall_cpu(steps, repeats)
     rerank = secs["bf16 top-k + exact re-ranking"] - secs["bf16 top-k (k + margin)"]
