@@ -25,6 +25,8 @@ and its grouped 8-head version, a chunk-size sweep, eval-mode search with a FAIS
     python benchmarks/bench_layer.py --full     # C in {1k,10k,50k} x tokens {4k,32k} x D {64,512}
     python benchmarks/bench_layer.py --tiny     # seconds; what tests/test_benchmarks.py runs
     python benchmarks/bench_layer.py --quick    # the machine's peak and the key case's floor ratios
+    python benchmarks/bench_layer.py --breakdown   # fp32 / bf16 time per search step, one thread
+    python benchmarks/bench_layer.py --per-call    # small calls: profile, small-call path on/off
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ from common import (  # noqa: E402
 )
 
 from codebook_lens import CodebookLayer  # noqa: E402
+from codebook_lens.model.cpu_threads import one_cpu_thread  # noqa: E402
+from codebook_lens.model.layer import cpu_flags  # noqa: E402
 
 KEY = {"tokens": 32_768, "num_codes": 10_000, "dim": 64, "k": 8}
 """The configuration whose numbers go to results.json's headline keys (issue 8)."""
@@ -246,14 +249,7 @@ HEADER = [
 # ------------------------------------------------------------------------- the floor
 def cpu_matrix_units() -> dict[str, bool]:
     """Which bf16 matrix instructions this CPU has (from /proc/cpuinfo flags)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
 
 
@@ -338,6 +334,172 @@ def floor_case(key: dict[str, int], repeats: int, device: torch.device) -> dict[
         f"{agreement:.4f} of tokens; bf16 units {cpu_matrix_units()})",
     )
     return res
+
+
+def _layer_steps(x: torch.Tensor, num_codes: int, k: int) -> dict[str, Callable[[], object]]:
+    """Forward, then backward, of an fp32 and a bf16-scoring layer on ``x`` (in this order)."""
+    tokens, dim = x.shape
+    gen = torch.Generator().manual_seed(1)
+    steps: dict[str, Callable[[], object]] = {}
+    for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16")):
+        layer = CodebookLayer(dim, num_codes, k, seed=0, score_dtype=dtype).train()
+        xg = x.clone().requires_grad_(True)
+        grad = torch.randn(tokens, dim, generator=gen)
+        holder: dict[str, Any] = {}
+
+        def fwd(layer: CodebookLayer = layer, xg: torch.Tensor = xg, h: dict = holder) -> None:
+            layer.codebook.grad = xg.grad = None
+            h["res"] = layer(xg)
+
+        def bwd(grad: torch.Tensor = grad, h: dict = holder) -> None:
+            res = h.pop("res")
+            torch.autograd.backward((res.output, res.loss), (grad, torch.ones(())))
+
+        steps[f"{tag} layer forward"] = fwd
+        steps[f"{tag} layer backward"] = bwd  # runs right after its forward
+    return steps
+
+
+def breakdown(tokens: int, num_codes: int, dim: int, k: int, repeats: int) -> dict[str, Any]:
+    """Where a CPU layer call's time goes, fp32 against bf16 scoring, on one thread.
+
+    The search's own steps, over the tiles one task scores (``tile_rows`` rows of the
+    ``tokens``): dtype conversion of the inputs and codes, the score matmul, the top-k (bf16:
+    of ``k + BF16_MARGIN`` candidates), the exact fp32 re-ranking of those (bf16 only); then the
+    whole layer's forward and its backward. Interleaved, medians of ``repeats``.
+    """
+    import codebook_lens.model.layer as L
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, dim, generator=gen)
+    w = F.normalize(torch.randn(num_codes, dim, generator=gen), dim=-1)
+    rows = L.tile_rows(num_codes, 2048)
+    tiles = [slice(s, min(s + rows, tokens)) for s in range(0, tokens, rows)]
+    m = min(num_codes, k + L.BF16_MARGIN)
+    s32 = torch.empty(rows, num_codes)
+    s16 = torch.empty(rows, num_codes, dtype=torch.bfloat16)
+    x16, w16 = x.bfloat16(), w.bfloat16()
+
+    def each_tile(fn: Callable[[slice], object]) -> Callable[[], None]:
+        def run() -> None:
+            for t in tiles:
+                fn(t)
+
+        return run
+
+    def scores32(t: slice) -> torch.Tensor:
+        return torch.mm(x[t], w.t(), out=s32[: t.stop - t.start])
+
+    def scores16(t: slice) -> torch.Tensor:
+        return torch.mm(x16[t], w16.t(), out=s16[: t.stop - t.start])
+
+    sc32, sc16 = scores32(tiles[0]).clone(), scores16(tiles[0]).clone()
+    steps: dict[str, Callable[[], object]] = {
+        "fp32 score matmul": each_tile(scores32),
+        "fp32 top-k": each_tile(lambda t: L.topk_indices(sc32[: t.stop - t.start], k)),
+        "bf16 dtype conversion": lambda: (x.bfloat16(), w.bfloat16()),
+        "bf16 score matmul": each_tile(scores16),
+        "bf16 top-k (k + margin)": each_tile(lambda t: L.topk_indices(sc16[: t.stop - t.start], m)),
+        "bf16 top-k + exact re-ranking": each_tile(
+            lambda t: L.rerank(sc16[: t.stop - t.start], x[t], w, None, k)
+        ),
+    }
+    steps.update(_layer_steps(x, num_codes, k))
+    with one_cpu_thread(torch.device("cpu")):
+        secs, _ = time_wall_cpu(steps, repeats)
+    rerank = secs["bf16 top-k + exact re-ranking"] - secs["bf16 top-k (k + margin)"]
+    rows_out = [
+        ["dtype conversion (x, codes to bf16)", "-", f"{secs['bf16 dtype conversion']:.4f}"],
+        ["score matmul", f"{secs['fp32 score matmul']:.4f}", f"{secs['bf16 score matmul']:.4f}"],
+        ["top-k", f"{secs['fp32 top-k']:.4f}", f"{secs['bf16 top-k (k + margin)']:.4f}"],
+        ["exact fp32 re-ranking", "-", f"{max(rerank, 0.0):.4f}"],
+        ["layer forward (all of it)", f"{secs['fp32 layer forward']:.4f}",
+         f"{secs['bf16 layer forward']:.4f}"],
+        ["layer backward", f"{secs['fp32 layer backward']:.4f}",
+         f"{secs['bf16 layer backward']:.4f}"],
+    ]  # fmt: skip
+    has_units, why = L.bf16_matrix_units(torch.device("cpu"))
+    print_table(
+        ["step (one thread)", "fp32 s", "bf16 s"],
+        rows_out,
+        f"Layer time breakdown, {tokens:,} x {num_codes:,} x {dim}, k={k}, tiles of {rows} rows, "
+        f"one thread, median of {repeats}",
+    )
+    auto = CodebookLayer(dim, num_codes, k, seed=0).train()
+    with torch.no_grad():
+        auto(x)
+    print(f"bf16 matrix units: {why}\nscore_dtype='auto' chose: {auto.score_dtype_reason}")
+    return {
+        "tokens": tokens, "num_codes": num_codes, "dim": dim, "k": k, "tile_rows": rows,
+        "seconds": secs, "rerank_seconds": rerank, "bf16_units": has_units, "bf16_units_why": why,
+        "auto_choice": auto.score_dtype_reason, "repeats": repeats,
+    }  # fmt: skip
+
+
+PER_CALL_CASES = {
+    "fsm heads 2,080 x 4 x 16, C=1,000, k=1": (2080, 4, 16, 1000, 1),
+    "Pythia heads 2,048 x 16 x 64, C=10,000, k=8": (2048, 16, 64, 10_000, 8),
+}
+
+
+def per_call(repeats: int, tiny: bool) -> dict[str, Any]:
+    """Small-layer calls (forward + backward, training mode): where the time goes (the
+    profiler's top ops) and the small-call path on against off, interleaved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import codebook_lens.model.layer as L
+
+    cases = {"tiny 128 x 2 x 8, C=50, k=1": (128, 2, 8, 50, 1)} if tiny else PER_CALL_CASES
+    on = L.SMALL_CALL_ELEMENTS
+    out: dict[str, Any] = {}
+    for name, (n, g, d, c, k) in cases.items():
+        layer = CodebookLayer(g * d, c, k, groups=g, layer_norm=True, reduction="mean", seed=0)
+        layer.train()
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, n, g * d, generator=gen).requires_grad_(True)
+        grad = torch.randn(1, n, g * d, generator=gen)
+
+        def call(limit: int, layer: CodebookLayer = layer, x: torch.Tensor = x,
+                 grad: torch.Tensor = grad) -> Callable[[], None]:  # fmt: skip
+            def run() -> None:
+                L.SMALL_CALL_ELEMENTS = limit
+                try:
+                    x.grad = layer.codebook.grad = None
+                    res = layer(x)
+                    torch.autograd.backward((res.output, res.loss), (grad, torch.ones(())))
+                finally:
+                    L.SMALL_CALL_ELEMENTS = on
+
+            return run
+
+        fns = {"small-call path on": call(on), "off (every op on every thread)": call(0)}
+        secs, cpu = time_wall_cpu(fns, repeats, warmup=2)
+        tables = {}
+        for label, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    fn()
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+            total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
+            tables[label] = [
+                {"op": e.key, "calls": e.count // 3, "self_ms": e.self_cpu_time_total / 3e3,
+                 "share": e.self_cpu_time_total / total}
+                for e in ops
+            ]  # fmt: skip
+            print_table(
+                ["op", "calls / call", "self ms / call", "share"],
+                [
+                    [r["op"], str(r["calls"]), f"{r['self_ms']:.2f}", f"{r['share']:.0%}"]
+                    for r in tables[label]
+                ],  # fmt: skip
+                f"Profile of one call, {name}, {label} (torch.profiler, self CPU time)",
+            )
+        speed = secs["off (every op on every thread)"] / secs["small-call path on"]
+        print(f"{name}: on {secs['small-call path on'] * 1e3:.1f} ms, off "
+              f"{secs['off (every op on every thread)'] * 1e3:.1f} ms: {speed:.2f}x "
+              f"(load average {os.getloadavg()[0]:.2f})")  # fmt: skip
+        out[name] = {"seconds": secs, "cpu_seconds": cpu, "speedup": speed, "profile": tables}
+    return {"cases": out, "repeats": repeats, "machine": machine()}
 
 
 # ------------------------------------------------------------------------- extras
@@ -461,6 +623,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="only the machine peak and the key case's floor ratios, merged into the section",
     )
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the fp32 / bf16 time breakdown (CPU, one thread), merged in")  # fmt: skip
+    ap.add_argument("--breakdown-tokens", type=int, default=4096)
+    ap.add_argument("--per-call", action="store_true",
+                    help="only the small-layer per-call profile and the small-call path on/off")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -470,6 +637,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = {"tokens": 512, "num_codes": 1000, "dim": 32, "k": 8}
     issue2 = (512, 1000, 32) if args.tiny else (16_384, 10_000, 64)
     print(f"bench_layer on {machine()}", flush=True)
+    if args.per_call:
+        pc = per_call(repeats if args.repeats else (1 if args.tiny else 15), args.tiny)
+        update_section(None if args.tiny else args.results, "layer", {"per_call": pc})
+        return pc
+    if args.breakdown:
+        bd = breakdown(256 if args.tiny else args.breakdown_tokens, key["num_codes"], key["dim"],
+                       8, repeats)  # fmt: skip
+        update_section(None if args.tiny else args.results, "layer", {"breakdown": bd})
+        return bd
     if args.quick:
         fl = floor_case({**key, "k": 8}, repeats, device)
         keys = ("compute_floor_ratio", "compute_floor_ratio_bf16", "bf16_code_agreement")

@@ -27,12 +27,22 @@ processes above what they held before, sampled every 5 ms; the file pages mapped
 (page cache, which grows with what is read) are reported beside it as ``mapped``.
 
     python benchmarks/bench_search.py --scale    # about 20 minutes on 2 cores; ~8 GB of disk
+    python benchmarks/bench_search.py --scale --wide-only   # only the 1M x 384 case (~6.5 GB)
+
+``--broad`` times broad queries (``the``: 14% of the tokens, the sport documents: a third) on a
+``--broad-tokens`` (100k) x 384-codebook cache that builds in seconds: the counting kernel
+(``count_codes``) against the per-head ``np.bincount`` (``count_codes_plain``) on one core,
+side by side, and the whole search; results under ``broad`` (``broad_query_seconds``: the
+documents query). ``--scale`` records the 384-codebook case's ``broad_query_seconds`` too.
+
+    python benchmarks/bench_search.py --broad    # about a minute
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -48,11 +58,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The synthetic cache is a test fixture: tests/helpers/synthetic.py.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import machine, print_table, save_section  # noqa: E402
+from common import machine, print_table, save_section, update_section  # noqa: E402
 from helpers.synthetic import synthetic_cache  # noqa: E402
 
 from codebook_lens.codes.cache import CodeCache
 from codebook_lens.codes.search import Pattern, available_cores, code_hits, make_pattern, search
+from codebook_lens.codes.search.counting import count_codes, count_codes_plain
 
 MONTHS = (
     r"\b(January|February|March|April|May|June|July|August|September|October|November|December)\b"
@@ -274,6 +285,8 @@ def scale_case(
 def run_scale(args: argparse.Namespace) -> int:
     """Growth in tokens (8 codebooks) and the 384-codebook case; results under ``scale``."""
     sizes = [5_000, 10_000, 20_000] if args.tiny else [1_000_000, 4_000_000, 16_000_000]
+    if args.wide_only:
+        sizes = []
     wide_tokens = 2_000 if args.tiny else 1_000_000
     wide = (24, 16, 10_000) if not args.tiny else (3, 4, 1_000)
     repeats = 1 if args.tiny else args.repeats
@@ -290,6 +303,15 @@ def run_scale(args: argparse.Namespace) -> int:
                                num_codes=wide[2], index="none", repeats=repeats, queries=queries)  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    # The documents pattern covers a third of the cache: the broad query of the target.
+    wide_case["broad_query_seconds"] = wide_case["queries"][-1]["seconds"]
+    if not cases:
+        wide_case["machine"] = machine()
+        update_section(args.results, "scale", {"codebooks_384": wide_case})
+        print(json.dumps({k: v for k, v in wide_case.items() if k != "queries"}, indent=1))
+        for q in wide_case["queries"]:
+            print(q)
+        return 0
     tokens = [c["tokens"] for c in cases]
     metrics = {
         "build_seconds": [c["build_seconds"] for c in cases],
@@ -335,6 +357,82 @@ def run_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_every_codebook(cache: CodeCache, positions: np.ndarray, kernel: Any) -> float:
+    """Seconds for ``kernel(codes, positions, num_codes)`` over every codebook, in this process."""
+    t0 = time.perf_counter()
+    for name, cb in cache.codebooks.items():
+        kernel(cache.codes(name), positions, cb.num_codes)
+    return time.perf_counter() - t0
+
+
+def run_broad(args: argparse.Namespace) -> int:
+    """Broad queries over many codebooks at a size that builds in seconds; results ``broad``."""
+    tokens = 5_000 if args.tiny else args.broad_tokens
+    n_cb, groups, num_codes = (3, 4, 1_000) if args.tiny else (24, 16, 10_000)
+    repeats = 1 if args.tiny else args.repeats
+    root = Path(tempfile.mkdtemp(prefix="bench_broad_", dir=args.scratch))
+    records = []
+    try:
+        t0 = time.perf_counter()
+        cache = synthetic_cache(root / "cache", n_tokens=tokens, n_codebooks=n_cb, groups=groups,
+                                num_codes=num_codes, k=8, plant={"May": 7}, index="none")  # fmt: skip
+        built = time.perf_counter() - t0
+        heads = n_cb * groups
+        for kind, q in (("token", "the"), ("docs", "sport")):
+            kw = {"token": q} if kind == "token" else {"docs_label": q}
+            pattern = make_pattern(cache, **kw)  # type: ignore[arg-type]
+            positions = np.asarray(pattern.positions)
+            entries = len(positions) * heads * 8
+            _count_every_codebook(cache, positions, count_codes)  # map the pages once
+            kernel = plain = searched = serial = float("inf")
+            for _ in range(repeats):  # interleaved: the same load for each contender
+                kernel = min(kernel, _count_every_codebook(cache, positions, count_codes))
+                plain = min(plain, _count_every_codebook(cache, positions, count_codes_plain))
+                fresh = CodeCache(root / "cache")
+                t0 = time.perf_counter()
+                search(fresh, make_pattern(fresh, **kw), top=50)  # type: ignore[arg-type]
+                searched = min(searched, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                search(fresh, make_pattern(fresh, **kw), top=50, workers=1)  # type: ignore[arg-type]
+                serial = min(serial, time.perf_counter() - t0)
+            records.append({
+                "kind": kind, "query": q, "pattern_tokens": len(positions),
+                "share_of_cache": len(positions) / cache.n_tokens, "entries": entries,
+                "count_seconds": kernel, "count_ns_per_entry": kernel / entries * 1e9,
+                "plain_count_seconds": plain, "plain_ns_per_entry": plain / entries * 1e9,
+                "kernel_speedup": plain / kernel, "seconds": searched, "serial_seconds": serial,
+                "seconds_per_1m_tokens": searched * 1e6 / cache.n_tokens,
+            })  # fmt: skip
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rows = [
+        (f"{r['kind']} {r['query']}", f"{r['pattern_tokens']:,} ({r['share_of_cache']:.0%})",
+         f"{r['plain_ns_per_entry']:.2f}", f"{r['count_ns_per_entry']:.2f}",
+         f"{r['kernel_speedup']:.2f}x", f"{r['seconds']:.3f}", f"{r['serial_seconds']:.3f}",
+         f"{r['seconds_per_1m_tokens']:.2f}")
+        for r in records
+    ]  # fmt: skip
+    print_table(
+        ("query", "pattern tokens", "bincount ns/id", "kernel ns/id", "kernel speedup",
+         "search s", "serial s", "s per 1M tokens"),
+        rows,
+        title=f"{tokens:,} tokens x {heads} codebooks (k=8, C={num_codes:,}, built in "
+        f"{built:.0f} s); counting one core, search on {available_cores()} core(s), "
+        f"load average {os.getloadavg()[0]:.2f}",
+    )  # fmt: skip
+    docs = records[-1]
+    save_section(args.results, "broad", {
+        "tokens": tokens, "codebooks": heads, "num_codes": num_codes, "k": 8,
+        # The docs pattern covers a third of the cache: the issue's broad query.
+        "broad_query_seconds": docs["seconds"],
+        "broad_query_seconds_per_1m_tokens": docs["seconds_per_1m_tokens"],
+        "kernel_speedup": min(r["kernel_speedup"] for r in records),
+        "count_ns_per_entry": max(r["count_ns_per_entry"] for r in records),
+        "queries": records, "cores": available_cores(), "machine": machine(),
+    })  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1_000_000)
@@ -350,9 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="", help="merge the 'search' section into this JSON")
     ap.add_argument("--scale", action="store_true", help="growth in tokens and codebooks instead")
     ap.add_argument("--scratch", default=None, help="folder for the --scale caches (default: tmp)")
+    ap.add_argument("--wide-only", action="store_true",
+                    help="with --scale: only the 1M-token x 384-codebook case")  # fmt: skip
+    ap.add_argument("--broad", action="store_true",
+                    help="broad queries on --broad-tokens tokens x 384 codebooks instead")  # fmt: skip
+    ap.add_argument("--broad-tokens", type=int, default=100_000)
     args = ap.parse_args(argv)
     if args.scale:
         return run_scale(args)
+    if args.broad:
+        return run_broad(args)
     if args.tiny:
         args.tokens, args.codebooks, args.num_codes, args.loop_codes = 20_000, 3, 64, 16
         args.repeats = 1

@@ -17,6 +17,12 @@ Target (issue 4): codebook model >= 0.6x the base model's tokens/s.
 TokFSM sequences, head and MLP codebooks C=1,000, k=1, commitment 1.0, k-means init), the
 optimizer step the demo uses (``build_optimizer``, model lr factor 0.1), and writes
 ``bench_train.fsm`` (read as ``train.fsm_codebook_vs_base_throughput``).
+
+``--overhead`` times the two configurations of ``bench_reference.py`` (the paper's TokFSM model
+and a Pythia-like one) without and with codebooks, and with codebooks but the layer's small-call
+path off (``SMALL_CALL_ELEMENTS = 0``: every element-wise op on every thread, as before it),
+interleaved; it writes ``bench_train.overhead`` (read as ``train.codebook_overhead``, the
+codebook step minus the base step over the base step, worst of the two configurations).
 """
 
 from __future__ import annotations
@@ -116,6 +122,51 @@ def fsm_steps(repeats: int, device: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def overhead_steps(repeats: int, tiny: bool) -> dict[str, Any]:
+    """Codebook cost of a training step over the base step, with and without the small-call
+    path, for the TokFSM and Pythia-like configurations (interleaved per configuration)."""
+    import bench_reference
+
+    import codebook_lens.model.layer as layer_module
+
+    configs = bench_reference.TINY_TRAIN if tiny else bench_reference.TRAIN_CONFIGS
+    on = layer_module.SMALL_CALL_ELEMENTS
+
+    def with_limit(fn: Any, limit: int) -> Any:
+        def run() -> None:
+            layer_module.SMALL_CALL_ELEMENTS = limit
+            try:
+                fn()
+            finally:
+                layer_module.SMALL_CALL_ELEMENTS = on
+
+        return run
+
+    out: dict[str, Any] = {}
+    rows = []
+    for name, spec in configs.items():
+        cb = bench_reference.our_train(spec, True)
+        steps = {"base": bench_reference.our_train(spec, False), "codebook": with_limit(cb, on),
+                 "codebook, small-call path off": with_limit(cb, 0)}  # fmt: skip
+        times, cpu = time_wall_cpu(steps, repeats, warmup=1)
+        over = {n: (times[n] - times["base"]) / times["base"] for n in steps if n != "base"}
+        over_cpu = {n: (cpu[n] - cpu["base"]) / cpu["base"] for n in steps if n != "base"}
+        out[name] = {"step_s": times, "cpu_s": cpu, "codebook_overhead": over["codebook"],
+                     "cpu_codebook_overhead": over_cpu["codebook"],
+                     "codebook_overhead_small_call_off": over["codebook, small-call path off"]}  # fmt: skip
+        for n in steps:
+            rows.append([name, n, f"{times[n] * 1e3:.1f}", f"{cpu[n] * 1e3:.1f}",
+                         "-" if n == "base" else f"{over[n]:.2f}",
+                         "-" if n == "base" else f"{over_cpu[n]:.2f}"])  # fmt: skip
+    print_table(
+        ["config", "model", "ms / step", "CPU ms / step", "overhead", "overhead (CPU)"],
+        rows,
+        f"codebook overhead per training step (step - base) / base, median of {repeats}",
+    )
+    worst = max(v["codebook_overhead"] for v in out.values())
+    return {"codebook_overhead": worst, "configs": out, "repeats": repeats, "machine": machine()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(ap)
@@ -128,7 +179,16 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--fsm", action="store_true", help="only the FSM demo's models (see above)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the TokFSM and Pythia-like codebook overhead (see above)")  # fmt: skip
     args = ap.parse_args()
+    if args.overhead:
+        torch.set_num_threads(args.threads)
+        res = overhead_steps(args.repeats or (1 if args.tiny else 5), args.tiny)
+        print(f"\ncodebook overhead (worst config): {res['codebook_overhead']:.2f} (target <= 0.5)")
+        if not args.tiny:
+            update_section(args.results, "bench_train", {"overhead": res})
+        return
     if args.fsm:
         torch.set_num_threads(args.threads)
         fsm = fsm_steps(args.repeats or (2 if args.tiny else 15), args.device)

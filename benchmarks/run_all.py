@@ -33,7 +33,11 @@ HEADLINE = {
         "memory_ratio_vs_dense",
     ),
     "groups": ("speedup_vs_loop", "min_speedup_vs_loop"),
-    "train": ("codebook_vs_base_throughput", "fsm_codebook_vs_base_throughput"),
+    "train": (
+        "codebook_vs_base_throughput",
+        "fsm_codebook_vs_base_throughput",
+        "codebook_overhead",
+    ),
     "reference": ("layer_speedup_min", "memory_ratio", "train_speedup_min"),
     "generate": ("codebook_vs_base_throughput",),
     "search": ("seconds_1m_tokens", "speedup_vs_loop"),
@@ -44,6 +48,7 @@ TARGETS = {
     "layer.bf16_code_agreement": ">= 0.999",
     "groups.min_speedup_vs_loop": ">= 1.0",
     "train.fsm_codebook_vs_base_throughput": ">= 0.6",
+    "train.codebook_overhead": "<= 0.5",
     "reference.layer_speedup_min": ">= 4",
     "reference.memory_ratio": "<= 0.25",
     "reference.train_speedup_min": ">= 2",
@@ -93,6 +98,9 @@ def derive(results: dict[str, Any]) -> None:
         fsm = train.get("fsm")
         if isinstance(fsm, dict) and "codebook_vs_base_throughput" in fsm:
             derived["fsm_codebook_vs_base_throughput"] = fsm["codebook_vs_base_throughput"]
+        over = train.get("overhead")
+        if isinstance(over, dict) and "codebook_overhead" in over:
+            derived["codebook_overhead"] = over["codebook_overhead"]
         if len(derived) > 1:
             results["train"] = derived
 
@@ -127,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"\n== bench_{name}.py: not present, skipped", flush=True)
             continue
-        # bench_train runs twice: its model grid, then the FSM demo's own models.
-        for extra in ([], ["--fsm"]) if name == "train" else ([],):
+        # bench_train runs three times: its model grid, the FSM demo's own models, the overhead.
+        for extra in ([], ["--fsm"], ["--overhead"]) if name == "train" else ([],):
             cmd = [sys.executable, str(path), *script_args(path, args), *extra]
             print(f"\n== {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()

@@ -207,3 +207,104 @@ def test_cuda_layer_matches_cpu_and_trains() -> None:
     assert gpu.codebook.grad is not None and torch.isfinite(gpu.codebook.grad).all()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(gpu(x.cuda()).codes, gpu(x.cuda()).codes)
+
+
+@pytest.mark.parametrize(("groups", "k"), [(4, 1), (1, 8)])
+def test_small_call_on_one_thread_equals_the_threaded_path(
+    groups: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small CPU call's element-wise work on one thread: same outputs, codes and gradients,
+    and the caller's thread count afterwards."""
+    import codebook_lens.model.layer as layer_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for limit in (0, layer_module.SMALL_CALL_ELEMENTS):
+            monkeypatch.setattr(layer_module, "SMALL_CALL_ELEMENTS", limit)
+            layer = CodebookLayer(groups * 16, 600, k, groups=groups, layer_norm=True, seed=0)
+            x = torch.randn(3, 700, groups * 16, generator=torch.Generator().manual_seed(1))
+            x.requires_grad_(True)
+            res = layer(x)
+            (res.output.square().sum() + res.loss).backward()
+            assert torch.get_num_threads() == 2
+            results.append((res.output, res.codes, res.loss, x.grad, layer.codebook.grad))
+        for a, b in zip(*results, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_auto_score_dtype_keeps_fp32_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    import codebook_lens.model.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "AUTO_CHECK_SCORES", 1)
+    monkeypatch.setattr(layer_module, "bf16_matrix_units", lambda device: (False, "no units"))
+    auto = CodebookLayer(32, 300, 4, groups=2, seed=0)
+    exact = CodebookLayer(32, 300, 4, groups=2, seed=0, score_dtype="float32")
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))
+    assert auto.score_dtype == "auto"
+    assert torch.equal(auto(x).codes, exact(x).codes)
+    assert auto.score_dtype_reason == "float32: no units"
+    assert not auto._bf16_scores()
+
+
+@pytest.mark.parametrize(("gain", "want_bf16"), [(1e9, True), (0.0, False)])
+def test_auto_score_dtype_checks_agreement_and_time(
+    gain: float, want_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With bf16 units, 'auto' picks bf16 only if it gives the fp32 codes and is faster."""
+    import codebook_lens.model.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "AUTO_CHECK_SCORES", 1)
+    monkeypatch.setattr(layer_module, "AUTO_BF16_GAIN", gain)
+    monkeypatch.setattr(layer_module, "bf16_matrix_units", lambda device: (True, "units"))
+    layer = CodebookLayer(16, 50, 1, seed=0)
+    exact = CodebookLayer(16, 50, 1, seed=0, score_dtype="float32")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    same = torch.equal(
+        CodebookLayer(16, 50, 1, seed=0, score_dtype="bfloat16")(x).codes, exact(x).codes
+    )
+    layer(x)
+    assert layer._bf16_scores() == (want_bf16 and same)
+    assert layer.score_dtype_reason.startswith("bfloat16" if want_bf16 and same else "float32")
+    assert "bf16 codes" in layer.score_dtype_reason
+    layer.score_dtype = "float32"  # an explicit choice wins over the check
+    assert not layer._bf16_scores()
+
+
+def test_small_call_backward_restores_threads_on_every_path() -> None:
+    """Input without gradient, backward through the loss only, two layers in a row: the
+    thread count after each backward is the caller's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = CodebookLayer(16, 40, 1, groups=2, layer_norm=True, seed=0)
+        b = CodebookLayer(16, 40, 2, seed=1)
+        x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+        a(x).loss.backward()  # x needs no gradient: the end of the pass switches back
+        assert torch.get_num_threads() == 2
+        xr = x.clone().requires_grad_(True)
+        ra = a(xr)
+        rb = b(ra.output * 2)
+        (rb.output.sum() + ra.loss + rb.loss).backward()
+        assert torch.get_num_threads() == 2
+        assert xr.grad is not None and a.codebook.grad is not None
+        ra = a(xr)
+        ra.output.sum().backward()  # the loss unused
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_small_call_outputs_need_gradients_as_before() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = CodebookLayer(16, 40, 1, recon_weight=0.0, seed=0)  # a constant loss
+        x = torch.randn(20, 16, requires_grad=True)
+        res = layer(x)
+        assert res.output.requires_grad and not res.loss.requires_grad
+    finally:
+        torch.set_num_threads(threads)

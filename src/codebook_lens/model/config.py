@@ -18,7 +18,7 @@ Similarity = Literal["cosine", "inner_product", "euclidean"]
 Reduction = Literal["sum", "mean"]
 Placement = Literal["attn_heads", "attn_out", "mlp_out", "residual"]
 NonFinite = Literal["raise", "skip"]
-ScoreDtype = Literal["float32", "bfloat16"]
+ScoreDtype = Literal["auto", "float32", "bfloat16"]
 
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
@@ -79,11 +79,13 @@ class CodebookConfig:
     (one device->host sync per forward on GPU), or 'skip' those (token, head) slices: they pass
     through unquantized with code -1 and never reach the codebook or its statistics (no sync)."""
 
-    score_dtype: ScoreDtype = "float32"
+    score_dtype: ScoreDtype = "auto"
     """Precision of the similarity search: 'float32' (exact), or 'bfloat16': score every code in
     bf16, then re-rank the best k + margin candidates exactly in fp32 (the chosen codes equal
     the fp32 ones on >= 99.9% of tokens, measured in benchmarks/). Faster only on hardware with
-    bf16 matrix units (recent GPUs, CPUs with AMX/AVX512-BF16); much slower on other CPUs."""
+    bf16 matrix units (recent GPUs, CPUs with AMX/AVX512-BF16); much slower on other CPUs.
+    'auto': fp32, unless the device has bf16 units and, on the layer's first large search, bf16
+    gives exactly the fp32 codes and is faster (``CodebookLayer.score_dtype_reason`` says why)."""
 
     placements: list[str] = field(default_factory=lambda: ["attn_heads"])
     """Named placements: 'attn_heads' (one codebook per head, before the attention output

@@ -18,7 +18,9 @@ This module has no Hugging Face imports; ``codebook_model.py`` puts layers into 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -148,13 +150,58 @@ _SMALL_SEARCH = 1 << 18
 """Searches with at most this many scores (tokens x groups x codes) over a codebook of at most
 this many elements run as one batched product in the calling thread: for one generated token,
 handing tiles to threads costs more than it saves."""
+SMALL_CALL_ELEMENTS = 1 << 21
+"""CPU calls whose input has at most this many elements (tokens x dim) run their element-wise
+work (layer norm, losses, straight-through, statistics) on one intra-op thread; the search
+still shares its tiles over every thread. Such ops take tens of microseconds, and splitting
+them over threads makes each wait for its partner thread, milliseconds on a busy machine
+(benchmarks/README.md, per-call breakdown)."""
+AUTO_CHECK_SCORES = 1 << 24
+"""``score_dtype='auto'`` decides on the first search with at least this many scores (tokens x
+groups x codes): smaller ones are too short to time and run in fp32."""
+AUTO_BF16_GAIN = 0.8
+"""``score_dtype='auto'`` picks bf16 only if its search takes less than this share of fp32's."""
 BF16_MARGIN = 8
 """Extra candidates kept by the bf16 search (``score_dtype='bfloat16'``) beyond k, re-ranked
 exactly in fp32: bf16 rounding (8-bit mantissa) reorders near-ties, rarely by more than a few
 places (agreement with fp32 codes in benchmarks/README.md)."""
 
 
-def _tile_rows(num_codes: int, limit: int) -> int:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_matrix_units(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bf16 matrices in hardware, and what was found."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
+        return ok, f"{name} {'supports' if ok else 'lacks'} bf16"
+    if device.type != "cpu":
+        return False, f"device {device.type}: bf16 units unknown"
+    found = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if found:
+        return True, f"CPU has {', '.join(found)} (torch CPU capability {capability})"
+    return False, (
+        f"CPU has neither amx_bf16 nor avx512_bf16 (torch CPU capability {capability}): bf16 "
+        "matrix products are emulated and slower than fp32"
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tile_rows(num_codes: int, limit: int) -> int:
     """Token rows per CPU score tile: about ``_TILE_BYTES`` of fp32 scores, at most ``limit``."""
     return max(1, min(limit, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * num_codes))))
 
@@ -261,7 +308,7 @@ class _GradBuffer:
             self.rows, self.version = rows, buf._version
 
 
-def _rerank(scores: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, k: int) -> Tensor:
+def rerank(scores: Tensor, xs: Tensor, w: Tensor, b: Tensor | None, k: int) -> Tensor:
     """Top-k ids from low-precision ``scores`` ``(..., n, C)``, re-ranked exactly in fp32.
 
     Keeps the best ``k + BF16_MARGIN`` candidates by ``scores``, rescores them as
@@ -364,6 +411,10 @@ class CodebookLayer(nn.Module):
             out of the loss, the statistics and the revival buffer (no host sync).
         score_dtype: 'float32' (exact search) or 'bfloat16': score in bf16, then re-rank the
             best ``k + BF16_MARGIN`` candidates exactly in fp32 (for bf16 matrix hardware).
+            'auto' (default): fp32, unless the device has bf16 matrix units
+            (``bf16_matrix_units``) and, on the first search of at least ``AUTO_CHECK_SCORES``
+            scores, bf16 gives exactly the fp32 codes in less than ``AUTO_BF16_GAIN`` of its
+            time; ``score_dtype_reason`` says what was chosen and why.
     """
 
     counts: Tensor
@@ -399,7 +450,7 @@ class CodebookLayer(nn.Module):
         grouped: bool | None = None,
         seed: int | None = None,
         nonfinite: str = "raise",
-        score_dtype: str = "float32",
+        score_dtype: str = "auto",
     ) -> None:
         super().__init__()
         _check_options(
@@ -431,6 +482,13 @@ class CodebookLayer(nn.Module):
         self.grouped = groups > 1 if grouped is None else grouped
         self.nonfinite = nonfinite
         self.score_dtype = score_dtype
+        self._score_low = score_dtype == "bfloat16"  # what the search uses ('auto': decided later)
+        self.score_dtype_reason = (
+            "undecided: no search large enough to check yet"
+            if score_dtype == "auto"
+            else f"{score_dtype}: as given"
+        )
+        """Why the search scores in the dtype it does (for ``score_dtype='auto'``)."""
         self._init_parameters(seed, layer_norm_affine)
         self._init_buffers()
 
@@ -442,6 +500,7 @@ class CodebookLayer(nn.Module):
         self._score_cache: tuple[Any, Tensor, Tensor | None] | None = None
         self._offsets: Tensor | None = None
         self._grad_buffer = _GradBuffer()
+        self._search_threads = 0  # threads for the search while a small call runs on one
 
     def _init_parameters(self, seed: int | None, layer_norm_affine: bool) -> None:
         """The codes ``(groups, C, head_dim)``, and the input LayerNorm's weight and bias."""
@@ -544,19 +603,55 @@ class CodebookLayer(nn.Module):
         out = torch.empty(n_tok, g, k, dtype=torch.int64, device=x.device)
         if n_tok == 0:
             return out
-        small = n_tok * g * c <= _SMALL_SEARCH and self.codebook.numel() <= _SMALL_SEARCH
         with torch.autocast(x.device.type, enabled=False):
-            if self.edit is not None or x.device.type != "cpu" or small:
-                self._search_batched(x, k, lead_shape, out)
-            else:
-                self._search_tiled(x, k, out)
+            undecided = self.score_dtype_reason.startswith("undecided")
+            if undecided and n_tok * g * c >= AUTO_CHECK_SCORES and self.edit is None:
+                self._choose_score_dtype(x, k, lead_shape)
+            self._search_into(x, k, lead_shape, out)
         return out
+
+    def _search_into(self, x: Tensor, k: int, lead_shape: tuple[int, ...], out: Tensor) -> None:
+        n_tok, g, c = x.shape[0], self.groups, self.num_codes
+        small = n_tok * g * c <= _SMALL_SEARCH and self.codebook.numel() <= _SMALL_SEARCH
+        if self.edit is not None or x.device.type != "cpu" or small:
+            self._search_batched(x, k, lead_shape, out)
+        else:
+            self._search_tiled(x, k, out)
+
+    def _bf16_scores(self) -> bool:
+        """Whether the search scores in bf16 now (``score_dtype`` may be set after init)."""
+        return self._score_low if self.score_dtype == "auto" else self.score_dtype == "bfloat16"
+
+    def _choose_score_dtype(self, x: Tensor, k: int, lead_shape: tuple[int, ...]) -> None:
+        """``score_dtype='auto'``: bf16 if the device has bf16 units and, on ``x``, bf16 gives
+        the fp32 codes exactly in less than ``AUTO_BF16_GAIN`` of fp32's time; else fp32."""
+        has_units, why = bf16_matrix_units(x.device)
+        if not has_units:
+            self._score_low, self.score_dtype_reason = False, f"float32: {why}"
+            return
+        runs: dict[bool, tuple[float, Tensor]] = {}
+        for low in (False, True, False, True):  # the second round of each is timed
+            self._score_low = low
+            codes = torch.empty(x.shape[0], self.groups, k, dtype=torch.int64, device=x.device)
+            _sync(x.device)
+            t0 = time.perf_counter()
+            self._search_into(x, k, lead_shape, codes)
+            _sync(x.device)
+            runs[low] = (time.perf_counter() - t0, codes)
+        (t32, exact), (t16, approx) = runs[False], runs[True]
+        same = torch.equal(exact.sort(-1).values, approx.sort(-1).values)
+        self._score_low = same and t16 < AUTO_BF16_GAIN * t32
+        self.score_dtype_reason = (
+            f"{'bfloat16' if self._score_low else 'float32'}: {why}; bf16 codes "
+            f"{'equal' if same else 'differ from'} the fp32 ones on the check "
+            f"({x.shape[0]} tokens), bf16 search {t16:.4f} s against fp32 {t32:.4f} s"
+        )
 
     def _search_batched(self, x: Tensor, k: int, lead_shape: tuple[int, ...], out: Tensor) -> None:
         """``search`` as ``(G, n, C)`` batched products over chunks of all groups' rows."""
         n_tok, g, c = x.shape[0], self.groups, self.num_codes
         step = max(1, min(self.chunk_size // g, n_tok))
-        low = self.score_dtype == "bfloat16"
+        low = self._bf16_scores()
         w, b = self._score_params()
         wt = (w.bfloat16() if low else w).transpose(1, 2)  # (G, d, C): a view, read transposed
         bias = None if b is None else b.unsqueeze(1)  # (G, 1, C)
@@ -578,14 +673,14 @@ class CodebookLayer(nn.Module):
                 torch.baddbmm(bias, xs, wt, out=scores)
             if self.edit is not None:
                 scores = self.edit.edit_scores(scores, rows, lead_shape)
-            codes = _rerank(scores, xs, w, b, k) if low else topk_indices(scores, k)
+            codes = rerank(scores, xs, w, b, k) if low else topk_indices(scores, k)
             out[rows] = codes.transpose(0, 1)
 
     def _search_tiled(self, x: Tensor, k: int, out: Tensor) -> None:
         """``search`` on CPU: one-group tiles shared out to threads (see ``search``)."""
         n_tok, g = x.shape[0], self.groups
-        threads = torch.get_num_threads()
-        rows = _tile_rows(self.num_codes, self.chunk_size)
+        threads = self._search_threads or torch.get_num_threads()
+        rows = tile_rows(self.num_codes, self.chunk_size)
         # Row ranges per group: enough tasks to keep every thread busy to the end, each
         # preparing its group's codes once (C x d: little next to its range's products).
         parts = max(1, min(-(-n_tok // rows), -(-4 * threads // g) if threads > 1 else 1))
@@ -622,7 +717,7 @@ class CodebookLayer(nn.Module):
             w, b = self._prepare(cbg.float())
         else:
             w, b = prepared[0][gi], None if prepared[1] is None else prepared[1][gi]
-        low = self.score_dtype == "bfloat16"
+        low = self._bf16_scores()
         wt = (w.bfloat16() if low else w).t()  # (d, C), a view
         c = self.num_codes
         tile = torch.empty(min(rows, hi - lo) * c, dtype=torch.bfloat16 if low else torch.float32)
@@ -634,7 +729,7 @@ class CodebookLayer(nn.Module):
                 torch.mm(xs.bfloat16(), wt, out=scores)
                 if b is not None:
                     scores.add_(b)
-                out[s:e, gi] = _rerank(scores, xs, w, b, k)
+                out[s:e, gi] = rerank(scores, xs, w, b, k)
             else:
                 if b is None:
                     torch.mm(xs, wt, out=scores)
@@ -711,13 +806,28 @@ class CodebookLayer(nn.Module):
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"input width {x.shape[-1]} does not match dim={self.dim}")
+        threads = torch.get_num_threads()
+        small = x.device.type == "cpu" and threads > 1 and x.numel() <= SMALL_CALL_ELEMENTS
         with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x)
+            if not small:
+                return self._forward(x)
+            self._search_threads = threads
+            try:
+                with one_cpu_thread(x.device):
+                    res = self._forward(x, one_thread_backward=torch.is_grad_enabled())
+            finally:
+                self._search_threads = 0
+            return res
 
-    def _forward(self, x: Tensor) -> CodebookOutput:
+    def _forward(self, x: Tensor, one_thread_backward: bool = False) -> CodebookOutput:
         lead = tuple(x.shape[:-1])
         in_dtype = x.dtype
         xg = x.reshape(-1, self.groups, self.head_dim).to(self.codebook.dtype)  # (N, G, d)
+        gate = _OneThreadBackward() if one_thread_backward else None
+        if gate is not None and xg.requires_grad:
+            # The input's gradient is the last this call computes: back to every thread then.
+            xg = xg.view_as(xg)
+            xg.register_hook(gate.leave_hook)
         if self.layer_norm:
             xg = F.layer_norm(xg, (self.head_dim,))
             if self.ln_weight is not None and self.ln_bias is not None:
@@ -769,6 +879,9 @@ class CodebookLayer(nn.Module):
             out = torch.where(bad.unsqueeze(-1), xg, out)
             codes = codes.masked_fill(bad.unsqueeze(-1), -1)
         out = out.reshape(*lead, self.dim).to(in_dtype)
+        if gate is not None and (out.requires_grad or loss.requires_grad):
+            out, loss = _EnterOneThread.apply(out, loss, gate)
+            self.last_loss = loss
         codes_out = codes.reshape(*lead, self.groups, codes.shape[-1])
         if not self.grouped:
             codes_out = codes_out.squeeze(-2)
@@ -1069,6 +1182,65 @@ class _BagSum(torch.autograd.Function):
         if weights is not None and ctx.needs_input_grad[2]:
             grad_weights = (grad.unsqueeze(1) * F.embedding(bags, table)).sum(-1)
         return grad_table, None, grad_weights, None
+
+
+class _OneThreadBackward:
+    """One small call's backward on one intra-op thread (see ``SMALL_CALL_ELEMENTS``).
+
+    ``_EnterOneThread`` (on the call's outputs) switches to one thread when the backward
+    reaches the call; the hook on the call's input switches back once its gradient is made,
+    and the end of the backward pass does so in any case (an input without gradient, an
+    error). Nested calls share one switch: the outermost saved count is restored.
+    """
+
+    depth = 0
+    saved = 0
+
+    def __init__(self) -> None:
+        self.entered = False
+
+    def enter(self) -> None:
+        if self.entered:
+            return
+        self.entered = True
+        cls = _OneThreadBackward
+        if cls.depth == 0:
+            cls.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        cls.depth += 1
+        # Runs when this backward pass ends, whatever it reached.
+        torch.autograd.Variable._execution_engine.queue_callback(self.leave)
+
+    def leave(self) -> None:
+        if not self.entered:
+            return
+        self.entered = False
+        cls = _OneThreadBackward
+        cls.depth -= 1
+        if cls.depth == 0:
+            torch.set_num_threads(cls.saved)
+
+    def leave_hook(self, grad: Tensor) -> None:
+        self.leave()
+
+
+class _EnterOneThread(torch.autograd.Function):
+    """Identity on ``(output, loss)`` whose backward switches to one thread first."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, loss: Tensor, gate: _OneThreadBackward) -> Any:
+        ctx.gate = gate
+        ctx.set_materialize_grads(False)
+        # Copies, not views: a caller may write into the output in place (a few KB here).
+        res = out.clone(), loss.clone()
+        pairs = zip(res, (out, loss), strict=True)
+        ctx.mark_non_differentiable(*(r for r, t in pairs if not t.requires_grad))
+        return res
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor | None, g_loss: Tensor | None) -> Any:
+        ctx.gate.enter()
+        return g_out, g_loss, None
 
 
 def _fill_bad_rows(x: Tensor, bad: Tensor) -> Tensor:

@@ -7,8 +7,8 @@ For a code and a pattern (METHOD.md section 3):
 - f1 = their harmonic mean.
 
 ``search`` scores every code of every codebook (per head for grouped codebooks) at once: one
-``bincount`` of the codes at pattern positions against the code totals stored in the cache,
-so the cost is O(pattern tokens x k x heads + codes), never a loop over codes, and it needs
+count of the codes at pattern positions (``counting.count_codes``) against the code totals
+stored in the cache, so the cost is O(pattern tokens x k x heads + codes), never a loop over codes, and it needs
 neither the inverted index nor more memory than a chunk of rows. A large query's codebooks
 (and shards) are split over worker processes; the counts are integers, summed, so the results
 are exactly those of the serial path.
@@ -24,7 +24,8 @@ import numpy as np
 
 from codebook_lens.codes.cache import CodeCache
 from codebook_lens.codes.pool import choose_workers, run_jobs
-from codebook_lens.codes.search.patterns import ROWS_CHUNK, Pattern, make_pattern, worker_cache
+from codebook_lens.codes.search.counting import count_codes
+from codebook_lens.codes.search.patterns import Pattern, make_pattern, worker_cache
 from codebook_lens.config import check_choice
 
 SortKey = Literal["f1", "precision", "recall", "count"]
@@ -82,28 +83,7 @@ def _split(cache: CodeCache, positions: np.ndarray) -> list[tuple[int, np.ndarra
 
 def _part_hits(part: CodeCache, codebook: str, positions: np.ndarray) -> np.ndarray:
     """``(groups * num_codes,)`` firings of every code on ``positions`` of one (unsharded) part."""
-    cb = part.info(codebook)
-    codes = part.codes(codebook)
-    n_keys = cb.groups * cb.num_codes
-    out = np.zeros(n_keys, dtype=np.int64)
-    rows = max(1, ROWS_CHUNK // (cb.groups * cb.k))  # bounded memory for huge patterns
-    # Every key (and an SAE codebook's unfired id, key n_keys) fits in 16 bits: one bincount
-    # over all heads; the unfired slots land past the last key and are cut off.
-    padded = cb.unfired is not None
-    narrow = n_keys + padded <= 1 << 16
-    offs = (np.arange(cb.groups, dtype=np.uint16) * cb.num_codes)[None, :, None] if narrow else None
-    for s in range(0, len(positions), rows):
-        sub = np.asarray(codes[positions[s : s + rows]])  # (m, G, k), the stored dtype
-        if offs is not None:
-            keys = (sub.astype(np.uint16, copy=False) + offs).ravel()
-            out += np.bincount(keys, minlength=n_keys + padded)[:n_keys]
-        else:  # wider keys: a bincount per head on the codes as stored (less memory traffic)
-            for g in range(cb.groups):
-                lo = g * cb.num_codes
-                out[lo : lo + cb.num_codes] += np.bincount(
-                    sub[:, g].ravel(), minlength=cb.num_codes
-                )[: cb.num_codes]
-    return out
+    return count_codes(part.codes(codebook), positions, part.info(codebook).num_codes).ravel()
 
 
 def _hits_job(path: str, names: list[str], positions: np.ndarray) -> list[np.ndarray]:
@@ -112,7 +92,7 @@ def _hits_job(path: str, names: list[str], positions: np.ndarray) -> list[np.nda
 
 
 def code_hits(cache: CodeCache, codebook: str, positions: np.ndarray) -> np.ndarray:
-    """``(groups, num_codes)`` firings of every code on ``positions``; one bincount per shard."""
+    """``(groups, num_codes)`` firings of every code on ``positions``; one count per shard."""
     cb = cache.info(codebook)
     out = np.zeros(cb.groups * cb.num_codes, dtype=np.int64)
     for i, local in _split(cache, positions):
