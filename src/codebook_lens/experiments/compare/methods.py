@@ -212,7 +212,7 @@ def fit_sparsify(x: Tensor, spec: FitSpec, lr: float) -> Fitted:
             sae = trainer.saes["acts"]
             hook = sae.register_forward_hook(
                 lambda _m, _a, out: curve.append(
-                    ((len(curve) + 1) * spec.batch_size, float(out.fvu))
+                    ((len(curve) + 1) * spec.batch_size, float(out.fvu.detach()))
                 )
             )
             try:
