@@ -1,4 +1,4 @@
-"""Subcommands that run the paper's experiments: ``experiment topics|concepts``, ``demo``."""
+"""Subcommands that run the paper's experiments: ``experiment topics|concepts|compare``, ``demo``."""
 
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ class IdentityDictionary(DenseDictionary):
         super().__init__()
         self.kind = "neuron"
         self.num_latents = self.d_in = d_in
-        self.k = k
+        self.k = self.keep = k
+        self.eye: Tensor
         self.register_buffer("eye", torch.eye(d_in))
 
     @property
@@ -93,7 +94,7 @@ class IdentityDictionary(DenseDictionary):
         return self.eye
 
     def encode(self, x: Tensor) -> Tensor:
-        idx = x.abs().topk(self.k, dim=-1).indices
+        idx = x.abs().topk(self.keep, dim=-1).indices
         return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
 
     def decode(self, z: Tensor) -> Tensor:
