@@ -22,6 +22,7 @@ def test_bad_config_values_name_the_field() -> None:
         ({"k": 2000}, "k"),
         ({"lr_factors": [0.0]}, "lr_factors"),
         ({"size": "huge"}, "size"),
+        ({"orthogonalize": "true"}, "orthogonalize"),
         ({"training_samples": 10}, "training_samples"),
     ]:
         with pytest.raises(ValueError, match=field):

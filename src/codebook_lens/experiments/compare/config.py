@@ -72,8 +72,8 @@ class CompareConfig:
     """Synthetic world with SAELens's feature hierarchy (mutually exclusive children)."""
     correlation: bool = True
     """Synthetic world with SAELens's low-rank feature correlations."""
-    orthogonalize: bool | None = None
-    """Orthogonalise the true features (SynthSAEBench's 100 steps); None = only at the '16k'
+    orthogonalize: Literal["auto", "on", "off"] = "auto"
+    """Orthogonalise the true features (SynthSAEBench's 100 steps); 'auto' = only at the '16k'
     size (the 100 steps take about 4 minutes per world on one CPU core at 4,096 x 256)."""
     device: str = "cpu"
     """'cpu' or 'cuda'."""
@@ -87,6 +87,7 @@ class CompareConfig:
             for v in values:
                 check_choice(name, v, allowed)
         check_choice("size", self.size, SIZES)
+        check_choice("orthogonalize", self.orthogonalize, ("auto", "on", "off"))
         check_choice("device", self.device, ("cpu", "cuda"))
         for name in ("num_features", "hidden_dim", "num_latents", "k", "batch_size"):
             check_int(name, getattr(self, name), 1)

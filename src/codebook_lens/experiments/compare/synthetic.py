@@ -47,7 +47,7 @@ def world_config(cfg: CompareConfig, seed: int) -> Any:
         if cfg.hierarchy
         else None,  # fmt: skip
         orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4)
-        if (full if cfg.orthogonalize is None else cfg.orthogonalize)
+        if cfg.orthogonalize == "on" or (cfg.orthogonalize == "auto" and full)
         else None,
         correlation=LowRankCorrelationConfig(rank=rank, correlation_scale=0.1)
         if cfg.correlation
