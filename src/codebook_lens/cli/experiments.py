@@ -1,4 +1,4 @@
-"""Subcommands that run the paper's experiments: ``experiment topics|concepts``, ``demo``."""
+"""Subcommands that run the paper's experiments: ``experiment topics|concepts|compare``, ``demo``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from codebook_lens.cli.base import add_threads, command
 from codebook_lens.flags import add_dataclass_args, dataclass_from_args
 
 
-@command("experiment", "run a paper experiment end to end and write its report (topics, concepts)")
+@command(
+    "experiment",
+    "run a paper experiment end to end and write its report (topics, concepts, compare)",
+)
 def _experiment_setup(p: argparse.ArgumentParser) -> None:
     from codebook_lens.experiments.concepts import ConceptsConfig
     from codebook_lens.experiments.topics import TopicsConfig
@@ -66,6 +69,32 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
         return 0
 
     c.set_defaults(func=run_concepts_cmd)
+    _compare_setup(sub)
+
+
+def _compare_setup(sub: argparse._SubParsersAction) -> None:
+    from codebook_lens.experiments.compare import CompareConfig
+
+    p = sub.add_parser(
+        "compare",
+        help="codebooks against sparse autoencoders (sparsify, SAELens) at matched size and L0",
+        description="codebooks against SAEs trained by their own libraries (needs the extra "
+        "saes); --quick: about a minute",
+    )
+    add_threads(p)
+    add_dataclass_args(p, CompareConfig)
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from codebook_lens.experiments.compare import format_summary, run_compare
+
+        cfg = dataclass_from_args(CompareConfig, args)
+        print(format_summary(run_compare(cfg, progress=print)))
+        print(f"report: {Path(cfg.out) / 'report.html'}")
+        return 0
+
+    p.set_defaults(func=run)
 
 
 @command("demo", "the finite-state-machine experiment end to end (what `make demo` runs)")

@@ -1,0 +1,143 @@
+"""``CompareConfig``: every setting of ``codebook-lens experiment compare``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codebook_lens.config import check_choice, check_int, check_range
+
+METHODS = (
+    "codebook_posthoc",
+    "sparsify_topk",
+    "saelens_batchtopk",
+    "saelens_matryoshka",
+    "neuron",
+    "kmeans",
+)
+"""Methods fitted post hoc to a workload's activations (every workload has them)."""
+
+WORKLOADS = ("synthetic",)
+"""Workloads the command runs."""
+
+SIZES = ("cpu", "16k")
+
+
+@dataclass
+class CompareConfig:
+    """Codebooks against sparse autoencoders at matched size and L0 (``experiment compare``)."""
+
+    out: str = "runs/compare"
+    """Output folder: report.md, report.html, metrics.json, config.json, plots."""
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    """Workloads to run ('synthetic': SAELens's ground-truth benchmark)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods to fit and score (see ``METHODS``)."""
+    quick: bool = False
+    """Tiny sizes and budgets: end to end in about a minute (tests, smoke runs)."""
+
+    size: Literal["cpu", "16k"] = "cpu"
+    """Synthetic world: 'cpu' = ``num_features`` features in ``hidden_dim`` dims; '16k' =
+    SynthSAEBench-16k's size (16,384 features in 768 dims, dictionaries of 4,096; use
+    ``--device cuda``)."""
+    num_features: int = 4096
+    """Ground-truth features of the synthetic world ('cpu' size)."""
+    hidden_dim: int = 256
+    """Width of the synthetic activations ('cpu' size)."""
+    num_latents: int = 1024
+    """Dictionary size of every method (codes, SAE latents); the identity dictionary of
+    ``neuron`` has ``hidden_dim``. A quarter of the true features, as SynthSAEBench advises."""
+    k: int = 16
+    """L0 of every method: codes per token, SAE k (BatchTopK: on average)."""
+    l0_grid: list[int] = field(default_factory=lambda: [8])
+    """Further L0 values scored (at the chosen learning rates) for the metric-vs-L0 plot."""
+    training_samples: int = 131_072
+    """Activation budget: training tokens every method sees (the same samples for all).
+    Small at the default size because SAELens's generator draws about 1,300 samples a second
+    of this world on one CPU core (measured)."""
+    batch_size: int = 512
+    """Tokens per optimizer step (every trained method)."""
+    lr_factors: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
+    """The learning-rate sweep: each library's recommended rate times these; chosen on the
+    development seed's validation samples (explained variance)."""
+    val_samples: int = 8192
+    """Validation samples of the development seed (learning-rate choice)."""
+    eval_samples: int = 16_384
+    """Samples ``eval_sae_on_synthetic_data`` scores each method on."""
+    dev_seed: int = 0
+    """Seed of the world and data on which the learning rates are chosen (never scored)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Seeds scored (world, data, initialisation); at least 3 for mean and spread."""
+    hierarchy: bool = True
+    """Synthetic world with SAELens's feature hierarchy (mutually exclusive children)."""
+    correlation: bool = True
+    """Synthetic world with SAELens's low-rank feature correlations."""
+    orthogonalize: Literal["auto", "on", "off"] = "auto"
+    """Orthogonalise the true features (SynthSAEBench's 100 steps); 'auto' = only at the '16k'
+    size (the 100 steps take about 4 minutes per world on one CPU core at 4,096 x 256)."""
+    device: str = "cpu"
+    """'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        for name in ("workloads", "methods"):
+            values = getattr(self, name)
+            allowed = WORKLOADS if name == "workloads" else METHODS
+            if not values:
+                raise ValueError(f"{name}=[] is invalid; choose from {', '.join(allowed)}")
+            for v in values:
+                check_choice(name, v, allowed)
+        check_choice("size", self.size, SIZES)
+        check_choice("orthogonalize", self.orthogonalize, ("auto", "on", "off"))
+        check_choice("device", self.device, ("cpu", "cuda"))
+        for name in ("num_features", "hidden_dim", "num_latents", "k", "batch_size"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("training_samples", "val_samples", "eval_samples"):
+            check_int(name, getattr(self, name), 64)
+        check_int("dev_seed", self.dev_seed, 0)
+        if len(self.seeds) < 3 and not self.quick:
+            raise ValueError(
+                f"seeds={self.seeds!r} is invalid; give at least 3 seeds (mean and spread)"
+            )
+        for s in self.seeds:
+            check_int("seeds", s, 0)
+        if self.dev_seed in self.seeds:
+            raise ValueError(
+                f"seeds={self.seeds!r} is invalid: it holds dev_seed={self.dev_seed}; settings "
+                "are chosen on the development seed, which is never scored"
+            )
+        try:  # flags give "0.3,1" as strings
+            self.lr_factors = [float(v) for v in self.lr_factors]
+        except (TypeError, ValueError):
+            raise ValueError(f"lr_factors={self.lr_factors!r} is invalid; give numbers") from None
+        if not self.lr_factors:
+            raise ValueError("lr_factors=[] is invalid; give at least one factor, e.g. 1")
+        for v in self.lr_factors:
+            check_range("lr_factors", v, 0.0, low_open=True)
+        for v in self.l0_grid:
+            check_int("l0_grid", v, 1)
+        if self.size == "16k":
+            self.num_features, self.hidden_dim, self.num_latents = 16_384, 768, 4096
+            self.k = 25 if self.k == 16 else self.k
+        if self.quick:
+            self.apply_quick()
+        for v in [self.k, *self.l0_grid]:
+            if v > min(self.num_latents, self.hidden_dim):
+                raise ValueError(
+                    f"k={v} is invalid; it must be <= num_latents={self.num_latents} and <= "
+                    f"hidden_dim={self.hidden_dim}"
+                )
+
+    def apply_quick(self) -> None:
+        """Shrink everything so the command runs end to end in about a minute."""
+        self.num_features, self.hidden_dim = min(self.num_features, 256), min(self.hidden_dim, 32)
+        self.num_latents, self.k = min(self.num_latents, 64), min(self.k, 4)
+        self.l0_grid = [min(v, 8) for v in self.l0_grid[:1]]
+        self.training_samples = min(self.training_samples, 16_384)
+        self.batch_size = min(self.batch_size, 256)
+        self.val_samples, self.eval_samples = 1024, 2048
+        self.lr_factors = self.lr_factors[:2]
+        self.seeds = self.seeds[:3]
+
+    def k_values(self) -> list[int]:
+        """Every L0 scored: ``k`` first, then the grid."""
+        return [self.k, *sorted(set(self.l0_grid) - {self.k})]
