@@ -102,3 +102,9 @@ def test_unconverged_base_restarts_then_stops_the_run(
     assert (out / "base_training_restart1").is_dir()
     report = (out / "report.md").read_text()
     assert "STOPPED" in report and "Restarted 1 time(s)" in report
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_bad_base_warmup(value: object) -> None:
+    with pytest.raises(ValueError, match=f"base_warmup_steps={value!r} is invalid"):
+        DemoConfig(base_warmup_steps=value)  # type: ignore[arg-type]

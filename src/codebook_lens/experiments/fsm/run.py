@@ -176,10 +176,12 @@ def _finish(out: Path, metrics: dict[str, Any], t0: float, c0: float, load0: flo
 
 
 def _base_train_config(cfg: DemoConfig, progress: bool) -> TrainConfig:
+    """The base stage's optimisation (the codebook stage's starts from it)."""
     log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, cfg.base_steps // 60)
+    warmup = cfg.warmup_steps if cfg.base_warmup_steps is None else cfg.base_warmup_steps
     return TrainConfig(
         steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr, model_lr_factor=1.0,
-        weight_decay=0.0, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+        weight_decay=0.0, warmup_steps=warmup, schedule=cfg.schedule,
         min_lr_ratio=0.05, eval_every=0, checkpoint_every=0, log_every=log_every, seed=cfg.seed,
         device="cpu", progress=progress, beta2=0.99,
     )  # fmt: skip
@@ -256,6 +258,7 @@ def _train_models(
     warm = cfg.codebook_warmup_steps
     cb_cfg = dataclasses.replace(
         _base_train_config(cfg, progress), steps=cfg.codebook_steps - warm, lr=cfg.codebook_lr,
+        warmup_steps=cfg.warmup_steps,
         model_lr_factor=cfg.model_lr_factor, seed=cfg.seed + 1,
     )  # fmt: skip
     stages = [base_res]
