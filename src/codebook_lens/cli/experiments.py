@@ -126,10 +126,11 @@ def _demo_setup(p: argparse.ArgumentParser) -> None:
             seeds = parse_seeds(args.seeds)
             if args.seed is not None or args.fsm_seed is not None:
                 raise ValueError("--seeds sets both seeds of each run; drop --seed/--fsm-seed")
-            print(seeds_summary(run_seeds(cfg, seeds, args.out)))
-            return 0
+            data = run_seeds(cfg, seeds, args.out)
+            print(seeds_summary(data))
+            return 1 if data["gate_failed"] else 0
         metrics = run_demo(cfg, args.out)
         print(summary(metrics))
-        return 0
+        return 0 if metrics["base_gate"]["passed"] else 1
 
     p.set_defaults(func=run)

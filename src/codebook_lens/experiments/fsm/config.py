@@ -50,7 +50,12 @@ class DemoConfig(MachineShape):
     batch_size: int = 32
     """Sequences per step (small batches: this task is limited by the number of updates)."""
     warmup_steps: int = 30
-    """Linear warmup steps (both stages)."""
+    """Linear warmup steps of the codebook stage (and of the base stage when
+    ``base_warmup_steps`` is None)."""
+    base_warmup_steps: int | None = 300
+    """Linear warmup steps of the base stage (None: ``warmup_steps``). Measured on development
+    seeds (docs/fsm.md): 300 instead of 30 leaves chance as early and reaches the criterion
+    sooner and more often within the cap."""
     schedule: Literal["cosine", "linear", "constant"] = "constant"
     """Learning-rate decay after the warmup (both stages; over each stage's step cap). Constant:
     the stages stop on a criterion, not at the cap (measured: cosine over 1,500 steps gave no
@@ -101,6 +106,24 @@ class DemoConfig(MachineShape):
     previous check."""
     check_sequences: int = 64
     """Sequences sampled from BOS at each check (and validation sequences for purity: 2x)."""
+    base_gate: bool = True
+    """Train codebooks only on a base model that met ``base_target`` within its cap (restarts
+    included); otherwise the run stops after the base stage and says why. Needs
+    ``check_every`` > 0 (without checks there is no criterion to meet)."""
+    max_restarts: int = 2
+    """Restart a stalled base stage (see stall_steps) with a fresh initialisation at most this
+    many times; each attempt has the whole ``base_steps`` cap."""
+    stall_steps: int = 800
+    """The base stage counts as stalled once its validation transition accuracy has stayed
+    below ``stall_chance`` for this many steps, or gained less than ``stall_gain`` over the
+    last this many steps while more than ``stall_below`` under ``base_target``; 0: never."""
+    stall_chance: float = 0.2
+    """Transition accuracy below this counts as chance (a model that ignores the previous
+    state scores about 1/E)."""
+    stall_gain: float = 0.01
+    """Least gain of the best transition accuracy over ``stall_steps`` that counts as progress."""
+    stall_below: float = 0.05
+    """A plateau this far under ``base_target`` counts as a stall (closer, the stage goes on)."""
 
     eval_sequences: int = 256
     """Held-out sequences for loss / accuracy and for the state-code tables."""
@@ -130,16 +153,26 @@ class DemoConfig(MachineShape):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
-        for name in ("check_every", "threads"):
+        for name in ("check_every", "threads", "max_restarts", "stall_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 0")
-        for name in ("base_target", "codebook_gap", "purity_tolerance"):
+        for name in ("base_target", "codebook_gap", "purity_tolerance", "stall_chance",
+                     "stall_gain", "stall_below"):  # fmt: skip
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; it must be in [0, 1]")
         if self.width % self.heads:
             raise ValueError(
                 f"width={self.width} is invalid for heads={self.heads}: it must divide evenly"
+            )
+        if self.base_warmup_steps is not None and (
+            isinstance(self.base_warmup_steps, bool)
+            or not isinstance(self.base_warmup_steps, int)
+            or self.base_warmup_steps < 0
+        ):
+            raise ValueError(
+                f"base_warmup_steps={self.base_warmup_steps!r} is invalid; it must be an integer "
+                ">= 0 or None (use warmup_steps)"
             )
         if not 0 <= self.codebook_warmup_steps < self.codebook_steps:
             raise ValueError(
@@ -158,13 +191,14 @@ class DemoConfig(MachineShape):
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """A tiny run for tests and smoke checks (about a minute on 2 cores)."""
+        """A tiny run for tests and smoke checks (about a minute on 2 cores; its base stage is
+        too short to meet the criterion, so the gate is off)."""
         values: dict[str, Any] = dict(
             num_states=12, num_edges=3, seq_len=33, layers=2, width=64, heads=4, mlp_width=128,
             base_steps=40, batch_size=32, warmup_steps=5, num_codes=64, codebook_steps=30,
             eval_sequences=48, transition_samples=24, intervention_pairs=24,
             intervention_prefix_states=4, dead_code_steps=10, codebook_warmup_steps=10,
-            check_every=20, check_sequences=16,
+            check_every=20, check_sequences=16, base_gate=False, base_warmup_steps=None,
         )  # fmt: skip
         values.update(overrides)
         return cls(**values)

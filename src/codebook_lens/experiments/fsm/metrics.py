@@ -174,7 +174,9 @@ REFERENCE = {
 
 
 def check_targets(metrics: dict[str, Any]) -> dict[str, bool]:
-    """Which of ``TARGETS`` a run's metrics meet."""
+    """Which of ``TARGETS`` a run's metrics meet (none for a run stopped at the gate)."""
+    if "codebook" not in metrics:
+        return {key: False for key, _ in TARGETS}
     base, cb = metrics["base"]["transition_accuracy"], metrics["codebook"]["transition_accuracy"]
     pure, neurons = metrics["state_codes"]["fraction_pure"], metrics["neurons"]["fraction_pure"]
     return {

@@ -80,6 +80,51 @@ def _plot_interventions(rep: Any, inter: dict[str, Any]) -> None:
     rep.figure(fig, "interventions", caption="Patching codes of state b into a sequence in state a")
 
 
+def _training_section(rep: Any, cfg: DemoConfig, metrics: dict[str, Any]) -> None:
+    """The stages table, and a paragraph whenever a stage was restarted."""
+    rep.heading("Training")
+    rep.table(
+        [
+            {"stage": st["stage"], "steps": st["steps"], "cap": st["cap"], "stopped": st["stopped"],
+             "why": st["reason"], "seconds": st["seconds"], "CPU seconds": st["cpu_seconds"]}
+            for st in metrics["stages"].values()
+        ],
+        caption=f"Each stage checks itself every {cfg.check_every} steps on validation walks "
+        "(not the report's) and stops once converged",
+    )  # fmt: skip
+    events = metrics.get("restarts", {}).get("events", [])
+    if events:
+        rep.paragraph(
+            f"Restarted {len(events)} time(s) with a fresh initialisation: "
+            + "; ".join(
+                f"{e['stage']} attempt {e['attempt'] + 1} (seed {e['seed']}) stalled at step "
+                f"{e['step']}: {e['reason']}"
+                for e in events
+            )
+            + ". The table shows the last attempt."
+        )
+
+
+def write_gate_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any],
+                      base_hist: list[dict[str, Any]], floor: float) -> Path:  # fmt: skip
+    """The report of a run that stopped after its base stage (the base failed the gate)."""
+    from codebook_lens.report import Report
+
+    rep = Report("Codebook features on a finite state machine: stopped after the base model")
+    rep.paragraph(
+        f"STOPPED: {metrics['base_gate']['reason']}. The codebook stage was not run, since "
+        "codebooks trained on an unconverged base measure that base, not the method. Seeds: "
+        f"training {cfg.seed}, machine {cfg.fsm_seed}. Wall time {metrics['wall_seconds']:.0f} "
+        f"s, load average {metrics['load_average']['start']:.1f} at the start."
+    )
+    _training_section(rep, cfg, metrics)
+    _plot_curves(rep, base_hist, [], floor, cfg)
+    keys = ["loss", "accuracy", "transition_accuracy", "first_transition_accuracy"]
+    rep.table([{"model": "base", **{k: metrics["base"][k] for k in keys}}],
+              caption=f"Held-out next-token metrics (task floor loss {floor:.4f} nats)")  # fmt: skip
+    return rep.write(out)
+
+
 def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist: list[dict[str, Any]],
                  cb_hist: list[dict[str, Any]], tables: list[StateCodeTable], neurons: list[dict[str, np.ndarray]],
                  floor: float) -> Path:  # fmt: skip
@@ -100,16 +145,7 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
         [{"target": text, "met": metrics["targets"][key]} for key, text in TARGETS],
         caption="The demo's targets at this seed",
     )
-    rep.heading("Training")
-    rep.table(
-        [
-            {"stage": st["stage"], "steps": st["steps"], "cap": st["cap"], "stopped": st["stopped"],
-             "why": st["reason"], "seconds": st["seconds"], "CPU seconds": st["cpu_seconds"]}
-            for st in metrics["stages"].values()
-        ],
-        caption=f"Each stage checks itself every {cfg.check_every} steps on validation walks "
-        "(not the report's) and stops once converged",
-    )  # fmt: skip
+    _training_section(rep, cfg, metrics)
     _plot_curves(rep, base_hist, cb_hist, floor, cfg)
     rep.heading("Metrics: base vs codebook model")
     keys = [
@@ -206,6 +242,20 @@ def with_flat_keys(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def summary(metrics: dict[str, Any]) -> str:
     """A few lines for the terminal."""
+    gate = metrics.get("base_gate", {})
+    events = metrics.get("restarts", {}).get("events", [])
+    restarted = [
+        f"restarted: {e['stage']} attempt {e['attempt'] + 1} stalled at step {e['step']} "
+        f"({e['reason']})"
+        for e in events
+    ]
+    if gate and not gate["passed"]:
+        return "\n".join([
+            *restarted,
+            f"STOPPED before the codebook stage: {gate['reason']}",
+            f"base transition accuracy (held-out): {metrics['base']['transition_accuracy']:.3f}",
+            *([f"report: {metrics['report']}"] if "report" in metrics else []),
+        ])  # fmt: skip
     b, c, i = metrics["base"], metrics["codebook"], metrics["interventions"]
     lines = [
         f"wall time: {metrics['wall_seconds']:.0f} s (CPU {metrics['cpu_seconds']:.0f} s, "
@@ -214,6 +264,7 @@ def summary(metrics: dict[str, Any]) -> str:
             f"{st['stage']}: {st['steps']} steps, {st['stopped']} ({st['reason']})"
             for st in metrics["stages"].values()
         ),
+        *restarted,
         f"transition accuracy: base {b['transition_accuracy']:.3f}, codebook {c['transition_accuracy']:.3f}",
         f"first-transition accuracy: base {b['first_transition_accuracy']:.3f}, "
         f"codebook {c['first_transition_accuracy']:.3f}",
@@ -256,13 +307,17 @@ SUMMARY_METRICS: tuple[tuple[str, str, Literal["min", "max"]], ...] = (
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float:
-    if key == "gap":
-        return float(
-            metrics["base"]["transition_accuracy"] - metrics["codebook"]["transition_accuracy"]
-        )
-    value: Any = metrics
-    for part in key.split("."):
-        value = value[part]
+    """``key`` of a run's metrics (NaN where the run has none: stopped at the gate)."""
+    try:
+        if key == "gap":
+            return float(
+                metrics["base"]["transition_accuracy"] - metrics["codebook"]["transition_accuracy"]
+            )
+        value: Any = metrics
+        for part in key.split("."):
+            value = value[part]
+    except KeyError:
+        return math.nan
     return float(value)
 
 
@@ -277,18 +332,25 @@ def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
             for name, st in m["stages"].items()
         }
         row["targets"] = check_targets(m)
+        row["gate"] = m.get("base_gate", {"passed": True, "reason": ""})
+        row["restarts"] = m.get("restarts", {"count": 0, "events": []})["count"]
+        row["caps_hit"] = list(
+            m.get("caps_hit", [n for n, st in m["stages"].items() if st["stopped"] == "step cap"])
+        )
         row["threads"] = m.get("threads")
         row["load_average"] = m.get("load_average")
         rows.append(row)
     agg = {}
     for key, _, worst in SUMMARY_METRICS:
-        values = [r[key] for r in rows]
+        values = np.array([r[key] for r in rows], dtype=float)
+        if np.isnan(values).all():
+            agg[key] = {"mean": math.nan, "worst": math.nan, "worst_seed": None}
+            continue
+        pick = int(np.nanargmin(values) if worst == "min" else np.nanargmax(values))
         agg[key] = {
-            "mean": float(np.mean(values)),
-            "worst": float(min(values) if worst == "min" else max(values)),
-            "worst_seed": rows[int(np.argmin(values) if worst == "min" else np.argmax(values))][
-                "seed"
-            ],
+            "mean": float(np.nanmean(values)),
+            "worst": float(values[pick]),
+            "worst_seed": rows[pick]["seed"],
         }
     held = {key: sum(r["targets"][key] for r in rows) for key, _ in TARGETS}
     return {
@@ -297,6 +359,9 @@ def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "aggregate": agg,
         "targets_held": held,
         "all_targets_held": sum(all(r["targets"].values()) for r in rows),
+        "gate_failed": [r["seed"] for r in rows if not r["gate"]["passed"]],
+        "restarts": sum(r["restarts"] for r in rows),
+        "caps_hit": sum(bool(r["caps_hit"]) for r in rows),
         "reference": REFERENCE,
     }
 
@@ -328,6 +393,10 @@ def seeds_report(cfg: DemoConfig, data: dict[str, Any]) -> Any:
         row: dict[str, Any] = {"seed": r["seed"]}
         row.update({label: r[key] for key, label, _ in SUMMARY_METRICS})
         row["targets met"] = f"{sum(r['targets'].values())}/{len(TARGETS)}"
+        row["restarts"] = r.get("restarts", 0)
+        row["caps hit"] = ", ".join(r.get("caps_hit", [])) or "-"
+        if not r.get("gate", {"passed": True})["passed"]:
+            row["targets met"] += " (stopped: base unconverged)"
         table.append(row)
     for stat in ("mean", "worst"):
         row = {"seed": stat}
@@ -335,9 +404,15 @@ def seeds_report(cfg: DemoConfig, data: dict[str, Any]) -> Any:
         table.append(row)
     rep.table(
         table,
-        columns=["seed", *cols, "targets met"],
+        columns=["seed", *cols, "targets met", "restarts", "caps hit"],
         caption="TA = sampled transition accuracy; worst = the lowest (highest for the gap, the "
         "neurons, the steps and the times) over the seeds",
+    )
+    rep.paragraph(
+        f"Seeds stopped at the gate (base model unconverged, no codebook stage): "
+        f"{', '.join(map(str, data.get('gate_failed', []))) or 'none'}. Restarts of stalled "
+        f"stages: {data.get('restarts', 0)}. Seeds where some stage hit its step cap: "
+        f"{data.get('caps_hit', 0)}/{n}."
     )
     rep.heading("How each stage stopped")
     rep.table(
@@ -385,6 +460,11 @@ def seeds_summary(data: dict[str, Any]) -> str:
     for key, text in TARGETS:
         lines.append(f"{text}: held at {data['targets_held'][key]}/{n} seeds")
     lines.append(f"all targets: {data['all_targets_held']}/{n} seeds")
+    lines.append(
+        f"restarts: {data.get('restarts', 0)}; seeds with a stage at its step cap: "
+        f"{data.get('caps_hit', 0)}/{n}; stopped at the gate (base unconverged): "
+        f"{', '.join(map(str, data.get('gate_failed', []))) or 'none'}"
+    )
     if "report" in data:
         lines.append(f"report: {data['report']}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from codebook_lens.experiments.fsm.report import (
     seeds_report,
     summarize_seeds,
     with_flat_keys,
+    write_gate_report,
     write_report,
 )
 from codebook_lens.experiments.fsm.stages import (
@@ -45,6 +46,7 @@ from codebook_lens.experiments.fsm.stages import (
     StageResult,
     Validation,
     build_base_model,
+    restart_seed,
     train_stage,
 )
 from codebook_lens.model.codebook_model import CodebookModel
@@ -92,10 +94,13 @@ class _Trained(NamedTuple):
     """The two models of a run and how their stages went."""
 
     base: nn.Module
-    model: CodebookModel
+    model: CodebookModel | None
+    """None when the base failed the gate (no codebook stage ran)."""
     stages: list[StageResult]
     base_metrics: dict[str, float]
     """The base model's metrics, measured before the fine-tuning."""
+    gate: str = ""
+    """Why the codebook stage did not run ("" when it did)."""
 
 
 def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any]:
@@ -109,6 +114,19 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
     trained = _train_models(cfg, fsm, out, eval_tokens, progress)
     base_res, stages = trained.stages[0], trained.stages
     base_metrics = trained.base_metrics
+    if trained.model is None:
+        _log(f"STOPPED before the codebook stage: {trained.gate}", progress)
+        metrics = {
+            "base": base_metrics, "floor_loss": fsm.floor_loss,
+            "training": {"base_seconds": base_res.seconds, "base_tokens": base_res.tokens,
+                         "base_steps": base_res.steps},
+            "stages": {base_res.stage: base_res.to_json()}, "threads": torch.get_num_threads(),
+            **_outcome(stages, trained.gate),
+        }  # fmt: skip
+        metrics["targets"] = check_targets(metrics)
+        _finish(out, metrics, t0, c0, load0,
+                lambda: write_gate_report(out, cfg, metrics, base_res.history, fsm.floor_loss))  # fmt: skip
+        return metrics
     trained.model.eval()
     cb_metrics = model_metrics(trained.model, fsm, eval_tokens, cfg)
 
@@ -124,43 +142,110 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
     inter = intervention_experiment(trained.model, fsm, cfg)
 
     metrics = _metrics(cfg, fsm, base_metrics, cb_metrics, tables, neurons, inter, stages)
+    metrics.update(_outcome(stages, ""))
     write_json_atomic(out / "state_codes.json", _state_rows(fsm, tables))
     cb_hist, offset = [], 0
     for st in stages[1:]:
         cb_hist += [{**r, "step": r["step"] + offset} for r in st.history]
         offset += st.steps
+    _finish(out, metrics, t0, c0, load0, lambda: write_report(
+        out, cfg, metrics, base_res.history, cb_hist, tables, neurons, fsm.floor_loss))  # fmt: skip
+    return metrics
+
+
+def _outcome(stages: list[StageResult], gate: str) -> dict[str, Any]:
+    """The run's gate, restarts and caps (metrics.json ``base_gate``, ``restarts``,
+    ``caps_hit``)."""
+    events = [{"stage": st.stage, **r} for st in stages for r in st.restarts]
+    return {
+        "base_gate": {"passed": not gate, "reason": gate},
+        "restarts": {"count": len(events), "events": events},
+        "caps_hit": [st.stage for st in stages if st.stopped == "step cap"],
+    }
+
+
+def _finish(out: Path, metrics: dict[str, Any], t0: float, c0: float, load0: float,
+            write: Callable[[], Any]) -> None:  # fmt: skip
+    """Add the times to ``metrics``, ``write`` the report and write metrics.json."""
     for _ in range(2):  # the report shows the times; the second pass includes writing it
         metrics["wall_seconds"] = time.time() - t0
         metrics["cpu_seconds"] = time.process_time() - c0
         metrics["load_average"] = {"start": load0, "end": _load_average()}
-        write_report(out, cfg, metrics, base_res.history, cb_hist, tables, neurons, fsm.floor_loss)
+        write()
     write_json_atomic(out / "metrics.json", with_flat_keys(metrics))
-    return metrics
+
+
+def _base_train_config(cfg: DemoConfig, progress: bool) -> TrainConfig:
+    """The base stage's optimisation (the codebook stage's starts from it)."""
+    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, cfg.base_steps // 60)
+    warmup = cfg.warmup_steps if cfg.base_warmup_steps is None else cfg.base_warmup_steps
+    return TrainConfig(
+        steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr, model_lr_factor=1.0,
+        weight_decay=0.0, warmup_steps=warmup, schedule=cfg.schedule,
+        min_lr_ratio=0.05, eval_every=0, checkpoint_every=0, log_every=log_every, seed=cfg.seed,
+        device="cpu", progress=progress, beta2=0.99,
+    )  # fmt: skip
+
+
+def train_base(
+    cfg: DemoConfig, fsm: TokFSM, out: Path, val: Validation, eval_batches: list[Tensor],
+    progress: bool = False,
+) -> tuple[nn.Module, StageResult, ConvergenceCheck | None]:  # fmt: skip
+    """Stage 1: the base model from scratch, restarted with a fresh initialisation (at most
+    ``cfg.max_restarts`` times) whenever it stalls; the last attempt's model, result (its
+    ``restarts`` list the stalled attempts) and check. Attempt r trains in
+    ``out/base_training`` (r = 0) or ``out/base_training_restart<r>``."""
+    train_cfg = _base_train_config(cfg, progress)
+    restarts: list[dict[str, Any]] = []
+    for attempt in range(cfg.max_restarts + 1):
+        seed = restart_seed(cfg.seed, attempt)
+        base = build_base_model(cfg, fsm, seed)
+        check = None
+        if cfg.check_every:
+            check = ConvergenceCheck(base, fsm, cfg, val, detect_stalls=attempt < cfg.max_restarts)
+        folder = out / ("base_training" if attempt == 0 else f"base_training_restart{attempt}")
+        res = train_stage("base", base, FSMBatches(fsm, cfg.batch_size, seed),
+                          dataclasses.replace(train_cfg, seed=seed), folder, check, eval_batches)  # fmt: skip
+        if res.stopped != "stalled":
+            break
+        restarts.append({"attempt": attempt, "seed": seed, "step": res.steps, "reason": res.reason,
+                         "seconds": res.seconds})  # fmt: skip
+        _log(f"base model stalled at step {res.steps} ({res.reason}); restarting with a fresh "
+             f"initialisation (seed {restart_seed(cfg.seed, attempt + 1)})", progress)  # fmt: skip
+    res.restarts = restarts
+    return base, res, check
+
+
+def gate_failure(cfg: DemoConfig, base_res: StageResult) -> str:
+    """Why the codebook stage must not start from this base ("" when it may)."""
+    if not cfg.base_gate or not cfg.check_every or base_res.stopped == "converged":
+        return ""
+    restarts = len(base_res.restarts)
+    tried = f" after {restarts} restart(s)" if restarts else ""
+    return (
+        f"the base model did not reach its criterion (validation transition accuracy >= "
+        f"{cfg.base_target:.0%}){tried}: {base_res.stopped} at step {base_res.steps}, "
+        f"{base_res.reason}"
+    )
 
 
 def _train_models(
     cfg: DemoConfig, fsm: TokFSM, out: Path, eval_tokens: Tensor, progress: bool
 ) -> _Trained:
     """Stage 1, the base model from scratch, and stage 2, the codebook model fine-tuned from a
-    copy of it (so the base stays for comparison); both are saved under ``out``."""
+    copy of it (so the base stays for comparison); both are saved under ``out``. Stage 2 is
+    skipped (``model`` None) when the base fails the gate (``gate_failure``)."""
     eval_batches = [eval_tokens[i : i + 64] for i in range(0, min(len(eval_tokens), 256), 64)]
     val = Validation.make(fsm, cfg)
     _log("training the base model", progress)
-    base = build_base_model(cfg, fsm)
-    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, cfg.base_steps // 60)
-    base_cfg = TrainConfig(
-        steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr, model_lr_factor=1.0,
-        weight_decay=0.0, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-        min_lr_ratio=0.05, eval_every=0, checkpoint_every=0, log_every=log_every, seed=cfg.seed,
-        device="cpu", progress=progress, beta2=0.99,
-    )  # fmt: skip
-    check = ConvergenceCheck(base, fsm, cfg, val) if cfg.check_every else None
-    base_res = train_stage("base", base, FSMBatches(fsm, cfg.batch_size, cfg.seed), base_cfg,
-                           out / "base_training", check, eval_batches)  # fmt: skip
+    base, base_res, check = train_base(cfg, fsm, out, val, eval_batches, progress)
     base.save_pretrained(out / "base_model")  # type: ignore[operator]
     _log(f"base model: {base_res.steps} steps in {base_res.seconds:.0f} s ({base_res.stopped}: "
          f"{base_res.reason}); evaluating", progress)  # fmt: skip
     base_metrics = model_metrics(base, fsm, eval_tokens, cfg)
+    gate = gate_failure(cfg, base_res)
+    if gate:
+        return _Trained(base, None, [base_res], base_metrics, gate)
     if check is not None and not check.checks:  # stopped before its first check
         check.checks.append({"step": base_res.steps, **check.measure()})
     reference = check.checks[-1]["transition_accuracy"] if check is not None else None
@@ -172,7 +257,8 @@ def _train_models(
     assert isinstance(model, CodebookModel)
     warm = cfg.codebook_warmup_steps
     cb_cfg = dataclasses.replace(
-        base_cfg, steps=cfg.codebook_steps - warm, lr=cfg.codebook_lr,
+        _base_train_config(cfg, progress), steps=cfg.codebook_steps - warm, lr=cfg.codebook_lr,
+        warmup_steps=cfg.warmup_steps,
         model_lr_factor=cfg.model_lr_factor, seed=cfg.seed + 1,
     )  # fmt: skip
     stages = [base_res]

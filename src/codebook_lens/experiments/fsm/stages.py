@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,14 +46,51 @@ class FSMBatches:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
-def build_base_model(cfg: DemoConfig, fsm: TokFSM) -> nn.Module:
-    """A randomly initialised HF causal LM of ``cfg.model_config()`` for the FSM vocabulary."""
+def build_base_model(cfg: DemoConfig, fsm: TokFSM, seed: int | None = None) -> nn.Module:
+    """A randomly initialised HF causal LM of ``cfg.model_config()`` for the FSM vocabulary,
+    seeded by ``seed`` (default ``cfg.seed``)."""
     vocab = Vocab(fsm.vocab_size, fsm.bos_id, fsm.eos_id)
-    return build_base(cfg.model_config(), vocab, seed=cfg.seed)
+    return build_base(cfg.model_config(), vocab, seed=cfg.seed if seed is None else seed)
+
+
+def restart_seed(seed: int, attempt: int) -> int:
+    """The initialisation (and batch) seed of base attempt ``attempt`` (0: ``seed`` itself)."""
+    return seed + 100_003 * attempt
 
 
 class _Converged(StopTraining):
     """Raised by a ``ConvergenceCheck`` inside ``train`` to end its stage early."""
+
+
+class _Stalled(StopTraining):
+    """Raised by a ``ConvergenceCheck`` inside ``train`` when the base stage has stalled."""
+
+
+def stall_reason(checks: Sequence[dict[str, float]], cfg: DemoConfig) -> str:
+    """Why a base stage with these checks (step, transition_accuracy) counts as stalled after
+    the last one ("" while it does not): at chance for ``cfg.stall_steps`` steps, or a plateau
+    (best accuracy gained < ``cfg.stall_gain`` over that many steps) more than
+    ``cfg.stall_below`` under ``cfg.base_target``."""
+    if not cfg.stall_steps or not checks or checks[-1]["step"] < cfg.stall_steps:
+        return ""
+    step = int(checks[-1]["step"])
+    best = max(c["transition_accuracy"] for c in checks)
+    if best < cfg.stall_chance:
+        return (
+            f"at chance: transition accuracy at most {best:.1%} (< {cfg.stall_chance:.0%}) "
+            f"for {step} steps"
+        )
+    before = [c["transition_accuracy"] for c in checks if c["step"] <= step - cfg.stall_steps]
+    if not before or best >= cfg.base_target - cfg.stall_below:
+        return ""
+    gain = best - max(before)
+    if gain >= cfg.stall_gain:
+        return ""
+    return (
+        f"plateau: best transition accuracy {best:.1%} gained {gain:.1%} (< {cfg.stall_gain:.0%}) "
+        f"over the last {cfg.stall_steps} steps, more than {cfg.stall_below:.0%} under the "
+        f"target {cfg.base_target:.0%}"
+    )
 
 
 @dataclass
@@ -90,11 +128,14 @@ class ConvergenceCheck:
     """
 
     def __init__(self, model: nn.Module, fsm: TokFSM, cfg: DemoConfig, val: Validation,
-                 reference: float | None = None) -> None:  # fmt: skip
+                 reference: float | None = None, *, detect_stalls: bool = False) -> None:  # fmt: skip
         self.model, self.fsm, self.cfg, self.val = model, fsm, cfg, val
         self.reference = reference
+        self.detect_stalls = detect_stalls and reference is None
+        """Also end a base stage that has stalled (``stall_reason``); ``stalled`` says why."""
         self.checks: list[dict[str, float]] = []
         self.reason = ""
+        self.stalled = ""
 
     def measure(self) -> dict[str, float]:
         model, fsm, cfg = self.model, self.fsm, self.cfg
@@ -137,6 +178,10 @@ class ConvergenceCheck:
         self.reason = self.converged()
         if self.reason:
             raise _Converged
+        if self.detect_stalls:
+            self.stalled = stall_reason(self.checks, self.cfg)
+            if self.stalled:
+                raise _Stalled
 
 
 @dataclass
@@ -148,7 +193,7 @@ class StageResult:
     """Optimizer steps taken."""
     cap: int
     """The most steps it could take."""
-    stopped: Literal["converged", "step cap"]
+    stopped: Literal["converged", "step cap", "stalled"]
     reason: str
     """What the criterion saw at the stop (or the last check, at the cap)."""
     seconds: float
@@ -159,6 +204,9 @@ class StageResult:
     """Every check: step and validation metrics."""
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
     """The training records (metrics.jsonl)."""
+    restarts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Earlier attempts of this stage that stalled and were restarted: attempt, seed, step,
+    reason."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "history"}
@@ -172,13 +220,17 @@ def train_stage(stage: str, model: nn.Module, batches: FSMBatches, config: Train
     trained = fit(model, batches, config, out, eval_batches=eval_batches,
                   callbacks=[check] if check is not None else [])  # fmt: skip
     history = trained.history
-    stopped: Literal["converged", "step cap"] = (
+    stopped: Literal["converged", "step cap", "stalled"] = (
         "converged" if trained.result is None else "step cap"
     )
+    if check is not None and check.stalled:
+        stopped = "stalled"
     steps = max((int(r["step"]) for r in history), default=0)
     if stopped == "step cap":
         steps = config.steps
     reason = check.reason if check is not None else ""
+    if stopped == "stalled":
+        reason = check.stalled if check is not None else ""
     if stopped == "step cap":
         reason = "fixed length (no stop criterion)"
         if check is not None and check.checks:
