@@ -186,3 +186,15 @@ def check_targets(metrics: dict[str, Any]) -> dict[str, bool]:
         "codes_beat_neurons": pure > neurons,
         "patching": metrics["interventions"]["all"]["success_rate"] >= 0.8,
     }
+
+
+def claim_one_tables(
+    model: CodebookModel, base: nn.Module, fsm: TokFSM, tokens: Tensor, states: Tensor,
+    cfg: DemoConfig,
+) -> tuple[list[StateCodeTable], list[dict[str, np.ndarray]]]:  # fmt: skip
+    """Claim 1's evidence at the tokens that complete a state: a code <-> state table per MLP
+    codebook of ``model``, and the best neuron per state of each MLP of ``base``."""
+    ends, labels = state_positions(fsm, tokens, states)
+    tables = mlp_state_tables(model, tokens, ends, labels, fsm.num_states, cfg)
+    acts = mlp_neuron_activations(base, tokens, cfg.layers)
+    return tables, [neuron_table(a[:, ends], labels, fsm.num_states) for a in acts]

@@ -25,12 +25,9 @@ from codebook_lens.experiments.fsm.data import (
 from codebook_lens.experiments.fsm.metrics import (
     StateCodeTable,
     check_targets,
-    mlp_neuron_activations,
-    mlp_state_tables,
+    claim_one_tables,
     model_metrics,
-    neuron_table,
     pure_states,
-    state_positions,
 )
 from codebook_lens.experiments.fsm.patching import intervention_experiment
 from codebook_lens.experiments.fsm.report import (
@@ -132,10 +129,9 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
 
     # 3. claim 1: state codes vs neurons, at the tokens that complete a state
     _log("state codes and neuron baseline", progress)
-    ends, labels = state_positions(fsm, eval_tokens, eval_states)
-    tables = mlp_state_tables(trained.model, eval_tokens, ends, labels, fsm.num_states, cfg)
-    acts = mlp_neuron_activations(trained.base, eval_tokens, cfg.layers)
-    neurons = [neuron_table(a[:, ends], labels, fsm.num_states) for a in acts]
+    tables, neurons = claim_one_tables(
+        trained.model, trained.base, fsm, eval_tokens, eval_states, cfg
+    )
 
     # 4. claim 2: interventions
     _log("interventions", progress)
