@@ -1,4 +1,4 @@
-"""``experiment compare``: every method fitted by its own library and scored on ground truth."""
+"""``experiment compare``: every method fitted by its own library, scored on ground truth and TokFSM."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def test_bad_config_values_name_the_field() -> None:
         ({"size": "huge"}, "size"),
         ({"orthogonalize": "true"}, "orthogonalize"),
         ({"training_samples": 10}, "training_samples"),
+        ({"fsm_sequences": 2}, "fsm_sequences"),
+        ({"fsm_k": -1}, "fsm_k"),
+        ({"methods": []}, "methods"),
     ]:
         with pytest.raises(ValueError, match=field):
             CompareConfig(**kwargs)  # type: ignore[arg-type]
@@ -49,6 +52,7 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     for name in ("report.md", "report.html", "metrics.json", "config.json", "synthetic_l0.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved["compare"]) == {"synthetic", "tokfsm"}
     table = saved["compare"]["synthetic"]
     assert set(table) == set(METHODS)
     for method, m in table.items():
@@ -71,3 +75,29 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     assert ev["sparsify_topk"] > ev["neuron"]
     assert metrics["seeds"] == {"dev": cfg.dev_seed, "scored": cfg.seeds}
     assert "SynthSAEBench" in (tmp_path / "report.md").read_text()
+    check_tokfsm(saved, cfg, tmp_path)
+
+
+def check_tokfsm(saved: dict, cfg: CompareConfig, out: Path) -> None:
+    """The quick run's TokFSM section: every method, finite metrics in range."""
+    table = saved["compare"]["tokfsm"]
+    assert set(table) == {*METHODS, "codebook_finetuned"}
+    layers = saved["tokfsm_model"]["layers"]
+    assert len(layers) == 2
+    for method, m in table.items():
+        names = ["pure_fraction", "mean_best_f1", "dead_fraction"]
+        names += [f"{n}@{layer}" for n in ("pure_fraction", "mean_best_f1") for layer in layers]
+        for name in [*names, "explained_variance", "l0"]:
+            assert math.isfinite(m[name]["mean"]) and math.isfinite(m[name]["std"]), (method, name)
+            assert len(m[name]["values"]) == len(cfg.seeds), (method, name)
+        for name in names:
+            assert 0 <= m[name]["mean"] <= 1, (method, name)
+        assert m["explained_variance"]["mean"] <= 1, method
+        assert 0 < m["l0"]["mean"] <= saved["tokfsm_model"]["num_latents"], method
+        # a pure latent has F1 >= the threshold, so pure states bound the mean best F1 below
+        assert m["mean_best_f1"]["mean"] >= 0.9 * m["pure_fraction"]["mean"] - 1e-9, method
+    for s in saved["lr"]["tokfsm"].values():
+        for layer in layers:
+            assert s["layers"][layer]["lr"] in [t["lr"] for t in s["layers"][layer]["tried"]]
+    assert (out / "tokfsm_curves.png").is_file()
+    assert "TokFSM" in (out / "report.md").read_text()
