@@ -99,5 +99,31 @@ def check_tokfsm(saved: dict, cfg: CompareConfig, out: Path) -> None:
     for s in saved["lr"]["tokfsm"].values():
         for layer in layers:
             assert s["layers"][layer]["lr"] in [t["lr"] for t in s["layers"][layer]["tried"]]
+    for method, m in table.items():
+        for name in ("steer_success", "steer_top_e_on_target", "steer_mass_on_target"):
+            assert 0 <= m[name]["mean"] <= 1, (method, name)
+    assert 0 <= saved["tokfsm_unsteered"]["steer_success"]["mean"] <= 1
     assert (out / "tokfsm_curves.png").is_file()
     assert "TokFSM" in (out / "report.md").read_text()
+
+
+def test_state_table_ignores_unfired_slots() -> None:
+    from codebook_lens.experiments.fsm.metrics import state_code_table
+
+    # two tokens of state 0 fire latent 2 (one also fires nothing more: -1); state 1 fires 1
+    codes = torch.tensor([[2, -1], [2, -1], [1, 2]])
+    labels = torch.tensor([0, 0, 1])
+    t = state_code_table("x", codes, labels, num_states=2, num_codes=3)
+    assert t.counts.sum() == 4  # the -1 slots are not counted
+    assert list(t.code) == [2, 1]
+    assert t.recall[0] == 1 and t.precision[0] == pytest.approx(2 / 3)
+    assert t.precision[1] == 1 and t.recall[1] == 1
+
+
+def test_typical_values_are_the_mean_where_the_latent_fires() -> None:
+    from codebook_lens.experiments.compare.tokfsm import typical_values
+
+    z = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # state 0's latent 0 fires at 2 and 4; state 1's latent 1 never fires anywhere: 1
+    assert typical_values(z, labels, torch.tensor([0, 1])).tolist() == [3.0, 1.0]
