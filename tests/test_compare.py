@@ -127,3 +127,10 @@ def test_typical_values_are_the_mean_where_the_latent_fires() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     # state 0's latent 0 fires at 2 and 4; state 1's latent 1 never fires anywhere: 1
     assert typical_values(z, labels, torch.tensor([0, 1])).tolist() == [3.0, 1.0]
+
+
+def test_thin_averages_each_stretch_over_its_own_length() -> None:
+    from codebook_lens.experiments.compare.methods import thin
+
+    curve = [(i + 1, 1.0) for i in range(7)]  # stretches of 3, 3 and 1 steps
+    assert thin(curve, points=3) == [(3, 1.0), (6, 1.0), (7, 1.0)]

@@ -28,15 +28,15 @@ def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path)
     rep = Report("Codebooks against sparse autoencoders")
     seeds = metrics["seeds"]
     rep.paragraph(
-        f"Every method is fitted to the same activations (budget {cfg.training_samples:,} "
-        f"samples, batches of {cfg.batch_size}) at {cfg.num_latents} latents and L0 = "
-        f"{cfg.k}. Learning rates are chosen on development seed {seeds['dev']}; the "
-        f"tables are mean ± std over the scored seeds {seeds['scored']}."
+        "Every method of a workload is fitted to the same activations at the same dictionary "
+        f"size and L0, in batches of {cfg.batch_size}. Learning rates are chosen on development "
+        f"seed {seeds['dev']}; the tables are mean ± std over the scored seeds {seeds['scored']}."
     )
     if "synthetic" in metrics["compare"]:
         w = metrics["world"]
         rep.heading("Ground truth: SAELens's synthetic benchmark")
         rep.paragraph(
+            f"Budget {cfg.training_samples:,} samples, {cfg.num_latents} latents, L0 = {cfg.k}. "
             f"{w['num_features']:,} true features in {w['hidden_dim']} dimensions (hierarchy "
             f"roots {w['hierarchy_roots']}, correlation rank {w['correlation_rank']}); scored "
             f"by sae_lens.synthetic.eval_sae_on_synthetic_data on {cfg.eval_samples:,} fresh "
