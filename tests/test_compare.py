@@ -134,3 +134,15 @@ def test_thin_averages_each_stretch_over_its_own_length() -> None:
 
     curve = [(i + 1, 1.0) for i in range(7)]  # stretches of 3, 3 and 1 steps
     assert thin(curve, points=3) == [(3, 1.0), (6, 1.0), (7, 1.0)]
+
+
+def test_a_saved_demo_is_reused_only_for_the_same_settings(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from codebook_lens.experiments.compare.tokfsm import demo_config, finished_demo
+
+    demo = demo_config(CompareConfig(quick=True))
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "demo_config.json").write_text(json.dumps({**asdict(demo), "threads": 7}))
+    assert finished_demo(tmp_path, demo)
+    assert not finished_demo(tmp_path, demo_config(CompareConfig(quick=True, fsm_seed=1)))

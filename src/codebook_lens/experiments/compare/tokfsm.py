@@ -95,12 +95,23 @@ def demo_run(cfg: CompareConfig, progress: Progress) -> DemoRun:
     """``cfg.fsm_run``, or the demo trained into ``<out>/tokfsm_demo`` (reused when finished)."""
     if cfg.fsm_run:
         return load_demo_run(cfg.fsm_run)
-    folder = Path(cfg.out) / "tokfsm_demo"
-    if not (folder / "metrics.json").is_file():
+    folder, demo = Path(cfg.out) / "tokfsm_demo", demo_config(cfg)
+    if not finished_demo(folder, demo):
         shutil.rmtree(folder, ignore_errors=True)
         progress(f"tokfsm: training the demo's models into {folder}")
-        run_demo(demo_config(cfg), folder, progress=False)
+        run_demo(demo, folder, progress=False)
     return load_demo_run(folder)
+
+
+def finished_demo(folder: Path, demo: DemoConfig) -> bool:
+    """Whether ``folder`` holds a finished demo run of the settings ``demo`` (threads aside)."""
+    if not (folder / "metrics.json").is_file() or not (folder / "demo_config.json").is_file():
+        return False
+    saved = json.loads((folder / "demo_config.json").read_text())
+    wanted = dataclasses.asdict(demo)
+    return {k: v for k, v in saved.items() if k != "threads"} == {
+        k: v for k, v in wanted.items() if k != "threads"
+    }
 
 
 @torch.no_grad()
