@@ -1,4 +1,4 @@
-"""``experiment compare``: every method fitted by its own library and scored on ground truth."""
+"""``experiment compare``: every method fitted by its own library, scored on ground truth and TokFSM."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def test_bad_config_values_name_the_field() -> None:
         ({"size": "huge"}, "size"),
         ({"orthogonalize": "true"}, "orthogonalize"),
         ({"training_samples": 10}, "training_samples"),
+        ({"fsm_sequences": 2}, "fsm_sequences"),
+        ({"fsm_k": -1}, "fsm_k"),
+        ({"methods": []}, "methods"),
     ]:
         with pytest.raises(ValueError, match=field):
             CompareConfig(**kwargs)  # type: ignore[arg-type]
@@ -49,6 +52,7 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     for name in ("report.md", "report.html", "metrics.json", "config.json", "synthetic_l0.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved["compare"]) == {"synthetic", "tokfsm"}
     table = saved["compare"]["synthetic"]
     assert set(table) == set(METHODS)
     for method, m in table.items():
@@ -71,3 +75,74 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     assert ev["sparsify_topk"] > ev["neuron"]
     assert metrics["seeds"] == {"dev": cfg.dev_seed, "scored": cfg.seeds}
     assert "SynthSAEBench" in (tmp_path / "report.md").read_text()
+    check_tokfsm(saved, cfg, tmp_path)
+
+
+def check_tokfsm(saved: dict, cfg: CompareConfig, out: Path) -> None:
+    """The quick run's TokFSM section: every method, finite metrics in range."""
+    table = saved["compare"]["tokfsm"]
+    assert set(table) == {*METHODS, "codebook_finetuned"}
+    layers = saved["tokfsm_model"]["layers"]
+    assert len(layers) == 2
+    for method, m in table.items():
+        names = ["pure_fraction", "mean_best_f1", "dead_fraction"]
+        names += [f"{n}@{layer}" for n in ("pure_fraction", "mean_best_f1") for layer in layers]
+        for name in [*names, "explained_variance", "l0"]:
+            assert math.isfinite(m[name]["mean"]) and math.isfinite(m[name]["std"]), (method, name)
+            assert len(m[name]["values"]) == len(cfg.seeds), (method, name)
+        for name in names:
+            assert 0 <= m[name]["mean"] <= 1, (method, name)
+        assert m["explained_variance"]["mean"] <= 1, method
+        assert 0 < m["l0"]["mean"] <= saved["tokfsm_model"]["num_latents"], method
+        # a pure latent has F1 >= the threshold, so pure states bound the mean best F1 below
+        assert m["mean_best_f1"]["mean"] >= 0.9 * m["pure_fraction"]["mean"] - 1e-9, method
+    for s in saved["lr"]["tokfsm"].values():
+        for layer in layers:
+            assert s["layers"][layer]["lr"] in [t["lr"] for t in s["layers"][layer]["tried"]]
+    for method, m in table.items():
+        for name in ("steer_success", "steer_top_e_on_target", "steer_mass_on_target"):
+            assert 0 <= m[name]["mean"] <= 1, (method, name)
+    assert 0 <= saved["tokfsm_unsteered"]["steer_success"]["mean"] <= 1
+    assert (out / "tokfsm_curves.png").is_file()
+    assert "TokFSM" in (out / "report.md").read_text()
+
+
+def test_state_table_ignores_unfired_slots() -> None:
+    from codebook_lens.experiments.fsm.metrics import state_code_table
+
+    # two tokens of state 0 fire latent 2 (one also fires nothing more: -1); state 1 fires 1
+    codes = torch.tensor([[2, -1], [2, -1], [1, 2]])
+    labels = torch.tensor([0, 0, 1])
+    t = state_code_table("x", codes, labels, num_states=2, num_codes=3)
+    assert t.counts.sum() == 4  # the -1 slots are not counted
+    assert list(t.code) == [2, 1]
+    assert t.recall[0] == 1 and t.precision[0] == pytest.approx(2 / 3)
+    assert t.precision[1] == 1 and t.recall[1] == 1
+
+
+def test_typical_values_are_the_mean_where_the_latent_fires() -> None:
+    from codebook_lens.experiments.compare.tokfsm import typical_values
+
+    z = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # state 0's latent 0 fires at 2 and 4; state 1's latent 1 never fires anywhere: 1
+    assert typical_values(z, labels, torch.tensor([0, 1])).tolist() == [3.0, 1.0]
+
+
+def test_thin_averages_each_stretch_over_its_own_length() -> None:
+    from codebook_lens.experiments.compare.methods import thin
+
+    curve = [(i + 1, 1.0) for i in range(7)]  # stretches of 3, 3 and 1 steps
+    assert thin(curve, points=3) == [(3, 1.0), (6, 1.0), (7, 1.0)]
+
+
+def test_a_saved_demo_is_reused_only_for_the_same_settings(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from codebook_lens.experiments.compare.tokfsm import demo_config, finished_demo
+
+    demo = demo_config(CompareConfig(quick=True))
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "demo_config.json").write_text(json.dumps({**asdict(demo), "threads": 7}))
+    assert finished_demo(tmp_path, demo)
+    assert not finished_demo(tmp_path, demo_config(CompareConfig(quick=True, fsm_seed=1)))

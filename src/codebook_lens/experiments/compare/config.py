@@ -17,7 +17,10 @@ METHODS = (
 )
 """Methods fitted post hoc to a workload's activations (every workload has them)."""
 
-WORKLOADS = ("synthetic",)
+FINETUNED_METHODS = ("codebook_finetuned",)
+"""Methods that exist only where a model was trained with codebooks (the TokFSM workload)."""
+
+WORKLOADS = ("synthetic", "tokfsm")
 """Workloads the command runs."""
 
 SIZES = ("cpu", "16k")
@@ -30,9 +33,11 @@ class CompareConfig:
     out: str = "runs/compare"
     """Output folder: report.md, report.html, metrics.json, config.json, plots."""
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
-    """Workloads to run ('synthetic': SAELens's ground-truth benchmark)."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """Methods to fit and score (see ``METHODS``)."""
+    """Workloads to run ('synthetic': SAELens's ground-truth benchmark; 'tokfsm': the FSM
+    demo's model at its MLP outputs)."""
+    methods: list[str] = field(default_factory=lambda: [*METHODS, *FINETUNED_METHODS])
+    """Methods to fit and score (see ``METHODS``; 'codebook_finetuned': the FSM demo's own
+    fine-tuned MLP codebooks, TokFSM only)."""
     quick: bool = False
     """Tiny sizes and budgets: end to end in about a minute (tests, smoke runs)."""
 
@@ -78,10 +83,31 @@ class CompareConfig:
     device: str = "cpu"
     """'cpu' or 'cuda'."""
 
+    fsm_run: str = ""
+    """TokFSM: a finished ``codebook-lens demo`` run folder whose models are compared; '' runs
+    the demo (its defaults at seed ``fsm_seed``; its quick settings with --quick) into
+    ``<out>/tokfsm_demo``."""
+    fsm_seed: int = 0
+    """TokFSM: seed of the machine and models when the demo is run here."""
+    fsm_num_latents: int = 0
+    """TokFSM: dictionary size of the post-hoc methods; 0 = the demo's codes per codebook."""
+    fsm_k: int = 0
+    """TokFSM: L0 of the post-hoc methods; 0 = the demo's codes per token."""
+    fsm_sequences: int = 2048
+    """TokFSM: walks whose activations every method is fitted to (the activation budget:
+    64 tokens each at the demo's length), new walks at each seed."""
+    fsm_val_sequences: int = 256
+    """TokFSM: walks of the dev seed on which the learning rates are chosen."""
+    fsm_eval_sequences: int = 512
+    """TokFSM: held-out walks each seed is scored on."""
+    fsm_steer_pairs: int = 300
+    """TokFSM: walks steered to another state at each seed (the demo's patching pairs); 0: no
+    steering."""
+
     def __post_init__(self) -> None:
         for name in ("workloads", "methods"):
             values = getattr(self, name)
-            allowed = WORKLOADS if name == "workloads" else METHODS
+            allowed = WORKLOADS if name == "workloads" else (*METHODS, *FINETUNED_METHODS)
             if not values:
                 raise ValueError(f"{name}=[] is invalid; choose from {', '.join(allowed)}")
             for v in values:
@@ -94,6 +120,10 @@ class CompareConfig:
         for name in ("training_samples", "val_samples", "eval_samples"):
             check_int(name, getattr(self, name), 64)
         check_int("dev_seed", self.dev_seed, 0)
+        for name in ("fsm_seed", "fsm_num_latents", "fsm_k", "fsm_steer_pairs"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("fsm_sequences", "fsm_val_sequences", "fsm_eval_sequences"):
+            check_int(name, getattr(self, name), 8)
         if len(self.seeds) < 3 and not self.quick:
             raise ValueError(
                 f"seeds={self.seeds!r} is invalid; give at least 3 seeds (mean and spread)"
@@ -136,7 +166,15 @@ class CompareConfig:
         self.batch_size = min(self.batch_size, 256)
         self.val_samples, self.eval_samples = 1024, 2048
         self.lr_factors = self.lr_factors[:2]
-        self.seeds = self.seeds[:3]
+        self.seeds = self.seeds[:2]  # the fewest that give a spread
+        self.fsm_sequences = min(self.fsm_sequences, 256)
+        self.fsm_val_sequences = min(self.fsm_val_sequences, 64)
+        self.fsm_eval_sequences = min(self.fsm_eval_sequences, 128)
+        self.fsm_steer_pairs = min(self.fsm_steer_pairs, 32)
+
+    def posthoc_methods(self) -> list[str]:
+        """``methods`` without the fine-tuned ones (what the synthetic workload fits)."""
+        return [m for m in self.methods if m in METHODS]
 
     def k_values(self) -> list[int]:
         """Every L0 scored: ``k`` first, then the grid."""

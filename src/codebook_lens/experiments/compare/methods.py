@@ -157,10 +157,8 @@ def thin(curve: list[tuple[int, float]], points: int = 100) -> list[tuple[int, f
     if len(curve) <= points:
         return curve
     size = math.ceil(len(curve) / points)
-    return [
-        (curve[min(i + size, len(curve)) - 1][0], sum(v for _, v in curve[i : i + size]) / size)
-        for i in range(0, len(curve), size)
-    ]
+    stretches = [curve[i : i + size] for i in range(0, len(curve), size)]
+    return [(part[-1][0], sum(v for _, v in part) / len(part)) for part in stretches]
 
 
 class ActivationTable(nn.Module):

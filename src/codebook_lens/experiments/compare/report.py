@@ -8,6 +8,7 @@ from typing import Any
 from codebook_lens.experiments.compare.config import CompareConfig
 
 HEADLINE = ("mcc", "f1", "precision", "recall", "explained_variance", "l0", "dead_fraction")
+FSM_HEADLINE = ("pure_fraction", "mean_best_f1", "explained_variance", "l0", "dead_fraction")
 
 
 def _pm(m: dict[str, Any]) -> str:
@@ -15,7 +16,8 @@ def _pm(m: dict[str, Any]) -> str:
 
 
 def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path) -> Path:
-    """report.md + report.html + the plots synthetic_l0.png and synthetic_curves.png in ``out``."""
+    """report.md + report.html + the plots (synthetic_l0.png, synthetic_curves.png,
+    tokfsm_curves.png: those of the workloads run) in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,15 +28,15 @@ def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path)
     rep = Report("Codebooks against sparse autoencoders")
     seeds = metrics["seeds"]
     rep.paragraph(
-        f"Every method is fitted to the same activations (budget {cfg.training_samples:,} "
-        f"samples, batches of {cfg.batch_size}) at {cfg.num_latents} latents and L0 = "
-        f"{cfg.k}. Learning rates are chosen on development seed {seeds['dev']}; the "
-        f"tables are mean ± std over the scored seeds {seeds['scored']}."
+        "Every method of a workload is fitted to the same activations at the same dictionary "
+        f"size and L0, in batches of {cfg.batch_size}. Learning rates are chosen on development "
+        f"seed {seeds['dev']}; the tables are mean ± std over the scored seeds {seeds['scored']}."
     )
     if "synthetic" in metrics["compare"]:
         w = metrics["world"]
         rep.heading("Ground truth: SAELens's synthetic benchmark")
         rep.paragraph(
+            f"Budget {cfg.training_samples:,} samples, {cfg.num_latents} latents, L0 = {cfg.k}. "
             f"{w['num_features']:,} true features in {w['hidden_dim']} dimensions (hierarchy "
             f"roots {w['hierarchy_roots']}, correlation rank {w['correlation_rank']}); scored "
             f"by sae_lens.synthetic.eval_sae_on_synthetic_data on {cfg.eval_samples:,} fresh "
@@ -61,13 +63,79 @@ def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path)
         rep.table(rows)
         rep.figure(_l0_figure(plt, metrics["l0"]["synthetic"]), "synthetic_l0",
                    caption="Metric against L0 per method (mean ± std over the scored seeds)")  # fmt: skip
-        rep.figure(_curve_figure(plt, metrics), "synthetic_curves",
+        rep.figure(_curve_figure(plt, metrics["curves"]["synthetic"], metrics["lr"]["synthetic"]),
+                   "synthetic_curves",
                    caption="Training curves: scored seeds at the chosen rate (solid), the "
                    "development sweep (dotted); each library's own loss")  # fmt: skip
         pub = metrics["published"]["synthetic"]
         rep.heading("SAELens's published SynthSAEBench figures", 3)
         rep.paragraph(f"Searched in {pub['where']}. {pub['note']}")
+    if "tokfsm" in metrics["compare"]:
+        _tokfsm_section(rep, plt, cfg, metrics)
     return rep.write(out)
+
+
+def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, Any]) -> None:
+    m, seeds = metrics["tokfsm_model"], metrics["seeds"]
+    rep.heading("TokFSM: the FSM demo's model at its MLP outputs")
+    rep.paragraph(
+        f"The demo run in {m['folder']} ({m['num_states']} states, residual width "
+        f"{m['width']}; its codebooks: {m['demo_num_codes']} codes, k = {m['demo_k']}). The "
+        f"post-hoc methods have {m['num_latents']} latents and L0 = {m['k']}, fitted to the "
+        f"frozen base model's outputs of {', '.join(m['layers'])} on {m['fit_tokens']:,} "
+        f"tokens of new walks at each seed; learning rates chosen per layer on dev seed "
+        f"{seeds['dev']}'s walks (validation explained variance); scored on "
+        f"{cfg.fsm_eval_sequences} held-out walks at each of seeds {seeds['scored']}. "
+        "codebook_finetuned is the demo's own fine-tuned MLP codebooks, read at their inputs "
+        "in the fine-tuned model (its seeds vary the scored walks only). A state has a pure "
+        f"latent when a latent's precision and recall for it are >= {m['purity_threshold']} "
+        "in some layer (the demo's definition); best F1 is the best over latents and layers, "
+        "averaged over states; explained variance, L0 and dead fraction are means over layers."
+    )
+    table = metrics["compare"]["tokfsm"]
+    rep.table([{"method": k, **{h: _pm(v[h]) for h in FSM_HEADLINE}} for k, v in table.items()])
+    if "tokfsm_unsteered" in metrics:
+        rep.heading("Steering", 3)
+        rep.paragraph(
+            f"{cfg.fsm_steer_pairs} walks per seed ending in a state a, steered at the last token "
+            "of a (every MLP output at once) toward another state b: a sparse autoencoder or a "
+            "neuron gets b's best latent added at its typical value (value x decoder row), a "
+            "codebook is forced to b's best code; the reconstruction error is kept. Success: "
+            ">= 80% of the model's top-E next states are successors of b (the demo's patching "
+            "criterion). Unsteered, the same walks succeed at "
+            f"{_pm(metrics['tokfsm_unsteered']['steer_success'])}."
+        )
+        names = ("steer_success", "steer_top_e_on_target", "steer_mass_on_target")
+        rep.table([{"method": k, **{h: _pm(v[h]) for h in names}} for k, v in table.items()])
+    rep.heading("Per layer", 3)
+    rows = []
+    for method, v in table.items():
+        for layer in m["layers"]:
+            rows.append({"method": method, "layer": layer, **{
+                h: _pm(v[f"{h}@{layer}"])
+                for h in ("pure_fraction", "mean_best_f1", "explained_variance")
+            }})  # fmt: skip
+    rep.table(rows)
+    lrs = metrics["lr"]["tokfsm"]
+    rep.heading("Learning rates (chosen on the development seed)", 3)
+    rep.table([
+        {"method": method, "layer": layer, "recommended": f"{s['recommended_lr']:.2g}",
+         "chosen": f"{s['lr']:.2g}", "tried (lr: val. expl. var.)": ", ".join(
+             f"{t['lr']:.2g}: {t['val_explained_variance']:.3f}" for t in s["tried"])}
+        for method, by_layer in lrs.items() for layer, s in by_layer["layers"].items()
+    ])  # fmt: skip
+    curves = {
+        method: {f"{layer} seed {seed}": c for layer, by_seed in by_layer.items()
+                 for seed, c in by_seed.items()}
+        for method, by_layer in metrics["curves"]["tokfsm"].items()
+    }  # fmt: skip
+    tried = {
+        method: {"tried": [t for s in by_layer["layers"].values() for t in s["tried"]]}
+        for method, by_layer in lrs.items()
+    }
+    rep.figure(_curve_figure(plt, curves, tried), "tokfsm_curves",
+               caption="TokFSM training curves: scored seeds at the chosen rate (solid), the "
+               "development sweep (dotted); each library's own loss")  # fmt: skip
 
 
 def _l0_figure(plt: Any, by_k: dict[str, dict[str, Any]]) -> Any:
@@ -88,15 +156,15 @@ def _l0_figure(plt: Any, by_k: dict[str, dict[str, Any]]) -> Any:
     return fig
 
 
-def _curve_figure(plt: Any, metrics: dict[str, Any]) -> Any:
-    curves = metrics["curves"]["synthetic"]
+def _curve_figure(plt: Any, curves: dict[str, dict[str, Any]], lrs: dict[str, Any]) -> Any:
     fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(4.2 * max(1, len(curves)), 3.2))
     axes = axes if len(curves) > 1 else [axes]
     for ax, (method, by_seed) in zip(axes, curves.items(), strict=False):
         for seed, curve in by_seed.items():
             if curve:
-                ax.plot(*zip(*curve, strict=True), label=f"seed {seed}")
-        for tried in metrics["lr"]["synthetic"].get(method, {}).get("tried", []):
+                label = seed if " " in seed else f"seed {seed}"
+                ax.plot(*zip(*curve, strict=True), label=label)
+        for tried in lrs.get(method, {}).get("tried", []):
             if tried["curve"]:
                 ax.plot(*zip(*tried["curve"], strict=True), ":", label=f"dev lr {tried['lr']:.2g}")
         ax.set_yscale("log")

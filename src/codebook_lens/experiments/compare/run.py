@@ -14,6 +14,7 @@ from codebook_lens.config import write_json_atomic
 from codebook_lens.experiments.compare.config import CompareConfig
 from codebook_lens.experiments.compare.report import write_compare_report
 from codebook_lens.experiments.compare.synthetic import run_synthetic
+from codebook_lens.experiments.compare.tokfsm import run_tokfsm
 
 PUBLISHED = {
     "synthetic": {
@@ -27,6 +28,13 @@ PUBLISHED = {
     }
 }
 """What SAELens publishes for the synthetic benchmark (searched in its docs and code)."""
+
+
+SUMMARY = {
+    "synthetic": ("mcc", "f1", "explained_variance"),
+    "tokfsm": ("pure_fraction", "mean_best_f1", "explained_variance"),
+}
+"""The metrics ``format_summary`` prints per workload."""
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -71,6 +79,17 @@ def run_compare(
         metrics["lr"]["synthetic"] = syn["lr"]
         metrics["curves"]["synthetic"] = syn["curves"]
         metrics["world"] = syn["world"]
+    if "tokfsm" in cfg.workloads:
+        fsm = run_tokfsm(cfg, say)
+        metrics["compare"]["tokfsm"] = aggregate(fsm["scores"], fsm["k"])
+        metrics["lr"]["tokfsm"] = fsm["lr"]
+        metrics["curves"]["tokfsm"] = fsm["curves"]
+        metrics["tokfsm_model"] = fsm["model"]
+        if fsm["unsteered"]:
+            per_seed = list(fsm["unsteered"].values())
+            metrics["tokfsm_unsteered"] = {
+                n: summarize([v[n] for v in per_seed]) for n in per_seed[0]
+            }
     metrics["seconds"] = time.perf_counter() - start
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "config.json", asdict(cfg))
@@ -82,12 +101,11 @@ def format_summary(metrics: dict[str, Any]) -> str:
     """One line per workload and method: the headline metrics, mean +- std over seeds."""
     lines = []
     for workload, methods in metrics["compare"].items():
-        lines.append(f"{workload}: {'method':<20}{'mcc':>14}{'f1':>14}{'expl. var.':>14}")
+        names = SUMMARY[workload]
+        head = "".join(f"{n[:13]:>14}" for n in names)
+        lines.append(f"{workload}: {'method':<20}{head}")
         for method, m in methods.items():
-            cells = "".join(
-                f"{m[k]['mean']:>8.3f}±{m[k]['std']:<5.3f}"
-                for k in ("mcc", "f1", "explained_variance")
-            )
+            cells = "".join(f"{m[k]['mean']:>8.3f}±{m[k]['std']:<5.3f}" for k in names)
             lines.append(f"{'':<11}{method:<20}{cells}")
     lines.append(f"{metrics['seconds']:.0f} s")
     return "\n".join(lines)

@@ -104,7 +104,7 @@ def choose_lrs(cfg: CompareConfig, progress: Progress) -> dict[str, Any]:
     x = sample(world, cfg.training_samples, cfg.dev_seed)
     val = sample(world, cfg.val_samples, cfg.dev_seed + 5_000)
     chosen: dict[str, Any] = {}
-    for method in (m for m in cfg.methods if m in TRAINED):
+    for method in (m for m in cfg.posthoc_methods() if m in TRAINED):
         progress(f"synthetic: lr sweep of {method} on dev seed {cfg.dev_seed}")
         result = sweep(method, x, val, spec(cfg, cfg.k, cfg.dev_seed), cfg.lr_factors)
         result.pop("fitted")
@@ -119,13 +119,13 @@ def run_synthetic(cfg: CompareConfig, progress: Progress) -> dict[str, Any]:
     "curves": method -> seed -> curve (at ``k``), "world": settings}``.
     """
     lrs = choose_lrs(cfg, progress)
-    scores: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in cfg.methods}
-    curves: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods if m in TRAINED}
+    scores: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in cfg.posthoc_methods()}
+    curves: dict[str, dict[str, Any]] = {m: {} for m in cfg.posthoc_methods() if m in TRAINED}
     for seed in cfg.seeds:
         world = make_world(cfg, seed)
         x = sample(world, cfg.training_samples, seed)
         for k in cfg.k_values():
-            for method in cfg.methods:
+            for method in cfg.posthoc_methods():
                 progress(f"synthetic: seed {seed}, k={k}, {method}")
                 lr = lrs[method]["lr"] if method in lrs else None
                 fitted = fit(method, x, spec(cfg, k, seed), lr)

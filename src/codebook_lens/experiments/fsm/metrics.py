@@ -69,10 +69,15 @@ def state_positions(fsm: TokFSM, tokens: Tensor, states: Tensor) -> tuple[Tensor
 def state_code_table(
     name: str, codes: Tensor, labels: Tensor, num_states: int, num_codes: int
 ) -> StateCodeTable:
-    """Best-F1 code per state from ``codes`` ``(P, k)`` and state ``labels`` ``(P,)``."""
+    """Best-F1 code per state from ``codes`` ``(P, k)`` and state ``labels`` ``(P,)``.
+
+    Negative entries of ``codes`` (``-1``: fewer than ``k`` latents fired) count as no firing.
+    """
     k = codes.shape[-1]
     flat_states = labels.reshape(-1, 1).expand(-1, k).reshape(-1).long()
     flat_codes = codes.reshape(-1).long()
+    fired = flat_codes >= 0
+    flat_states, flat_codes = flat_states[fired], flat_codes[fired]
     counts = torch.zeros(num_states * num_codes, dtype=torch.float64)
     counts.index_add_(
         0, flat_states * num_codes + flat_codes, torch.ones_like(flat_codes, dtype=torch.float64)
