@@ -268,7 +268,7 @@ def fit_saelens(method: str, x: Tensor, spec: FitSpec, lr: float) -> Fitted:
 
     def step(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        curve.append(((len(curve) + 1) * spec.batch_size, float(out.losses["mse_loss"])))
+        curve.append(((len(curve) + 1) * spec.batch_size, float(out.losses["mse_loss"].detach())))
         return out
 
     trainer._train_step = step  # type: ignore[method-assign]
