@@ -230,14 +230,18 @@ def update_section(path: str | os.PathLike[str] | None, section: str, data: dict
     """Merge ``data``'s keys into an existing section (creating it if needed)."""
     if not path:
         return
-    current: dict[str, Any] = {}
-    if Path(path).is_file():
-        try:
-            loaded = json.loads(Path(path).read_text(encoding="utf-8")).get(section)
-            current = loaded if isinstance(loaded, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            current = {}
-    save_section(path, section, {**current, **data})
+    save_section(path, section, {**load_section(path, section), **data})
+
+
+def load_section(path: str | os.PathLike[str] | None, section: str) -> dict[str, Any]:
+    """One section of a results file as saved; empty if the file or the section is missing."""
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8")).get(section)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def add_common_args(ap: Any) -> None:
