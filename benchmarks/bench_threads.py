@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
         for name in args.commands:
             got = measure(name, Path(tmp), args.tiny, [])
-            results[name] = got
+            results[name] = {**got, "machine": info}  # commands may be measured on other days
             rows.append([name, "default", f"{got['alone']['wall_s']:.1f}",
                          " / ".join(f"{p['wall_s']:.1f}" for p in got["pair"]),
                          f"{got['two_runs_slowdown']:.2f}"])  # fmt: skip
