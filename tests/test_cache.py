@@ -20,8 +20,8 @@ from codebook_lens.codes.cache import (
     build_cache,
     check_identity,
     code_dtype,
+    index as cache_mod,
 )
-from codebook_lens.codes.cache import index as cache_mod
 
 TEXTS = [
     "In May the rain falls. It may rain in May, or in June.",

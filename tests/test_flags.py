@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
 
 import pytest
 
+from codebook_lens.config import config_from_dict, flat_names
 from codebook_lens.flags import add_dataclass_args, dataclass_from_args, field_docs, flag
 
 
@@ -75,3 +77,66 @@ def test_inherited_field_docs_become_help() -> None:
     text = parser().format_help()
     assert "Width of the thing. (default: 8)" in text
     assert "--n NUM_SAMPLES" in text and "--no-json" not in text
+
+
+@dataclass
+class Inner:
+    steps: int = 10
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Learning rate."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} is invalid; it must be >= 1")
+
+
+@flat_names(pre_steps="pre.steps", fine_steps="fine.steps", lr=("pre.lr", "fine.lr"))
+@dataclass
+class Outer:
+    name: str = "run"
+    """A name."""
+    pre: Inner = field(default_factory=lambda: Inner(steps=100))
+    """Pretraining."""
+    fine: Inner = field(default_factory=Inner)
+    """Fine-tuning."""
+
+
+def test_flat_names_set_read_and_write_the_held_configs() -> None:
+    cfg = Outer(pre_steps=5, lr=0.1)  # type: ignore[call-arg]
+    assert (cfg.pre, cfg.fine) == (Inner(5, 0.1), Inner(10, 0.1))
+    assert (cfg.pre_steps, cfg.lr) == (5, 0.1)  # type: ignore[attr-defined]
+    cfg.lr = 0.2  # type: ignore[attr-defined]
+    assert (cfg.pre.lr, cfg.fine.lr) == (0.2, 0.2)
+    assert asdict(cfg) == {
+        "name": "run",
+        "pre": asdict(Inner(5, 0.2)),
+        "fine": asdict(Inner(10, 0.2)),
+    }
+    assert replace(cfg, name="b").pre == Inner(5, 0.2)
+    given = Outer(pre=Inner(7), fine_steps=3)  # type: ignore[call-arg]
+    assert (given.pre.steps, given.fine.steps) == (7, 3)
+
+
+def test_flat_names_errors_name_what_was_given() -> None:
+    with pytest.raises(ValueError, match=r"^fine_steps=0 is invalid"):
+        Outer(fine_steps=0)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match=r"^fine_steps=0 is invalid"):
+        Outer().fine_steps = 0  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="flat name"):
+        flat_names(name="pre.steps")(Outer)
+
+
+def test_flat_names_in_json_and_flags() -> None:
+    cfg = Outer(pre_steps=5)  # type: ignore[call-arg]
+    assert config_from_dict(Outer, json.loads(json.dumps(asdict(cfg)))) == cfg
+    assert config_from_dict(Outer, {"pre_steps": 5}) == cfg  # flat keys of older files
+    with pytest.raises(ValueError, match=r"config: pre: field 'steps' has value 'x'"):
+        config_from_dict(Outer, {"pre": {"steps": "x"}})
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_dataclass_args(p, Outer)
+    text = p.format_help()
+    assert "--pre-steps" in text and "--pre " not in text and "[sets pre.lr, fine.lr]" in text
+    assert "(default: 100)" in " ".join(text.split())
+    got = dataclass_from_args(Outer, p.parse_args(["--lr", "0.5"]), base=Outer(fine_steps=4))  # type: ignore[call-arg]
+    assert (got.pre, got.fine) == (Inner(100, 0.5), Inner(4, 0.5))

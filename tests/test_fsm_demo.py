@@ -13,15 +13,15 @@ from conftest import tiny_model
 from codebook_lens import CodebookConfig, attach_codebooks
 from codebook_lens.cli import main
 from codebook_lens.experiments.fsm import (
+    Converged as _Converged,
     ConvergenceCheck,
     DemoConfig,
     FSMBatches,
-    _Converged,
-    _patched_next_state_probs,
-    _RowPatch,
+    RowPatch as _RowPatch,
     build_base_model,
     js_divergence,
     parse_seeds,
+    patched_next_state_probs as _patched_next_state_probs,
     run_seeds,
     seeds_report,
     state_code_table,

@@ -1,6 +1,8 @@
 """Shared pieces of every stage: the version, value checks, typed JSON configs, atomic writes.
 
-Each config dataclass is the Python API, the CLI flags and the saved JSON.
+Each config dataclass is the Python API, the CLI flags and the saved JSON. A config that holds
+others (an experiment's ``lm: ModelConfig``, ``pretrain: TrainConfig``, ...) may give some of
+their fields flat names (``flat_names``), which work as keywords, attributes and flags.
 
 Every field has a docstring under it (shown in ``--help``); invalid values raise
 ``ValueError`` naming the field, the value and what is allowed.
@@ -10,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -98,13 +101,24 @@ def config_from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
     assert dataclasses.is_dataclass(cls)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    flat = flat_names_of(cls)
+    unknown = sorted(set(data) - set(fields) - set(flat))
     if unknown:
         raise ValueError(
             f"{source}: unknown field(s) {unknown}; allowed fields are {sorted(fields)}"
         )
+    data = dict(data)
     for name, value in data.items():
-        if get_origin(hints[name]) is Literal:
+        if name in flat:  # the held config checks it
+            continue
+        nested = hints[name]
+        if (
+            dataclasses.is_dataclass(nested)
+            and isinstance(nested, type)
+            and isinstance(value, dict)
+        ):
+            data[name] = config_from_dict(nested, value, source=f"{source}: {name}")
+        elif get_origin(hints[name]) is Literal:
             check_choice(f"{source}: {name}", value, tuple(get_args(hints[name])))
         elif not _type_ok(value, hints[name]):
             raise ValueError(
@@ -115,6 +129,100 @@ def config_from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
         return cls(**data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+FlatNames = dict[str, tuple[str, ...]]
+
+
+def flat_names(**names: str | tuple[str, ...]) -> Callable[[type[T]], type[T]]:
+    """Flat names for fields of the configs a dataclass holds (apply it over ``@dataclass``).
+
+    ``@flat_names(lm=("width", "heads"), lr=("pretrain.lr", "finetune.lr"), steps="pretrain.
+    steps")`` on a config with the fields ``lm``, ``pretrain`` and ``finetune``: a held config's
+    name with a tuple of its fields gives them flat names of their own (``width`` is
+    ``lm.width``); any other name stands for the dotted paths given, one or several. Then
+    ``Cfg(width=64, lr=1e-3)`` sets them, ``cfg.width`` reads ``cfg.lm.width`` and
+    ``cfg.lr = 3e-3`` writes both learning rates (each through ``dataclasses.replace``, so the
+    held config checks the value); ``flags`` turns each name into a flag. The held configs stay
+    the only storage: ``asdict``, ``replace`` and the saved JSON see just them.
+    """
+
+    def wrap(cls: type[T]) -> type[T]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        table: FlatNames = {}
+        for key, value in names.items():
+            if key in fields and isinstance(value, tuple) and not any("." in v for v in value):
+                table.update({attr: (f"{key}.{attr}",) for attr in value})
+            else:
+                table[key] = (value,) if isinstance(value, str) else tuple(value)
+        for name, paths in table.items():
+            heads = {p.split(".", 1)[0] for p in paths}
+            if name in fields or not heads <= set(fields) or any("." not in p for p in paths):
+                raise TypeError(f"{cls.__name__}: flat name {name!r} -> {paths} is invalid")
+            setattr(cls, name, property(_flat_getter(paths[0]), _flat_setter(name, paths)))
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            changes: dict[str, dict[str, Any]] = {}
+            given: dict[str, str] = {}  # "head.attr" -> the flat name it was given as
+            for name in [n for n in kwargs if n in table]:
+                value = kwargs.pop(name)
+                for path in table[name]:
+                    head, attr = path.split(".", 1)
+                    changes.setdefault(head, {})[attr] = value
+                    given[path] = name
+            for head, values in changes.items():
+                held = kwargs[head] if head in kwargs else _field_default(fields[head])
+                try:
+                    kwargs[head] = dataclasses.replace(held, **values)
+                except ValueError as e:
+                    raise ValueError(_flat_message(str(e), head, given)) from None
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__flat_names__ = table  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+def flat_names_of(cls: Any) -> FlatNames:
+    """The ``flat_names`` table of a config class or instance (empty when it has none)."""
+    return dict(getattr(cls, "__flat_names__", {}))
+
+
+def _flat_message(message: str, head: str, given: dict[str, str]) -> str:
+    """A held config's error in the flat name the value was given as (``warmup_steps=-1 ...``
+    -> ``base_warmup_steps=-1 ...``)."""
+    for path, name in given.items():
+        attr = path.split(".", 1)[1]
+        if path.startswith(head + ".") and message.startswith(attr + "="):
+            return name + message[len(attr) :]
+    return message
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _flat_getter(path: str) -> Callable[[Any], Any]:
+    head, attr = path.split(".", 1)
+    return lambda self: getattr(getattr(self, head), attr)
+
+
+def _flat_setter(name: str, paths: tuple[str, ...]) -> Callable[[Any, Any], None]:
+    def set_all(self: Any, value: Any) -> None:
+        for path in paths:
+            head, attr = path.split(".", 1)
+            try:
+                setattr(self, head, dataclasses.replace(getattr(self, head), **{attr: value}))
+            except ValueError as e:
+                raise ValueError(_flat_message(str(e), head, {path: name})) from None
+
+    return set_all
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

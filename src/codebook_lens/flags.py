@@ -5,13 +5,15 @@ with the field's docstring as its ``--help`` text; ``dataclass_from_args(TrainCo
 builds the config back from the parsed flags. Flags that were not given stay ``None`` in
 ``args``, so they never override a value from a saved run or a ``--config`` file. A field's
 ``metadata=flag(...)`` shapes its argument (a positional, another name, a switch, a
-repeatable flag, one of a mutually exclusive group).
+repeatable flag, one of a mutually exclusive group). A config that holds other configs gets
+flags for their fields only through its ``config.flat_names`` (``--width`` for ``lm.width``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import inspect
 import json
@@ -19,7 +21,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
-from codebook_lens.config import config_from_dict
+from codebook_lens.config import config_from_dict, flat_names_of
 
 
 def flag(
@@ -106,7 +108,7 @@ def add_dataclass_args(
     group = parser.add_argument_group(cls.__name__)
     exclusive: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or _is_config(hints[f.name]):
             continue
         meta: dict[str, Any] = f.metadata.get("flag", {})
         target = group
@@ -120,19 +122,52 @@ def add_dataclass_args(
             continue
         flag_name = meta.get("name") or "--" + (prefix + f.name).replace("_", "-")
         target.add_argument(flag_name, **_argument(f, hints[f.name], docs, prefix, meta))
+    for name, paths in flat_names_of(cls).items():
+        if name not in skip:
+            group.add_argument(
+                "--" + (prefix + name).replace("_", "-"), **_flat_argument(cls, name, paths, prefix)
+            )
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _flat_argument(cls: type, name: str, paths: tuple[str, ...], prefix: str) -> dict[str, Any]:
+    """``add_argument`` keywords of a flat name: the first held field's type and docstring, the
+    default the held config has in ``cls``, and where the value goes."""
+    head, attr = paths[0].split(".", 1)
+    outer = {f.name: f for f in dataclasses.fields(cls)}[head]
+    held_cls = typing.get_type_hints(cls)[head]
+    inner = {f.name: f for f in dataclasses.fields(held_cls)}[attr]
+    default = getattr(_default(outer), attr)
+    tp = typing.get_type_hints(held_cls)[attr]
+    kwargs = _argument(inner, tp, field_docs(held_cls), prefix, {}, default)
+    kwargs["dest"] = prefix + name
+    kwargs["help"] += f" [sets {', '.join(paths)}]"
+    return kwargs
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _argument(
-    f: dataclasses.Field[Any], tp: Any, docs: dict[str, str], prefix: str, meta: dict[str, Any]
+    f: dataclasses.Field[Any],
+    tp: Any,
+    docs: dict[str, str],
+    prefix: str,
+    meta: dict[str, Any],
+    default: Any = dataclasses.MISSING,
 ) -> dict[str, Any]:
-    """``add_argument`` keywords of one field."""
-    default = (
-        f.default
-        if f.default is not dataclasses.MISSING
-        else f.default_factory()  # type: ignore[misc]
-        if f.default_factory is not dataclasses.MISSING
-        else None
-    )
+    """``add_argument`` keywords of one field (``default``: what ``--help`` shows, if not the
+    field's own)."""
+    if default is dataclasses.MISSING:
+        default = _default(f)
     shown = "" if meta.get("required") or meta.get("switch") else f" (default: {default!r})"
     help_text = f"{docs.get(f.name, '')}{shown}".replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "help": help_text}
@@ -170,11 +205,15 @@ def dataclass_from_args(
     cls: type, args: argparse.Namespace, *, prefix: str = "", base: Any = None
 ) -> Any:
     """Build ``cls`` from parsed flags; unset flags keep ``base``'s (or the default) values."""
-    values = dataclasses.asdict(base) if base is not None else {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, prefix + f.name, None)
+    values = (
+        {f.name: copy.deepcopy(getattr(base, f.name)) for f in dataclasses.fields(base) if f.init}
+        if base is not None
+        else {}
+    )
+    for name in [f.name for f in dataclasses.fields(cls)] + list(flat_names_of(cls)):
+        v = getattr(args, prefix + name, None)
         if v is not None:
-            values[f.name] = v
+            values[name] = v
     return cls(**values)
 
 

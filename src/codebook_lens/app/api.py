@@ -7,8 +7,7 @@ fuzzes the app against it.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
-from fastapi import Path as PathParam
+from fastapi import APIRouter, Depends, Path as PathParam, Query
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from codebook_lens.codes.saes import CodebookDictionary, Dictionary, capture_activations
+from codebook_lens.config import config_from_dict, flat_names_of
 from codebook_lens.experiments.compare.config import CompareConfig
 from codebook_lens.experiments.compare.methods import (
     TRAINED,
@@ -38,7 +39,7 @@ from codebook_lens.experiments.compare.steering import Steer, steering_pairs, st
 from codebook_lens.experiments.fsm.config import DemoConfig
 from codebook_lens.experiments.fsm.data import TokFSM
 from codebook_lens.experiments.fsm.metrics import state_code_table, state_positions
-from codebook_lens.experiments.fsm.run import run_demo
+from codebook_lens.experiments.fsm.run import finished_run, run_demo
 from codebook_lens.model.codebook_model import CodebookModel, HookSite, eval_mode
 from codebook_lens.model.sites import resolve_sites
 
@@ -80,8 +81,8 @@ def load_demo_run(folder: str | Path) -> DemoRun:
         if not (path / name).exists():
             raise ValueError(f"fsm_run={str(path)!r} is invalid: it has no {name}; give a demo run")
     saved = json.loads((path / "demo_config.json").read_text())
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    demo = DemoConfig(**{k: v for k, v in saved.items() if k in known})
+    known = {f.name for f in dataclasses.fields(DemoConfig)} | set(flat_names_of(DemoConfig))
+    demo = config_from_dict(DemoConfig, {k: v for k, v in saved.items() if k in known})
     fsm = TokFSM.from_json(json.loads((path / "fsm.json").read_text()))
     base = AutoModelForCausalLM.from_pretrained(str(path / "base_model")).eval()
     model = None
@@ -105,13 +106,7 @@ def demo_run(cfg: CompareConfig, progress: Progress) -> DemoRun:
 
 def finished_demo(folder: Path, demo: DemoConfig) -> bool:
     """Whether ``folder`` holds a finished demo run of the settings ``demo`` (threads aside)."""
-    if not (folder / "metrics.json").is_file() or not (folder / "demo_config.json").is_file():
-        return False
-    saved = json.loads((folder / "demo_config.json").read_text())
-    wanted = dataclasses.asdict(demo)
-    return {k: v for k, v in saved.items() if k != "threads"} == {
-        k: v for k, v in wanted.items() if k != "threads"
-    }
+    return finished_run(folder, demo) is not None
 
 
 @torch.no_grad()
@@ -207,8 +202,8 @@ def combine(per_layer: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def fsm_spec(cfg: CompareConfig, run: DemoRun, seed: int) -> FitSpec:
     """Dictionary size and L0 of the post-hoc methods (default: the demo's codebooks')."""
-    num_latents = cfg.fsm_num_latents or run.demo.num_codes
-    return FitSpec(num_latents, cfg.fsm_k or run.demo.k, cfg.batch_size, seed, cfg.device)
+    num_latents = cfg.fsm_num_latents or run.demo.codebooks.num_codes
+    return FitSpec(num_latents, cfg.fsm_k or run.demo.codebooks.k, cfg.batch_size, seed, cfg.device)
 
 
 def choose_lrs(cfg: CompareConfig, run: DemoRun, progress: Progress) -> dict[str, Any]:
@@ -336,11 +331,11 @@ def run_tokfsm(cfg: CompareConfig, progress: Progress) -> dict[str, Any]:
             "folder": str(run.folder),
             "num_states": run.fsm.num_states,
             "layers": names,
-            "width": demo.width,
+            "width": demo.lm.width,
             "num_latents": fsm_spec(cfg, run, 0).num_latents,
             "k": int(k),
-            "demo_num_codes": demo.num_codes,
-            "demo_k": demo.k,
+            "demo_num_codes": demo.codebooks.num_codes,
+            "demo_k": demo.codebooks.k,
             "purity_threshold": demo.purity_threshold,
             "fit_tokens": cfg.fsm_sequences * (run.fsm.seq_len - 1),
         },

@@ -32,10 +32,10 @@ from codebook_lens.experiments.fsm.metrics import (
     state_positions,
 )
 from codebook_lens.experiments.fsm.patching import (
-    _patched_next_state_probs,
-    _RowPatch,
+    RowPatch,
     intervention_experiment,
     js_divergence,
+    patched_next_state_probs,
 )
 from codebook_lens.experiments.fsm.report import (
     SUMMARY_METRICS,
@@ -47,11 +47,11 @@ from codebook_lens.experiments.fsm.report import (
 )
 from codebook_lens.experiments.fsm.run import parse_seeds, run_demo, run_seeds
 from codebook_lens.experiments.fsm.stages import (
+    Converged,
     ConvergenceCheck,
     FSMBatches,
     StageResult,
     Validation,
-    _Converged,
     build_base_model,
     train_stage,
 )
@@ -59,7 +59,7 @@ from codebook_lens.experiments.fsm.stages import (
 __all__ = [
     "PATCH_GROUPS", "REFERENCE", "SUMMARY_METRICS", "TARGETS", "ConvergenceCheck", "DemoConfig",
     "FSMBatches", "PatchGroup", "PatchScope", "StageResult", "StateCodeTable", "Validation",
-    "_Converged", "_RowPatch", "_patched_next_state_probs", "build_base_model", "check_targets",
+    "Converged", "RowPatch", "patched_next_state_probs", "build_base_model", "check_targets",
     "claim_one_tables", "intervention_experiment", "js_divergence", "mlp_neuron_activations",
     "mlp_state_tables", "model_metrics", "neuron_table", "parse_seeds", "pure_states", "run_demo",
     "run_seeds", "seeds_report", "seeds_summary", "state_code_table", "state_positions",

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from codebook_lens.config import check_choice
+from codebook_lens.config import flat_names
 from codebook_lens.experiments.fsm.data import FSMConfig, MachineShape
 from codebook_lens.model.config import CodebookConfig
 from codebook_lens.training.base_models import ModelConfig
+from codebook_lens.training.loop import TrainConfig
 
 PatchGroup = Literal["none", "attn", "mlp", "all"]
 PATCH_GROUPS: tuple[PatchGroup, ...] = ("none", "attn", "mlp", "all")
 PatchScope = Literal["transition", "last"]
 
 
+_DEMO_TRAINING: dict[str, Any] = dict(
+    weight_decay=0.0, beta2=0.99, min_lr_ratio=0.05, eval_every=0, checkpoint_every=0, device="cpu"
+)
+
+
+@flat_names(
+    lm=("arch", "width", "heads", "mlp_width", "rotary_fraction", "rotary_scale"),
+    codebooks=("num_codes", "k", "commitment_weight", "layer_norm", "dead_code_steps"),
+    layers="lm.num_layers",
+    base_steps="base_training.steps",
+    base_lr="base_training.lr",
+    base_warmup_steps="base_training.warmup_steps",
+    batch_size=("base_training.batch_size", "codebook_training.batch_size"),
+    schedule=("base_training.schedule", "codebook_training.schedule"),
+    codebook_steps="codebook_training.steps",
+    codebook_lr="codebook_training.lr",
+    model_lr_factor="codebook_training.model_lr_factor",
+    warmup_steps="codebook_training.warmup_steps",
+)
 @dataclass
 class DemoConfig(MachineShape):
     """Every setting of the FSM demo (the defaults reproduce the paper's setup on a CPU); the
@@ -25,73 +45,46 @@ class DemoConfig(MachineShape):
     fsm_seed: int = 0
     """Seed of the random machine."""
 
-    arch: Literal["gpt2", "gpt_neox", "llama"] = "gpt2"
-    """Hugging Face architecture of the transformer, built from a config."""
-    layers: int = 2
-    """Transformer blocks."""
-    width: int = 64
-    """Residual width (fewer dimensions than FSM states: the superposition regime)."""
-    heads: int = 4
-    """Attention heads."""
-    mlp_width: int = 256
-    """MLP hidden width."""
-    rotary_fraction: float = 1.0
-    """gpt_neox only: fraction of each head's dimensions with rotary positions (HF's and the
-    reference's default is 0.25; full rotary learns the previous-token heads far sooner)."""
-    rotary_scale: float = 1.0
-    """gpt_neox and llama: every rotary frequency times this (HF's linear RoPE scaling, factor
-    1/scale). Rotary positions are relative only; at pi the fastest frequency has a period of
-    2 tokens, which lets attention tell a state's first digit from its second."""
+    lm: ModelConfig = field(default_factory=lambda: ModelConfig(
+        arch="gpt2", num_layers=2, width=64, heads=4, mlp_width=256, rotary_fraction=1.0))  # fmt: skip
+    """The transformer, built from a transformers config: a residual width below the number of
+    FSM states (the superposition regime). Its context fits the training and patching
+    sequences, embeddings are tied for gpt2 only, and ``rotary_fraction`` applies to gpt_neox
+    only: full rotary (HF's and the reference's default is 0.25) learns the previous-token
+    heads far sooner. ``rotary_scale`` pi gives the fastest frequency a period of 2 tokens,
+    which lets attention tell a state's first digit from its second."""
+    base_training: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=3000, lr=3e-3, model_lr_factor=1.0, batch_size=32, warmup_steps=300,
+        schedule="constant", **_DEMO_TRAINING))  # fmt: skip
+    """The base stage: ``steps`` is its cap (it stops once the criterion holds), small batches
+    (this task is limited by the number of updates). Warmup 300, not 30: measured on
+    development seeds (docs/fsm.md) it leaves chance as early and reaches the criterion sooner
+    and more often within the cap. A constant schedule, because the stages stop on a criterion,
+    not at the cap (cosine over 1,500 steps gave no better base model)."""
+    codebook_training: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, lr=0.1, model_lr_factor=0.01, batch_size=32, warmup_steps=30,
+        schedule="constant", **_DEMO_TRAINING))  # fmt: skip
+    """The codebook stage, fine-tuned from the base model: ``steps`` is its cap, warm-up
+    included. ``lr`` is the codebooks' peak, high so that codes keep up with the activations
+    (from the same base, 600 steps reached 92% transition accuracy at 3e-3, 98% at 3e-2, and
+    0.1 had 98% of states pure at 500 steps, 93% at 3e-2); the transformer trains at
+    ``model_lr_factor`` x that (3e-3 was slower; a factor 1.0 at lr 3e-3 diverged)."""
+    codebooks: CodebookConfig = field(default_factory=lambda: CodebookConfig(
+        num_codes=1000, k=1, placements=["attn_heads", "mlp_out"], kmeans_init=True,
+        commitment_weight=1.0))  # fmt: skip
+    """A codebook per attention head and per MLP output, k-means initialised; ``seed`` is the
+    demo's. ``commitment_weight`` pulls each input toward its code: without it the
+    straight-through gradient lets activations drift away and joint fine-tuning diverges.
+    ``layer_norm`` (off) would keep the codes on a normalised scale. Dead-code revival stays off
+    (``dead_code_steps`` 0): every revival splits a state's activations between two
+    near-identical codes, which destroys the one-code-per-state structure the demo measures
+    (measured: 95% -> 35% pure states)."""
 
-    base_steps: int = 3000
-    """Most optimizer steps for the base model (fewer once the stop criterion holds)."""
-    base_lr: float = 3e-3
-    """Peak learning rate of the base model."""
-    batch_size: int = 32
-    """Sequences per step (small batches: this task is limited by the number of updates)."""
-    warmup_steps: int = 30
-    """Linear warmup steps of the codebook stage (and of the base stage when
-    ``base_warmup_steps`` is None)."""
-    base_warmup_steps: int | None = 300
-    """Linear warmup steps of the base stage (None: ``warmup_steps``). Measured on development
-    seeds (docs/fsm.md): 300 instead of 30 leaves chance as early and reaches the criterion
-    sooner and more often within the cap."""
-    schedule: Literal["cosine", "linear", "constant"] = "constant"
-    """Learning-rate decay after the warmup (both stages; over each stage's step cap). Constant:
-    the stages stop on a criterion, not at the cap (measured: cosine over 1,500 steps gave no
-    better base model than constant)."""
-
-    num_codes: int = 1000
-    """Codes per codebook C (per head for attention codebooks)."""
-    k: int = 1
-    """Codes per token (and head)."""
-    codebook_steps: int = 1500
-    """Most fine-tuning steps of the codebook model (initialised from the base model), warm-up
-    included (fewer once the stop criterion holds)."""
     codebook_warmup_steps: int = 0
     """Train the codebooks only (model frozen, constant LR) for this many of the fine-tuning
     steps before joint training. Off by default: measured at seeds 0 and 1 it did not help
     (seed 0: 92% -> 80% pure states at the same accuracy; seed 1: 92.5% -> 91.6% transition
     accuracy), though one separate fine-tune of a longer-trained base gained from it."""
-    codebook_lr: float = 0.1
-    """Peak learning rate of the codebooks. High, so that codes keep up with the activations:
-    from the same base, 600 steps reached 92% transition accuracy at 3e-3, 98% at 3e-2, and 0.1
-    had 98% of states pure at 500 steps (93% at 3e-2)."""
-    model_lr_factor: float = 0.01
-    """The transformer's learning rate during fine-tuning, as a fraction of codebook_lr (1e-3 at
-    the defaults; 3e-3 was slower and a factor 1.0 at codebook_lr 3e-3 diverged)."""
-    commitment_weight: float = 1.0
-    """Pulls each codebook's input toward its chosen code. Without it the straight-through
-    gradient lets activations drift away from the codes and joint fine-tuning diverges."""
-    layer_norm: bool = False
-    """LayerNorm each codebook's input before choosing and reconstructing (the codes live on the
-    normalised scale, so the transformer cannot inflate the quantisation error by growing its
-    activations)."""
-    dead_code_steps: int = 0
-    """Revive codes unused for this many steps (0: never). Off by default here: every revival
-    splits a state's activations between two near-identical codes, which destroys the
-    one-code-per-state structure the demo measures (measured: 95% -> 35% pure states)."""
-
     check_every: int = 100
     """Every this many steps each stage measures itself on validation data (sequences that the
     report does not use) and stops once converged; 0: train to the step caps."""
@@ -143,13 +136,8 @@ class DemoConfig(MachineShape):
 
     def __post_init__(self) -> None:
         FSMConfig(self.num_states, self.num_edges, self.base, self.seq_len, self.fsm_seed)
-        check_choice("arch", self.arch, ("gpt2", "gpt_neox", "llama"))
-        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
-        for name in (
-            "layers", "width", "heads", "mlp_width", "base_steps", "batch_size", "num_codes",
-            "k", "codebook_steps", "eval_sequences", "transition_samples", "intervention_pairs",
-            "intervention_prefix_states", "check_sequences",
-        ):  # fmt: skip
+        for name in ("eval_sequences", "transition_samples", "intervention_pairs",
+                     "intervention_prefix_states", "check_sequences"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1")
@@ -161,33 +149,14 @@ class DemoConfig(MachineShape):
                      "stall_gain", "stall_below"):  # fmt: skip
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; it must be in [0, 1]")
-        if self.width % self.heads:
-            raise ValueError(
-                f"width={self.width} is invalid for heads={self.heads}: it must divide evenly"
-            )
-        if self.base_warmup_steps is not None and (
-            isinstance(self.base_warmup_steps, bool)
-            or not isinstance(self.base_warmup_steps, int)
-            or self.base_warmup_steps < 0
-        ):
-            raise ValueError(
-                f"base_warmup_steps={self.base_warmup_steps!r} is invalid; it must be an integer "
-                ">= 0 or None (use warmup_steps)"
-            )
-        if not 0 <= self.codebook_warmup_steps < self.codebook_steps:
+        steps = self.codebook_training.steps
+        if not 0 <= self.codebook_warmup_steps < steps:
             raise ValueError(
                 f"codebook_warmup_steps={self.codebook_warmup_steps} is invalid; it must be an "
-                f"integer in [0, codebook_steps={self.codebook_steps})"
+                f"integer in [0, codebook_steps={steps})"
             )
-        if self.k > self.num_codes:
-            raise ValueError(f"k={self.k} is invalid; it must be <= num_codes={self.num_codes}")
-        if not 0 < self.rotary_fraction <= 1:
-            raise ValueError(f"rotary_fraction={self.rotary_fraction} must be in (0, 1]")
-        if not 0 < self.rotary_scale <= 4:
-            raise ValueError(f"rotary_scale={self.rotary_scale} must be in (0, 4]")
         if not 0 < self.purity_threshold <= 1:
             raise ValueError(f"purity_threshold={self.purity_threshold} must be in (0, 1]")
-        self.codebook_config()  # checks commitment_weight, dead_code_steps, ... up front
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -195,34 +164,28 @@ class DemoConfig(MachineShape):
         too short to meet the criterion, so the gate is off)."""
         values: dict[str, Any] = dict(
             num_states=12, num_edges=3, seq_len=33, layers=2, width=64, heads=4, mlp_width=128,
-            base_steps=40, batch_size=32, warmup_steps=5, num_codes=64, codebook_steps=30,
-            eval_sequences=48, transition_samples=24, intervention_pairs=24,
+            base_steps=40, batch_size=32, warmup_steps=5, base_warmup_steps=5, num_codes=64,
+            codebook_steps=30, eval_sequences=48, transition_samples=24, intervention_pairs=24,
             intervention_prefix_states=4, dead_code_steps=10, codebook_warmup_steps=10,
-            check_every=20, check_sequences=16, base_gate=False, base_warmup_steps=None,
+            check_every=20, check_sequences=16, base_gate=False,
         )  # fmt: skip
         values.update(overrides)
         return cls(**values)
 
     def model_config(self) -> ModelConfig:
-        """The transformer (its context also fits the patching experiment's sequences)."""
-        return ModelConfig(
-            arch=self.arch, num_layers=self.layers, width=self.width, heads=self.heads,
-            mlp_width=self.mlp_width, context=max(self.seq_len, 2 * self.intervention_prefix_states + 3),
-            rotary_fraction=self.rotary_fraction if self.arch == "gpt_neox" else None,
-            rotary_scale=self.rotary_scale, tie_embeddings=self.arch == "gpt2",
-        )  # fmt: skip
+        """``lm`` as built: a context that fits the patching experiment's sequences too, tied
+        embeddings for gpt2 only, rotary_fraction for gpt_neox only."""
+        arch = self.lm.arch
+        return replace(
+            self.lm,
+            context=max(self.seq_len, 2 * self.intervention_prefix_states + 3),
+            rotary_fraction=self.lm.rotary_fraction if arch == "gpt_neox" else None,
+            tie_embeddings=arch == "gpt2",
+        )
 
     def fsm_config(self) -> FSMConfig:
         return FSMConfig(self.num_states, self.num_edges, self.base, self.seq_len, self.fsm_seed)
 
     def codebook_config(self) -> CodebookConfig:
-        return CodebookConfig(
-            num_codes=self.num_codes,
-            k=self.k,
-            placements=["attn_heads", "mlp_out"],
-            kmeans_init=True,
-            commitment_weight=self.commitment_weight,
-            layer_norm=self.layer_norm,
-            dead_code_steps=self.dead_code_steps,
-            seed=self.seed,
-        )
+        """``codebooks`` as attached (seeded by the demo's seed)."""
+        return replace(self.codebooks, seed=self.seed)

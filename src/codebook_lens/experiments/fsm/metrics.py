@@ -105,7 +105,7 @@ def mlp_state_tables(model: CodebookModel, tokens: Tensor, ends: Tensor, labels:
     """One ``StateCodeTable`` per MLP codebook, from the codes at the positions ``ends``."""
     codes = model.get_codes(tokens)
     return [
-        state_code_table(n, codes[n][:, ends].reshape(-1, cfg.k), labels.reshape(-1), num_states, cfg.num_codes)
+        state_code_table(n, codes[n][:, ends].reshape(-1, cfg.codebooks.k), labels.reshape(-1), num_states, cfg.codebooks.num_codes)
         for n in model.codebooks
         if n.endswith("mlp_out")
     ]  # fmt: skip
@@ -201,5 +201,5 @@ def claim_one_tables(
     codebook of ``model``, and the best neuron per state of each MLP of ``base``."""
     ends, labels = state_positions(fsm, tokens, states)
     tables = mlp_state_tables(model, tokens, ends, labels, fsm.num_states, cfg)
-    acts = mlp_neuron_activations(base, tokens, cfg.layers)
+    acts = mlp_neuron_activations(base, tokens, cfg.lm.num_layers)
     return tables, [neuron_table(a[:, ends], labels, fsm.num_states) for a in acts]

@@ -18,7 +18,7 @@ from codebook_lens.model.codebook_model import CodebookModel, eval_mode
 
 
 # ------------------------------------------------------------- interventions
-class _RowPatch:
+class RowPatch:
     """A ``CodeEdit`` that sets the codes at consecutive positions of every row to per-row targets.
 
     ``targets`` is ``(B, G, k)`` for one position or ``(B, P, G, k)`` for ``P`` positions starting
@@ -47,7 +47,7 @@ def _codes_4d(codes: Tensor) -> Tensor:
     return codes if codes.dim() == 4 else codes.unsqueeze(2)
 
 
-def _patched_next_state_probs(
+def patched_next_state_probs(
     model: CodebookModel,
     fsm: TokFSM,
     prefixes: Tensor,
@@ -91,7 +91,7 @@ def _patched_next_state_probs(
                     try:
                         for name in names:
                             target = _codes_4d(src[name])[:, length - 1 : length - 1 + span]
-                            layers[name].edit = _RowPatch(target, length - 1, 1)
+                            layers[name].edit = RowPatch(target, length - 1, 1)
                         logits = model(input_ids=inputs).logits[:, -1]
                     finally:
                         for name in names:
@@ -123,7 +123,7 @@ def intervention_experiment(
 
     Success for a pair: at least 80% of the model's top-E next states are successors of ``b``
     (E = out-degree). Also reports the JS divergence to ``b``'s and ``a``'s true next-state
-    distributions. Two scopes (see ``_patched_next_state_probs``): the headline ``transition``
+    distributions. Two scopes (see ``patched_next_state_probs``): the headline ``transition``
     (last position of the state and the positions of the next state as it is written) and
     ``last`` (the last position only), reported under ``last_position``.
     """
@@ -169,7 +169,7 @@ def intervention_experiment(
         probs: dict[str, dict[str, list[Tensor]]] = {sc: {g: [] for g in groups} for sc in scopes}
         firsts: dict[str, list[Tensor]] = {g: [] for g in groups}
         for s in range(0, len(b), batch):
-            out, first = _patched_next_state_probs(
+            out, first = patched_next_state_probs(
                 model, fsm, tok_a[s : s + batch], tok_b[s : s + batch], groups, scopes
             )
             for g in groups:

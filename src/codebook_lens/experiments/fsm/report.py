@@ -131,11 +131,12 @@ def write_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any], base_hist:
     from codebook_lens.report import Report
 
     rep = Report("Codebook features on a finite state machine")
+    lm = cfg.lm
     rep.paragraph(
         f"TokFSM with N={cfg.num_states} states and E={cfg.num_edges} out-edges, states written "
-        f"as base-{cfg.base} digits. Transformer: {cfg.arch}, {cfg.layers} layers, width "
-        f"{cfg.width}, {cfg.heads} heads, MLP {cfg.mlp_width}. Codebooks on every attention head "
-        f"and every MLP output, C={cfg.num_codes}, k={cfg.k}. Seeds: training {cfg.seed}, "
+        f"as base-{cfg.base} digits. Transformer: {lm.arch}, {lm.num_layers} layers, width "
+        f"{lm.width}, {lm.heads} heads, MLP {lm.mlp_width}. Codebooks on every attention head "
+        f"and every MLP output, C={cfg.codebooks.num_codes}, k={cfg.codebooks.k}. Seeds: training {cfg.seed}, "
         f"machine {cfg.fsm_seed}. Wall time {metrics['wall_seconds']:.0f} s, CPU time "
         f"{metrics['cpu_seconds']:.0f} s, {metrics['threads']} torch thread(s), load average "
         f"{metrics['load_average']['start']:.1f} at the start."
@@ -375,8 +376,8 @@ def seeds_report(cfg: DemoConfig, data: dict[str, Any]) -> Any:
     rep.paragraph(
         f"Seeds {', '.join(map(str, data['seeds']))}: each runs the whole demo with a fresh "
         f"machine and initialisation (--seed S --fsm-seed S); one folder per seed holds its "
-        f"report. Model: {cfg.arch}, {cfg.layers} layers, width {cfg.width}, MLP "
-        f"{cfg.mlp_width}; caps {cfg.base_steps} + {cfg.codebook_steps} steps."
+        f"report. Model: {cfg.lm.arch}, {cfg.lm.num_layers} layers, width {cfg.lm.width}, MLP "
+        f"{cfg.lm.mlp_width}; caps {cfg.base_training.steps} + {cfg.codebook_training.steps} steps."
     )
     rep.heading("Targets")
     rep.table(

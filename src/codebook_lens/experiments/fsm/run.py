@@ -171,16 +171,10 @@ def _finish(out: Path, metrics: dict[str, Any], t0: float, c0: float, load0: flo
     write_json_atomic(out / "metrics.json", with_flat_keys(metrics))
 
 
-def _base_train_config(cfg: DemoConfig, progress: bool) -> TrainConfig:
-    """The base stage's optimisation (the codebook stage's starts from it)."""
-    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, cfg.base_steps // 60)
-    warmup = cfg.warmup_steps if cfg.base_warmup_steps is None else cfg.base_warmup_steps
-    return TrainConfig(
-        steps=cfg.base_steps, batch_size=cfg.batch_size, lr=cfg.base_lr, model_lr_factor=1.0,
-        weight_decay=0.0, warmup_steps=warmup, schedule=cfg.schedule,
-        min_lr_ratio=0.05, eval_every=0, checkpoint_every=0, log_every=log_every, seed=cfg.seed,
-        device="cpu", progress=progress, beta2=0.99,
-    )  # fmt: skip
+def _stage_config(cfg: DemoConfig, stage: TrainConfig, progress: bool) -> TrainConfig:
+    """A stage's optimisation as run: logged at the checks' rhythm, the demo's seed."""
+    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, stage.steps // 60)
+    return dataclasses.replace(stage, log_every=log_every, seed=cfg.seed, progress=progress)
 
 
 def train_base(
@@ -191,7 +185,7 @@ def train_base(
     ``cfg.max_restarts`` times) whenever it stalls; the last attempt's model, result (its
     ``restarts`` list the stalled attempts) and check. Attempt r trains in
     ``out/base_training`` (r = 0) or ``out/base_training_restart<r>``."""
-    train_cfg = _base_train_config(cfg, progress)
+    train_cfg = _stage_config(cfg, cfg.base_training, progress)
     restarts: list[dict[str, Any]] = []
     for attempt in range(cfg.max_restarts + 1):
         seed = restart_seed(cfg.seed, attempt)
@@ -200,7 +194,7 @@ def train_base(
         if cfg.check_every:
             check = ConvergenceCheck(base, fsm, cfg, val, detect_stalls=attempt < cfg.max_restarts)
         folder = out / ("base_training" if attempt == 0 else f"base_training_restart{attempt}")
-        res = train_stage("base", base, FSMBatches(fsm, cfg.batch_size, seed),
+        res = train_stage("base", base, FSMBatches(fsm, train_cfg.batch_size, seed),
                           dataclasses.replace(train_cfg, seed=seed), folder, check, eval_batches)  # fmt: skip
         if res.stopped != "stalled":
             break
@@ -252,19 +246,21 @@ def _train_models(
     model = with_codebooks(cb_base, cfg.codebook_config())
     assert isinstance(model, CodebookModel)
     warm = cfg.codebook_warmup_steps
+    stage = _stage_config(cfg, cfg.base_training, progress)  # the base stage's log rhythm
     cb_cfg = dataclasses.replace(
-        _base_train_config(cfg, progress), steps=cfg.codebook_steps - warm, lr=cfg.codebook_lr,
-        warmup_steps=cfg.warmup_steps,
-        model_lr_factor=cfg.model_lr_factor, seed=cfg.seed + 1,
-    )  # fmt: skip
+        _stage_config(cfg, cfg.codebook_training, progress),
+        steps=cfg.codebook_training.steps - warm,
+        log_every=stage.log_every,
+        seed=cfg.seed + 1,
+    )
     stages = [base_res]
     if warm:
         warm_cfg = dataclasses.replace(cb_cfg, steps=warm, model_lr_factor=0.0, schedule="constant",
                                        seed=cfg.seed + 2)  # fmt: skip
-        stages.append(train_stage("codebook warm-up", model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 2),
+        stages.append(train_stage("codebook warm-up", model, FSMBatches(fsm, cb_cfg.batch_size, cfg.seed + 2),
                                   warm_cfg, out / "codebook_warmup", None, eval_batches))  # fmt: skip
     cb_check = ConvergenceCheck(model, fsm, cfg, val, reference) if cfg.check_every else None
-    cb_res = train_stage("codebook", model, FSMBatches(fsm, cfg.batch_size, cfg.seed + 1), cb_cfg,
+    cb_res = train_stage("codebook", model, FSMBatches(fsm, cb_cfg.batch_size, cfg.seed + 1), cb_cfg,
                          out / "codebook_training", cb_check, eval_batches)  # fmt: skip
     stages.append(cb_res)
     model.save_pretrained(out / "codebook_model")
@@ -359,7 +355,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _finished_run(folder: Path, cfg: DemoConfig) -> dict[str, Any] | None:
+def finished_run(folder: Path, cfg: DemoConfig) -> dict[str, Any] | None:
     """The metrics of a complete earlier run of ``cfg`` in ``folder`` (None: no such run)."""
     if not (folder / "metrics.json").is_file() or not (folder / "demo_config.json").is_file():
         return None
@@ -396,7 +392,7 @@ def run_seeds(
     configs = {s: dataclasses.replace(cfg, seed=s, fsm_seed=s) for s in seeds}
     for s, c in configs.items():  # refuse before anything runs
         folder = out / f"seed-{s}"
-        if folder.exists() and any(folder.iterdir()) and _finished_run(folder, c) is None:
+        if folder.exists() and any(folder.iterdir()) and finished_run(folder, c) is None:
             raise ValueError(
                 f"out={str(out)!r} holds {folder.name}/, which is not a finished run of these "
                 "settings; choose a new folder"
@@ -405,7 +401,7 @@ def run_seeds(
     runs: dict[int, dict[str, Any]] = {}
     for s, c in configs.items():
         folder = out / f"seed-{s}"
-        done = _finished_run(folder, c)
+        done = finished_run(folder, c)
         if done is not None:
             _log(f"seed {s}: reusing the finished run in {folder}", progress)
             runs[s] = done

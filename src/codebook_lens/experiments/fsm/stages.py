@@ -58,7 +58,7 @@ def restart_seed(seed: int, attempt: int) -> int:
     return seed + 100_003 * attempt
 
 
-class _Converged(StopTraining):
+class Converged(StopTraining):
     """Raised by a ``ConvergenceCheck`` inside ``train`` to end its stage early."""
 
 
@@ -177,7 +177,7 @@ class ConvergenceCheck:
         self.checks.append({"step": step, **self.measure()})
         self.reason = self.converged()
         if self.reason:
-            raise _Converged
+            raise Converged
         if self.detect_stalls:
             self.stalled = stall_reason(self.checks, self.cfg)
             if self.stalled:

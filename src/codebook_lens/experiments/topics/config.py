@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from codebook_lens.config import check_choice, check_range
+from codebook_lens.config import check_choice, check_range, flat_names
+from codebook_lens.model.config import CodebookConfig
+from codebook_lens.training.base_models import ModelConfig
+from codebook_lens.training.loop import TrainConfig
 
 NEUTRAL_PROMPTS = (
     "The",
@@ -31,6 +34,17 @@ TUNE_PROMPTS = (
 )
 
 
+_QUIET_TRAINING: dict[str, Any] = {"eval_every": 0, "checkpoint_every": 0, "log_every": 50}
+
+
+@flat_names(
+    lm=("width", "num_layers", "heads", "tokenizer"),
+    codebooks=("num_codes", "k", "placements", "reduction"),
+    pretrain_steps="pretrain.steps",
+    finetune_steps="finetune.steps",
+    batch_size=("pretrain.batch_size", "finetune.batch_size"),
+    lr=("pretrain.lr", "finetune.lr"),
+)
 @dataclass
 class TopicsConfig:
     """The topic steering experiment (``codebook-lens experiment topics``)."""
@@ -57,34 +71,25 @@ class TopicsConfig:
     quick: bool = False
     """Tiny model, few steps, few samples: end to end in seconds (for tests and smoke runs)."""
 
-    # model (when training one)
-    width: int = 128
-    """Hidden size of the LM trained from scratch."""
-    num_layers: int = 4
-    """Blocks of the LM trained from scratch."""
-    heads: int = 4
-    """Attention heads (one codebook per head)."""
-    tokenizer: str = "bpe:2048"
-    """Tokenizer of the LM trained from scratch: 'bpe:N', 'gpt2' or a folder."""
+    # the model (when training one)
+    lm: ModelConfig = field(default_factory=lambda: ModelConfig(
+        arch="gpt2", num_layers=4, width=128, heads=4, context=256, tokenizer="bpe:2048"))  # fmt: skip
+    """The LM trained from scratch (one codebook per attention head); its context is at least
+    ``block_size``."""
     block_size: int = 128
     """Training sequence length."""
-    pretrain_steps: int = 800
-    """Optimizer steps of LM pretraining."""
-    finetune_steps: int = 300
-    """Optimizer steps of codebook fine-tuning (codebooks on every attention head)."""
-    batch_size: int = 16
-    """Sequences per optimizer step."""
-    lr: float = 3e-3
-    """Peak learning rate (pretraining, and codebooks in fine-tuning)."""
-    num_codes: int = 1024
-    """Codes per head codebook."""
-    k: int = 8
-    """Codes chosen per token and head."""
-    placements: list[str] = field(default_factory=lambda: ["attn_heads"])
-    """Codebook placements of the fine-tuned model ('attn_heads': one codebook per head, the
-    steering codes; 'mlp_out' adds one per MLP output)."""
-    reduction: Literal["sum", "mean"] = "sum"
-    """A codebook's output is the 'sum' of its k codes (the paper's choice) or their 'mean'."""
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=800, lr=3e-3, batch_size=16, warmup_steps=100, **_QUIET_TRAINING))  # fmt: skip
+    """LM pretraining; warmup is at most a tenth of the steps, and ``seed``, ``progress`` are
+    the experiment's."""
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=300, lr=3e-3, model_lr_factor=0.1, batch_size=16, warmup_steps=50,
+        **_QUIET_TRAINING))  # fmt: skip
+    """Codebook fine-tuning of a copy of the LM; the same rules as ``pretrain``."""
+    codebooks: CodebookConfig = field(default_factory=lambda: CodebookConfig(
+        num_codes=1024, k=8, placements=["attn_heads"], kmeans_init=True, dead_code_steps=50))  # fmt: skip
+    """Codebooks of the fine-tuned model ('attn_heads': one per head, the steering codes;
+    'mlp_out' adds one per MLP output); ``seed`` is the experiment's."""
 
     # code search
     cache_tokens: int = 200_000
@@ -159,7 +164,6 @@ class TopicsConfig:
         check_range("scale", self.scale)
         check_range("temperature", self.temperature, 0.0)
         check_choice("slot", self.slot, ("replace-lowest", "append"))
-        check_choice("reduction", self.reduction, ("sum", "mean"))
         check_choice("selection", self.selection, ("firing", "effect", "both"))
         if self.selection == "both" and not self.tune_codes:
             raise ValueError(
@@ -183,15 +187,7 @@ class TopicsConfig:
                 f"tune_codes={self.tune_codes!r} is invalid; give integers >= 1, e.g. 16,32,64"
             )
         for name in (
-            "width",
-            "num_layers",
-            "heads",
             "block_size",
-            "pretrain_steps",
-            "finetune_steps",
-            "batch_size",
-            "num_codes",
-            "k",
             "cache_tokens",
             "codes_per_topic",
             "max_codes_per_head",
@@ -204,10 +200,11 @@ class TopicsConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is invalid; it must be an integer >= 1")
-        if self.slot == "replace-lowest" and self.max_codes_per_head > self.k:
+        k = self.codebooks.k
+        if self.slot == "replace-lowest" and self.max_codes_per_head > k:
             raise ValueError(
                 f"max_codes_per_head={self.max_codes_per_head} is invalid with "
-                f"slot='replace-lowest': it must be <= k={self.k}"
+                f"slot='replace-lowest': it must be <= k={k}"
             )
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError(f"prompts={self.prompts!r} is invalid; give non-empty strings")
@@ -229,14 +226,15 @@ class TopicsConfig:
     def apply_quick(self) -> None:
         """Shrink everything so the pipeline runs end to end in seconds."""
         self.doc_limit = min(self.doc_limit or 100, 100)
-        self.width, self.num_layers, self.heads = 32, 2, 2
-        self.tokenizer = "bpe:300" if self.tokenizer.startswith("bpe:") else self.tokenizer
-        self.block_size, self.batch_size = 32, 8
-        self.pretrain_steps, self.finetune_steps = 12, 8
-        self.num_codes, self.k = 32, 4
+        tokenizer = "bpe:300" if self.lm.tokenizer.startswith("bpe:") else self.lm.tokenizer
+        self.lm = replace(self.lm, width=32, num_layers=2, heads=2, tokenizer=tokenizer)
+        self.block_size = 32
+        self.pretrain = replace(self.pretrain, steps=12, batch_size=8)
+        self.finetune = replace(self.finetune, steps=8, batch_size=8)
+        self.codebooks = replace(self.codebooks, num_codes=32, k=4)
         self.cache_tokens = 6_000
         self.codes_per_topic, self.min_count = 4, 3
-        self.max_codes_per_head = min(self.max_codes_per_head, self.k)
+        self.max_codes_per_head = min(self.max_codes_per_head, self.codebooks.k)
         self.prompts = self.prompts[:2]
         self.tune_prompts = self.tune_prompts[:2]
         self.samples_per_prompt, self.max_new_tokens = 2, 12
@@ -247,29 +245,20 @@ class TopicsConfig:
     def base_key(self) -> dict[str, Any]:
         """Settings that determine the pretrained base LM (reused when equal, so changing only
         codebook settings does not pretrain again)."""
-        keys = (
-            "data",
-            "heldout_fraction",
-            "doc_limit",
-            "width",
-            "num_layers",
-            "heads",
-            "tokenizer",
-            "block_size",
-            "pretrain_steps",
-            "batch_size",
-            "lr",
-            "seed",
-        )
-        return {k: getattr(self, k) for k in keys}
+        return {
+            "data": self.data,
+            "heldout_fraction": self.heldout_fraction,
+            "doc_limit": self.doc_limit,
+            "lm": asdict(self.lm),
+            "block_size": self.block_size,
+            "pretrain": asdict(self.pretrain),
+            "seed": self.seed,
+        }
 
     def model_key(self) -> dict[str, Any]:
         """Settings that determine the trained model (a saved one is reused when equal)."""
         return {
             **self.base_key(),
-            "finetune_steps": self.finetune_steps,
-            "num_codes": self.num_codes,
-            "k": self.k,
-            "placements": list(self.placements),
-            "reduction": self.reduction,
+            "finetune": asdict(self.finetune),
+            "codebooks": asdict(self.codebooks),
         }

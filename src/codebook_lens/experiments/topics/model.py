@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,9 +19,7 @@ from codebook_lens.config import read_json, write_json_atomic
 from codebook_lens.experiments.topics.config import TopicsConfig
 from codebook_lens.experiments.topics.corpus import interleave
 from codebook_lens.model.codebook_model import CodebookModel
-from codebook_lens.model.config import CodebookConfig
 from codebook_lens.model.tokenizer import load_tokenizer
-from codebook_lens.training.base_models import ModelConfig
 from codebook_lens.training.data import BatchStream, Document, pack_tokens
 from codebook_lens.training.loop import TrainConfig
 from codebook_lens.training.pipeline import fine_tune_codebooks, pretrain_base
@@ -123,16 +122,11 @@ def remove_stale(out: Path, *, reuse_base: bool) -> None:
             stale.unlink()
 
 
-def train_options(cfg: TopicsConfig) -> dict[str, Any]:
-    """``TrainConfig`` fields shared by pretraining and fine-tuning."""
-    return {
-        "batch_size": cfg.batch_size,
-        "eval_every": 0,
-        "checkpoint_every": 0,
-        "log_every": 50,
-        "seed": cfg.seed,
-        "progress": cfg.progress,
-    }
+def training(cfg: TopicsConfig, stage: TrainConfig) -> TrainConfig:
+    """A stage's ``TrainConfig`` as run: warmup at most a tenth of its steps, the experiment's
+    seed and progress bars."""
+    warmup = min(stage.warmup_steps, stage.steps // 10)
+    return replace(stage, warmup_steps=warmup, seed=cfg.seed, progress=cfg.progress)
 
 
 def load_saved_base(
@@ -152,23 +146,11 @@ def pretrain(
 ) -> tuple[nn.Module, Any, Tensor]:
     """Train a tokenizer and a small GPT-2 from scratch on ``lm_docs``; save both to
     ``out/base`` with ``cfg.base_key()``. Returns the LM, the tokenizer and the packed blocks."""
-    tokenizer = load_tokenizer(cfg.tokenizer, lm_docs)
-    mcfg = ModelConfig(
-        arch="gpt2",
-        num_layers=cfg.num_layers,
-        width=cfg.width,
-        heads=cfg.heads,
-        context=max(cfg.block_size, 256),
-        tokenizer=cfg.tokenizer,
-    )
+    tokenizer = load_tokenizer(cfg.lm.tokenizer, lm_docs)
+    mcfg = replace(cfg.lm, context=max(cfg.block_size, cfg.lm.context))
     blocks = pack_tokens(lm_docs, tokenizer, cfg.block_size)
-    pre = TrainConfig(
-        steps=cfg.pretrain_steps,
-        lr=cfg.lr,
-        warmup_steps=min(100, cfg.pretrain_steps // 10),
-        **train_options(cfg),
-    )
-    batches = BatchStream(blocks, cfg.batch_size, seed=cfg.seed)
+    pre = training(cfg, cfg.pretrain)
+    batches = BatchStream(blocks, pre.batch_size, seed=cfg.seed)
     device = torch.device(cfg.device)
     base = pretrain_base(mcfg, tokenizer, batches, pre, out / "train_base", device=device).model
     tmp = out / f".base.tmp-{os.getpid()}"
@@ -180,25 +162,11 @@ def pretrain(
 
 
 def fine_tune(cfg: TopicsConfig, base: nn.Module, blocks: Tensor, out: Path) -> CodebookModel:
-    """A copy of ``base`` with codebooks at ``cfg.placements``, k-means initialised and
+    """A copy of ``base`` with ``cfg.codebooks``, k-means initialised and
     fine-tuned on ``blocks`` (in eval mode on return)."""
-    cb_cfg = CodebookConfig(
-        num_codes=cfg.num_codes,
-        k=cfg.k,
-        placements=list(cfg.placements),
-        reduction=cfg.reduction,
-        kmeans_init=True,
-        dead_code_steps=50,
-        seed=cfg.seed,
-    )
-    fine = TrainConfig(
-        steps=cfg.finetune_steps,
-        lr=cfg.lr,
-        model_lr_factor=0.1,
-        warmup_steps=min(50, cfg.finetune_steps // 10),
-        **train_options(cfg),
-    )
-    batches = BatchStream(blocks, cfg.batch_size, seed=cfg.seed + 1)
+    cb_cfg = replace(cfg.codebooks, seed=cfg.seed)
+    fine = training(cfg, cfg.finetune)
+    batches = BatchStream(blocks, fine.batch_size, seed=cfg.seed + 1)
     trained = fine_tune_codebooks(
         copy.deepcopy(base), cb_cfg, batches, fine, out / "train_codebooks"
     )
