@@ -309,6 +309,8 @@ def floor_case(key: dict[str, int], repeats: int, device: torch.device) -> dict[
         "cpu_seconds": cpu,
         "compute_floor_ratio": secs["ours"] / floor,
         "compute_floor_ratio_bf16": secs["ours_bf16"] / floor,
+        # The target where bf16 units exist: bf16 at least twice as fast as fp32.
+        "bf16_vs_fp32": secs["ours_bf16"] / secs["ours"],
         # CPU seconds of ours vs CPU seconds the floor's FLOPs take at the CPU-time peak.
         "cpu_compute_floor_ratio": cpu["ours"]
         * peak32_cpu
@@ -648,7 +650,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return bd
     if args.quick:
         fl = floor_case({**key, "k": 8}, repeats, device)
-        keys = ("compute_floor_ratio", "compute_floor_ratio_bf16", "bf16_code_agreement")
+        keys = ("compute_floor_ratio", "compute_floor_ratio_bf16", "bf16_vs_fp32",
+                "bf16_code_agreement")  # fmt: skip
         update_section(args.results, "layer", {"floor": fl, **{k: fl[k] for k in keys}})
         return fl
     if args.compile_only:
@@ -750,6 +753,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_time_speedup_vs_dense": kc["dense"] / kc["ours"],
         "compute_floor_ratio": fl["compute_floor_ratio"],
         "compute_floor_ratio_bf16": fl["compute_floor_ratio_bf16"],
+        "bf16_vs_fp32": fl["bf16_vs_fp32"],
         "bf16_code_agreement": fl["bf16_code_agreement"],
         "floor": fl,
         "vq_k1_over_ours_k1_time": (ks["vq_k1"] / ks["ours_k1"]) if "vq_k1" in ks else None,

@@ -27,6 +27,7 @@ HEADLINE = {
     "layer": (
         "compute_floor_ratio",
         "compute_floor_ratio_bf16",
+        "bf16_vs_fp32",
         "bf16_code_agreement",
         "ratio_to_matmul_floor",
         "speedup_vs_dense",
@@ -46,6 +47,7 @@ TARGETS = {
     "layer.compute_floor_ratio": "<= 1.5",
     "layer.compute_floor_ratio_bf16": "<= 1.0",
     "layer.bf16_code_agreement": ">= 0.999",
+    "layer.bf16_vs_fp32": "<= 0.5 (where bf16 units exist)",
     "groups.min_speedup_vs_loop": ">= 1.0",
     "train.fsm_codebook_vs_base_throughput": ">= 0.6",
     "train.codebook_overhead": "<= 0.5",
