@@ -256,10 +256,11 @@ def summary(metrics: dict[str, Any]) -> str:
         f"({e['reason']})"
         for e in events
     ]
-    if gate and not gate["passed"]:
+    if "codebook" not in metrics:  # stopped at the gate, or base_only
+        why = gate["reason"] if gate and not gate["passed"] else "base_only"
         return "\n".join([
             *restarted,
-            f"STOPPED before the codebook stage: {gate['reason']}",
+            f"STOPPED before the codebook stage: {why}",
             f"base transition accuracy (held-out): {metrics['base']['transition_accuracy']:.3f}",
             *([f"report: {metrics['report']}"] if "report" in metrics else []),
         ])  # fmt: skip
