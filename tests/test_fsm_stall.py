@@ -12,7 +12,12 @@ from codebook_lens.cli import main
 from codebook_lens.experiments.fsm import ConvergenceCheck, DemoConfig
 from codebook_lens.experiments.fsm.data import TokFSM
 from codebook_lens.experiments.fsm.run import gate_failure
-from codebook_lens.experiments.fsm.stages import StageResult, _Stalled, restart_seed, stall_reason
+from codebook_lens.experiments.fsm.stages import (
+    StageResult,
+    Stalled as _Stalled,
+    restart_seed,
+    stall_reason,
+)
 
 
 def _curve(*points: tuple[int, float]) -> list[dict[str, float]]:
@@ -108,3 +113,17 @@ def test_unconverged_base_restarts_then_stops_the_run(
 def test_bad_base_warmup(value: object) -> None:
     with pytest.raises(ValueError, match=f"base_warmup_steps={value!r} is invalid"):
         DemoConfig(base_warmup_steps=value)  # type: ignore[arg-type]
+
+
+def test_base_only_stops_after_the_base_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    code = main(["demo", "--quick", "--base-only", "--base-steps", "20", "--eval-sequences", "16",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "codebook" not in metrics and metrics["base_gate"]["passed"]
+    assert set(metrics["stages"]) == {"base"} and (out / "base_model").is_dir()
+    assert not (out / "codebook_model").exists()
+    assert "Base stage only" in (out / "report.md").read_text()

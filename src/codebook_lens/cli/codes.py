@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from codebook_lens.cli.base import add_saes, add_threads, check_positive, command, load_model
@@ -139,8 +141,6 @@ def _code_setup(p: argparse.ArgumentParser) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from codebook_lens.codes import search as S
         from codebook_lens.codes.cache import CodeCache
 
@@ -234,8 +234,6 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of columns")
 
     def run(args: argparse.Namespace) -> int:
-        import shutil
-
         from codebook_lens.codes import intervene as iv
 
         spec = iv.InterventionSpec.load(args.intervene) if args.intervene else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from codebook_lens.cli.base import add_threads, command
 from codebook_lens.flags import add_dataclass_args, dataclass_from_args
@@ -29,8 +30,6 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(t, TopicsConfig, skip=("prompts",))
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from codebook_lens.experiments.topics import run_topics
 
         cfg = dataclass_from_args(TopicsConfig, args)
@@ -59,8 +58,6 @@ def _experiment_setup(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(c, ConceptsConfig)
 
     def run_concepts_cmd(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from codebook_lens.experiments.concepts import format_summary, run_concepts
 
         cfg = dataclass_from_args(ConceptsConfig, args)
@@ -85,8 +82,6 @@ def _compare_setup(sub: argparse._SubParsersAction) -> None:
     add_dataclass_args(p, CompareConfig)
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from codebook_lens.experiments.compare import format_summary, run_compare
 
         cfg = dataclass_from_args(CompareConfig, args)

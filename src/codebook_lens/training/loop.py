@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -478,8 +479,6 @@ def _restore(
 
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` in DistributedDataParallel, leaving the codebook buffers to the codebooks."""
-    import inspect
-
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # Codebook buffers (usage counts, recent inputs) are synchronised by the codebook

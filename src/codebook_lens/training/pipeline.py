@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+import yaml
 from torch import nn
 
 from codebook_lens.config import config_from_dict, read_json, replace_dir_atomic, write_json_atomic
@@ -470,8 +471,6 @@ def load_run_config_file(path: str | None) -> dict[str, dict[str, Any]]:
     text = p.read_bytes()
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text.decode("utf-8"))
         else:
             data = json.loads(text.decode("utf-8"))

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor
@@ -229,7 +230,6 @@ class InterventionSpec:
     def resolved(self, cache: Any) -> InterventionSpec:
         """A copy in which every 'force' edit of an SAE codebook of ``cache`` without a
         ``value`` gets ``scale`` x the latent's largest activation in the cache."""
-        import numpy as np
 
         edits = []
         for e in self.edits:

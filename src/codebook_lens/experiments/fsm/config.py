@@ -103,6 +103,9 @@ class DemoConfig(MachineShape):
     """Train codebooks only on a base model that met ``base_target`` within its cap (restarts
     included); otherwise the run stops after the base stage and says why. Needs
     ``check_every`` > 0 (without checks there is no criterion to meet)."""
+    base_only: bool = False
+    """Stop after the base stage (its curve, metrics, gate and restarts; no codebooks): for
+    studying base training at many seeds."""
     max_restarts: int = 2
     """Restart a stalled base stage (see stall_steps) with a fresh initialisation at most this
     many times; each attempt has the whole ``base_steps`` cap."""

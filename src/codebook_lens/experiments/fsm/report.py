@@ -107,15 +107,21 @@ def _training_section(rep: Any, cfg: DemoConfig, metrics: dict[str, Any]) -> Non
 
 def write_gate_report(out: Path, cfg: DemoConfig, metrics: dict[str, Any],
                       base_hist: list[dict[str, Any]], floor: float) -> Path:  # fmt: skip
-    """The report of a run that stopped after its base stage (the base failed the gate)."""
+    """The report of a run that stopped after its base stage (the base failed the gate, or
+    ``base_only``)."""
     from codebook_lens.report import Report
 
     rep = Report("Codebook features on a finite state machine: stopped after the base model")
-    rep.paragraph(
+    why = (
         f"STOPPED: {metrics['base_gate']['reason']}. The codebook stage was not run, since "
-        "codebooks trained on an unconverged base measure that base, not the method. Seeds: "
-        f"training {cfg.seed}, machine {cfg.fsm_seed}. Wall time {metrics['wall_seconds']:.0f} "
-        f"s, load average {metrics['load_average']['start']:.1f} at the start."
+        "codebooks trained on an unconverged base measure that base, not the method."
+        if not metrics["base_gate"]["passed"]
+        else "Base stage only (base_only): the codebook stage was not asked for."
+    )
+    rep.paragraph(
+        f"{why} Seeds: training {cfg.seed}, machine {cfg.fsm_seed}. Wall time "
+        f"{metrics['wall_seconds']:.0f} s, load average {metrics['load_average']['start']:.1f} "
+        "at the start."
     )
     _training_section(rep, cfg, metrics)
     _plot_curves(rep, base_hist, [], floor, cfg)
@@ -250,10 +256,11 @@ def summary(metrics: dict[str, Any]) -> str:
         f"({e['reason']})"
         for e in events
     ]
-    if gate and not gate["passed"]:
+    if "codebook" not in metrics:  # stopped at the gate, or base_only
+        why = gate["reason"] if gate and not gate["passed"] else "base_only"
         return "\n".join([
             *restarted,
-            f"STOPPED before the codebook stage: {gate['reason']}",
+            f"STOPPED before the codebook stage: {why}",
             f"base transition accuracy (held-out): {metrics['base']['transition_accuracy']:.3f}",
             *([f"report: {metrics['report']}"] if "report" in metrics else []),
         ])  # fmt: skip

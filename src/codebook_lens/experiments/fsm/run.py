@@ -112,7 +112,7 @@ def _run(cfg: DemoConfig, out: Path, t0: float, progress: bool) -> dict[str, Any
     base_res, stages = trained.stages[0], trained.stages
     base_metrics = trained.base_metrics
     if trained.model is None:
-        _log(f"STOPPED before the codebook stage: {trained.gate}", progress)
+        _log(f"STOPPED before the codebook stage: {trained.gate or 'base_only'}", progress)
         metrics = {
             "base": base_metrics, "floor_loss": fsm.floor_loss,
             "training": {"base_seconds": base_res.seconds, "base_tokens": base_res.tokens,
@@ -234,7 +234,7 @@ def _train_models(
          f"{base_res.reason}); evaluating", progress)  # fmt: skip
     base_metrics = model_metrics(base, fsm, eval_tokens, cfg)
     gate = gate_failure(cfg, base_res)
-    if gate:
+    if gate or cfg.base_only:
         return _Trained(base, None, [base_res], base_metrics, gate)
     if check is not None and not check.checks:  # stopped before its first check
         check.checks.append({"step": base_res.steps, **check.measure()})

@@ -62,7 +62,7 @@ class Converged(StopTraining):
     """Raised by a ``ConvergenceCheck`` inside ``train`` to end its stage early."""
 
 
-class _Stalled(StopTraining):
+class Stalled(StopTraining):
     """Raised by a ``ConvergenceCheck`` inside ``train`` when the base stage has stalled."""
 
 
@@ -181,7 +181,7 @@ class ConvergenceCheck:
         if self.detect_stalls:
             self.stalled = stall_reason(self.checks, self.cfg)
             if self.stalled:
-                raise _Stalled
+                raise Stalled
 
 
 @dataclass
