@@ -127,3 +127,15 @@ def test_base_only_stops_after_the_base_stage(
     assert set(metrics["stages"]) == {"base"} and (out / "base_model").is_dir()
     assert not (out / "codebook_model").exists()
     assert "Base stage only" in (out / "report.md").read_text()
+
+
+def test_base_only_seeds_summary_measures_no_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["demo", "--quick", "--base-only", "--base-steps", "20", "--eval-sequences", "16",
+                 "--seeds", "0-1", "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert code == 0
+    assert "targets: not measured (base_only" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert summary["base_only"] == [0, 1] and not summary["gate_failed"]
+    assert "Not measured" in (tmp_path / "runs" / "summary.md").read_text()
