@@ -111,13 +111,8 @@ def config_from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
     for name, value in data.items():
         if name in flat:  # the held config checks it
             continue
-        nested = hints[name]
-        if (
-            dataclasses.is_dataclass(nested)
-            and isinstance(nested, type)
-            and isinstance(value, dict)
-        ):
-            data[name] = config_from_dict(nested, value, source=f"{source}: {name}")
+        if is_config_type(hints[name]) and isinstance(value, dict):
+            data[name] = config_from_dict(hints[name], value, source=f"{source}: {name}")
         elif get_origin(hints[name]) is Literal:
             check_choice(f"{source}: {name}", value, tuple(get_args(hints[name])))
         elif not _type_ok(value, hints[name]):
@@ -173,7 +168,7 @@ def flat_names(**names: str | tuple[str, ...]) -> Callable[[type[T]], type[T]]:
                     changes.setdefault(head, {})[attr] = value
                     given[path] = name
             for head, values in changes.items():
-                held = kwargs[head] if head in kwargs else _field_default(fields[head])
+                held = kwargs[head] if head in kwargs else field_default(fields[head])
                 try:
                     kwargs[head] = dataclasses.replace(held, **values)
                 except ValueError as e:
@@ -202,10 +197,18 @@ def _flat_message(message: str, head: str, given: dict[str, str]) -> str:
     return message
 
 
-def _field_default(f: dataclasses.Field[Any]) -> Any:
+def is_config_type(tp: Any) -> bool:
+    """Whether a field annotation is a dataclass type (a held config)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default value (a fresh one from its factory); None if it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
-    return f.default
+    return None
 
 
 def _flat_getter(path: str) -> Callable[[Any], Any]:

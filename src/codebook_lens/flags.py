@@ -21,7 +21,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
-from codebook_lens.config import config_from_dict, flat_names_of
+from codebook_lens.config import config_from_dict, field_default, flat_names_of, is_config_type
 
 
 def flag(
@@ -108,7 +108,7 @@ def add_dataclass_args(
     group = parser.add_argument_group(cls.__name__)
     exclusive: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name in skip or _is_config(hints[f.name]):
+        if f.name in skip or is_config_type(hints[f.name]):
             continue
         meta: dict[str, Any] = f.metadata.get("flag", {})
         target = group
@@ -129,10 +129,6 @@ def add_dataclass_args(
             )
 
 
-def _is_config(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
 def _flat_argument(cls: type, name: str, paths: tuple[str, ...], prefix: str) -> dict[str, Any]:
     """``add_argument`` keywords of a flat name: the first held field's type and docstring, the
     default the held config has in ``cls``, and where the value goes."""
@@ -140,20 +136,12 @@ def _flat_argument(cls: type, name: str, paths: tuple[str, ...], prefix: str) ->
     outer = {f.name: f for f in dataclasses.fields(cls)}[head]
     held_cls = typing.get_type_hints(cls)[head]
     inner = {f.name: f for f in dataclasses.fields(held_cls)}[attr]
-    default = getattr(_default(outer), attr)
+    default = getattr(field_default(outer), attr)
     tp = typing.get_type_hints(held_cls)[attr]
     kwargs = _argument(inner, tp, field_docs(held_cls), prefix, {}, default)
     kwargs["dest"] = prefix + name
     kwargs["help"] += f" [sets {', '.join(paths)}]"
     return kwargs
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
 
 
 def _argument(
@@ -167,7 +155,7 @@ def _argument(
     """``add_argument`` keywords of one field (``default``: what ``--help`` shows, if not the
     field's own)."""
     if default is dataclasses.MISSING:
-        default = _default(f)
+        default = field_default(f)
     shown = "" if meta.get("required") or meta.get("switch") else f" (default: {default!r})"
     help_text = f"{docs.get(f.name, '')}{shown}".replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": prefix + f.name, "default": None, "help": help_text}

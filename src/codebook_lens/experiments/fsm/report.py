@@ -329,10 +329,6 @@ def _metric(metrics: dict[str, Any], key: str) -> float:
     return float(value)
 
 
-def _passed(metrics: dict[str, Any]) -> bool:
-    return bool(metrics.get("base_gate", {"passed": True})["passed"])
-
-
 def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Per-seed rows, mean and worst per metric, and how many seeds met each target."""
     rows = []
@@ -372,7 +368,9 @@ def summarize_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "targets_held": held,
         "all_targets_held": sum(all(r["targets"].values()) for r in rows),
         "gate_failed": [r["seed"] for r in rows if not r["gate"]["passed"]],
-        "base_only": [s for s, m in runs.items() if "codebook" not in m and _passed(m)],
+        "base_only": [
+            r["seed"] for r in rows if r["gate"]["passed"] and "codebook" not in runs[r["seed"]]
+        ],
         "restarts": sum(r["restarts"] for r in rows),
         "caps_hit": sum(bool(r["caps_hit"]) for r in rows),
         "reference": REFERENCE,

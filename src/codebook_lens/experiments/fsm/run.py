@@ -172,8 +172,10 @@ def _finish(out: Path, metrics: dict[str, Any], t0: float, c0: float, load0: flo
 
 
 def _stage_config(cfg: DemoConfig, stage: TrainConfig, progress: bool) -> TrainConfig:
-    """A stage's optimisation as run: logged at the checks' rhythm, the demo's seed."""
-    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, stage.steps // 60)
+    """A stage's optimisation as run: both stages log at the checks' rhythm (without checks,
+    about 60 times over the base cap), with the demo's seed."""
+    base_cap = cfg.base_training.steps
+    log_every = math.gcd(cfg.check_every, 25) if cfg.check_every else max(1, base_cap // 60)
     return dataclasses.replace(stage, log_every=log_every, seed=cfg.seed, progress=progress)
 
 
@@ -246,11 +248,9 @@ def _train_models(
     model = with_codebooks(cb_base, cfg.codebook_config())
     assert isinstance(model, CodebookModel)
     warm = cfg.codebook_warmup_steps
-    stage = _stage_config(cfg, cfg.base_training, progress)  # the base stage's log rhythm
     cb_cfg = dataclasses.replace(
         _stage_config(cfg, cfg.codebook_training, progress),
         steps=cfg.codebook_training.steps - warm,
-        log_every=stage.log_every,
         seed=cfg.seed + 1,
     )
     stages = [base_res]
