@@ -26,6 +26,8 @@ def test_bad_config_values_name_the_field() -> None:
         ({"training_samples": 10}, "training_samples"),
         ({"fsm_sequences": 2}, "fsm_sequences"),
         ({"fsm_k": -1}, "fsm_k"),
+        ({"lm_k": -1}, "lm_k"),
+        ({"lm_eval_tokens": 10}, "lm_eval_tokens"),
         ({"methods": []}, "methods"),
     ]:
         with pytest.raises(ValueError, match=field):
@@ -52,7 +54,7 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     for name in ("report.md", "report.html", "metrics.json", "config.json", "synthetic_l0.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(saved["compare"]) == {"synthetic", "tokfsm"}
+    assert set(saved["compare"]) == {"synthetic", "tokfsm", "lm"}
     table = saved["compare"]["synthetic"]
     assert set(table) == set(METHODS)
     for method, m in table.items():
@@ -76,6 +78,53 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     assert metrics["seeds"] == {"dev": cfg.dev_seed, "scored": cfg.seeds}
     assert "SynthSAEBench" in (tmp_path / "report.md").read_text()
     check_tokfsm(saved, cfg, tmp_path)
+    check_lm(saved, cfg, tmp_path)
+
+
+def check_lm(saved: dict, cfg: CompareConfig, out: Path) -> None:
+    """The quick run's LM section: every method, finite metrics in range, and a dictionary
+    that reconstructs exactly scores a CE-loss score of 1 (SAELens's definition)."""
+    from codebook_lens.experiments.compare import IdentityDictionary
+    from codebook_lens.experiments.compare.lm import ce_score, lm_run, reference_losses, scored_data
+
+    table = saved["compare"]["lm"]
+    assert set(table) == {*METHODS, "codebook_finetuned"}
+    model = saved["lm_model"]
+    assert set(model["seeds"]) == {str(s) for s in cfg.seeds}
+    for method, m in table.items():
+        for name in ("concept_f1_mean", "concept_precision_mean", "concept_recall_mean"):
+            assert 0 < m[name]["mean"] <= 1, (method, name)
+            assert len(m[name]["values"]) == len(cfg.seeds), (method, name)
+        for name in ("explained_variance", "l0", "dead_fraction", "ce_increase"):
+            assert math.isfinite(m[name]["mean"]), (method, name)
+        assert m["explained_variance"]["mean"] <= 1 and 0 <= m["dead_fraction"]["mean"] <= 1
+        # codebooks and neurons fire exactly k per token; an SAE's ReLU may leave fewer
+        # (BatchTopK fires k on average over its training batches, not per token)
+        if method in ("codebook_posthoc", "kmeans", "neuron", "codebook_finetuned"):
+            assert m["l0"]["mean"] == pytest.approx(model["k"]), method
+        else:
+            assert 0 < m["l0"]["mean"] <= 2 * model["k"], method
+    for seed, f1 in saved["lm_concept_f1"]["codebook_finetuned"].items():
+        assert len(f1) == model["seeds"][seed]["concepts"] > 0
+    assert (out / "lm_concept_scatter.png").is_file()
+    assert "BBC language model" in (out / "report.md").read_text()
+    run = lm_run(cfg, cfg.seeds[0], lambda _m: None)  # the saved models, reused
+    data = scored_data(cfg, run)
+    ref = reference_losses(run.base, run, data)
+    site = run.sites[0]
+    exact = IdentityDictionary(int(data.acts[site.name].shape[1]), 1)
+    exact.keep = exact.d_in  # every dimension kept: the reconstruction is the activation
+    got = ce_score(run.base, run, data, site, exact, ref)
+    assert got["ce_increase"] == pytest.approx(0, abs=1e-5)
+    if ref.ablated[site.name] > ref.clean:
+        assert got["ce_loss_score"] == pytest.approx(1, abs=1e-4)
+
+
+def test_lm_run_must_be_a_finished_topics_run(tmp_path: Path) -> None:
+    from codebook_lens.experiments.compare.lm import saved_topics_config
+
+    with pytest.raises(ValueError, match="lm_run="):
+        saved_topics_config(tmp_path)
 
 
 def check_tokfsm(saved: dict, cfg: CompareConfig, out: Path) -> None:

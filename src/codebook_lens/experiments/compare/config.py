@@ -18,9 +18,9 @@ METHODS = (
 """Methods fitted post hoc to a workload's activations (every workload has them)."""
 
 FINETUNED_METHODS = ("codebook_finetuned",)
-"""Methods that exist only where a model was trained with codebooks (the TokFSM workload)."""
+"""Methods that exist only where a model was trained with codebooks (TokFSM, the LM)."""
 
-WORKLOADS = ("synthetic", "tokfsm")
+WORKLOADS = ("synthetic", "tokfsm", "lm")
 """Workloads the command runs."""
 
 SIZES = ("cpu", "16k")
@@ -34,10 +34,11 @@ class CompareConfig:
     """Output folder: report.md, report.html, metrics.json, config.json, plots."""
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
     """Workloads to run ('synthetic': SAELens's ground-truth benchmark; 'tokfsm': the FSM
-    demo's model at its MLP outputs)."""
+    demo's model at its MLP outputs; 'lm': the topic experiment's BBC language model at its
+    attention outputs)."""
     methods: list[str] = field(default_factory=lambda: [*METHODS, *FINETUNED_METHODS])
-    """Methods to fit and score (see ``METHODS``; 'codebook_finetuned': the FSM demo's own
-    fine-tuned MLP codebooks, TokFSM only)."""
+    """Methods to fit and score (see ``METHODS``; 'codebook_finetuned': the codebooks trained
+    inside the model, the FSM demo's MLP codebooks or the LM's head codebooks; not synthetic)."""
     quick: bool = False
     """Tiny sizes and budgets: end to end in about a minute (tests, smoke runs)."""
 
@@ -104,6 +105,28 @@ class CompareConfig:
     """TokFSM: walks steered to another state at each seed (the demo's patching pairs); 0: no
     steering."""
 
+    lm_run: str = ""
+    """LM: a finished ``codebook-lens experiment topics`` run folder (model/, base/,
+    metrics.json) used at every seed; '' trains the topic experiment's models (its defaults;
+    its quick settings with --quick) at the dev seed and at each scored seed into
+    ``<out>/lm_topics/seed_<s>``."""
+    lm_num_latents: int = 0
+    """LM: dictionary size per layer of the post-hoc methods; 0 = heads x codes per head of
+    the fine-tuned codebooks (4 x 1,024 at the topic defaults)."""
+    lm_k: int = 0
+    """LM: L0 per layer of the post-hoc methods; 0 = heads x k of the fine-tuned codebooks
+    (4 x 8)."""
+    lm_training_tokens: int = 262_144
+    """LM: tokens of the LM's training documents every method is fitted to (new blocks at each
+    seed; the activation budget)."""
+    lm_val_tokens: int = 16_384
+    """LM: tokens of other training blocks on which the learning rates are chosen (dev seed)."""
+    lm_eval_tokens: int = 100_000
+    """LM: tokens of the held-out documents scored (concepts, explained variance, L0, dead)."""
+    lm_ce_tokens: int = 32_768
+    """LM: of those, tokens the CE-loss score runs the model over (once per method, site and
+    seed, plus the clean and ablated references)."""
+
     def __post_init__(self) -> None:
         for name in ("workloads", "methods"):
             values = getattr(self, name)
@@ -124,6 +147,10 @@ class CompareConfig:
             check_int(name, getattr(self, name), 0)
         for name in ("fsm_sequences", "fsm_val_sequences", "fsm_eval_sequences"):
             check_int(name, getattr(self, name), 8)
+        for name in ("lm_num_latents", "lm_k"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("lm_training_tokens", "lm_val_tokens", "lm_eval_tokens", "lm_ce_tokens"):
+            check_int(name, getattr(self, name), 256)
         if len(self.seeds) < 3 and not self.quick:
             raise ValueError(
                 f"seeds={self.seeds!r} is invalid; give at least 3 seeds (mean and spread)"
@@ -171,6 +198,10 @@ class CompareConfig:
         self.fsm_val_sequences = min(self.fsm_val_sequences, 64)
         self.fsm_eval_sequences = min(self.fsm_eval_sequences, 128)
         self.fsm_steer_pairs = min(self.fsm_steer_pairs, 32)
+        self.lm_training_tokens = min(self.lm_training_tokens, 16_384)
+        self.lm_val_tokens = min(self.lm_val_tokens, 2048)
+        self.lm_eval_tokens = min(self.lm_eval_tokens, 6000)
+        self.lm_ce_tokens = min(self.lm_ce_tokens, 2048)
 
     def posthoc_methods(self) -> list[str]:
         """``methods`` without the fine-tuned ones (what the synthetic workload fits)."""

@@ -75,6 +75,11 @@ class FitSpec:
     batch_size: int
     seed: int
     device: str = "cpu"
+    groups: int = 1
+    """Codebooks of the post-hoc codebook and k-means control (``num_latents`` and ``k`` split
+    evenly over them; one per attention head where the fine-tuned model has those)."""
+    similarity: str = "inner_product"
+    """Their code search: 'inner_product', or 'cosine' as the fine-tuned codebooks'."""
 
 
 class IdentityDictionary(DenseDictionary):
@@ -120,16 +125,23 @@ def batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
 
 
 def new_codebook(d_in: int, spec: FitSpec, x: Tensor) -> CodebookLayer:
-    """An inner-product codebook of ``num_latents`` codes, ``k`` per token, k-means start."""
+    """A codebook of ``num_latents`` codes, ``k`` per token (both split over ``spec.groups``
+    codebooks), k-means start."""
     torch.manual_seed(spec.seed)
+    g = spec.groups
     layer = CodebookLayer(
-        d_in, spec.num_latents, k=spec.k, similarity="inner_product", seed=spec.seed
+        d_in,
+        spec.num_latents // g,
+        k=spec.k // g,
+        groups=g,
+        similarity=spec.similarity,
+        seed=spec.seed,
     ).to(spec.device)
     with torch.no_grad():
         layer.init_kmeans(x[: max(16 * spec.num_latents, 8192)])
-        # A token's output is the sum of its k codes: scaled centroids make that sum the mean
-        # of its k nearest centroids (inner-product ranking is unchanged by the scale).
-        layer.codebook.data /= spec.k
+        # A token's output is the sum of its k codes (per codebook): scaled centroids make
+        # that sum the mean of its k nearest centroids (the ranking is unchanged by the scale).
+        layer.codebook.data /= spec.k // g
     return layer
 
 

@@ -9,6 +9,9 @@ from codebook_lens.experiments.compare.config import CompareConfig
 
 HEADLINE = ("mcc", "f1", "precision", "recall", "explained_variance", "l0", "dead_fraction")
 FSM_HEADLINE = ("pure_fraction", "mean_best_f1", "explained_variance", "l0", "dead_fraction")
+LM_HEADLINE = ("concept_f1_mean", "concept_precision_mean", "concept_recall_mean",
+               "precise_concepts", "explained_variance", "ce_loss_score", "ce_increase", "l0",
+               "dead_fraction")  # fmt: skip
 
 
 def _pm(m: dict[str, Any]) -> str:
@@ -72,7 +75,83 @@ def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path)
         rep.paragraph(f"Searched in {pub['where']}. {pub['note']}")
     if "tokfsm" in metrics["compare"]:
         _tokfsm_section(rep, plt, cfg, metrics)
+    if "lm" in metrics["compare"]:
+        _lm_section(rep, plt, cfg, metrics)
     return rep.write(out)
+
+
+def _lm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, Any]) -> None:
+    m, seeds = metrics["lm_model"], metrics["seeds"]
+    first = next(iter(m["seeds"].values()))
+    rep.heading("The BBC language model at its attention outputs")
+    source = (
+        f"the topic run in {m['given']} at every seed" if m["given"] else
+        "the topic experiment's models trained at each seed (base LM and codebook fine-tuning)"
+    )  # fmt: skip
+    rep.paragraph(
+        f"Models: {source}. Sites: the attention output of each layer before its projection "
+        f"({', '.join(m['layers'])}; width {m['width']}, {m['heads']} heads); the fine-tuned "
+        f"model has one codebook per head ({m['codes_per_head']} codes, k = {m['k_per_head']}), "
+        f"so every post-hoc method gets {m['num_latents']} latents and L0 = {m['k']} per layer "
+        f"(the post-hoc codebook and k-means keep one codebook per head). Fitted to the frozen "
+        f"base LM on {m['fit_tokens']:,} tokens of its training documents (new blocks at each "
+        f"seed), learning rates chosen per layer on dev seed {seeds['dev']} (validation "
+        f"explained variance on other training blocks); scored at seeds {seeds['scored']} on "
+        f"{first['scored_tokens']:,} tokens of held-out articles (never seen by the LM or a "
+        f"method): the concept battery ({first['concepts']} concepts occur; best latent per "
+        "concept by F1 over layers), explained variance, L0 and dead fraction; CE-loss score as "
+        "SAELens's evals.py defines it (zero ablation; one layer spliced at a time) on "
+        f"{first['ce_tokens']:,} of those tokens. codebook_finetuned is read at its inputs in "
+        "the fine-tuned model and spliced into that model with its codebooks off."
+    )
+    table = metrics["compare"]["lm"]
+    rep.table([{"method": k, **{h: _pm(v[h]) for h in LM_HEADLINE if h in v}}
+               for k, v in table.items()])  # fmt: skip
+    rep.heading("Per layer", 3)
+    rows = []
+    for method, v in table.items():
+        for layer in m["layers"]:
+            rows.append({"method": method, "layer": layer, **{
+                h: _pm(v[f"{h}@{layer}"]) for h in ("explained_variance", "ce_loss_score", "l0")
+                if f"{h}@{layer}" in v
+            }})  # fmt: skip
+    rep.table(rows)
+    rep.heading("Learning rates (chosen on the development seed)", 3)
+    rep.table([
+        {"method": method, "layer": layer, "recommended": f"{s['recommended_lr']:.2g}",
+         "chosen": f"{s['lr']:.2g}", "tried (lr: val. expl. var.)": ", ".join(
+             f"{t['lr']:.2g}: {t['val_explained_variance']:.3f}" for t in s["tried"])}
+        for method, by_layer in metrics["lr"]["lm"].items()
+        for layer, s in by_layer["layers"].items()
+    ])  # fmt: skip
+    if "codebook_finetuned" in metrics["lm_concept_f1"]:
+        rep.figure(_scatter_figure(plt, metrics["lm_concept_f1"]), "lm_concept_scatter",
+                   caption="Per concept: best-code F1 of the fine-tuned codebooks against each "
+                   "method's best-latent F1 (mean over the scored seeds)")  # fmt: skip
+
+
+def _scatter_figure(plt: Any, per_method: dict[str, dict[str, dict[str, float]]]) -> Any:
+    def mean_f1(by_seed: dict[str, dict[str, float]]) -> dict[str, float]:
+        # each seed's LM has its own held-out split, so a rare concept may occur in some only
+        seen: dict[str, list[float]] = {}
+        for f1 in by_seed.values():
+            for n, v in f1.items():
+                seen.setdefault(n, []).append(v)
+        return {n: sum(v) / len(v) for n, v in seen.items()}
+
+    ours = mean_f1(per_method["codebook_finetuned"])
+    others = [m for m in per_method if m != "codebook_finetuned"]
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for method in others:
+        theirs = mean_f1(per_method[method])
+        names = sorted(set(ours) & set(theirs))
+        ax.scatter([theirs[n] for n in names], [ours[n] for n in names], s=12, label=method)
+    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    ax.set_xlabel("method's best latent F1")
+    ax.set_ylabel("fine-tuned codebook's best code F1")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 
 def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, Any]) -> None:

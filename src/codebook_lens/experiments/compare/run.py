@@ -12,6 +12,7 @@ import numpy as np
 
 from codebook_lens.config import write_json_atomic
 from codebook_lens.experiments.compare.config import CompareConfig
+from codebook_lens.experiments.compare.lm import run_lm
 from codebook_lens.experiments.compare.report import write_compare_report
 from codebook_lens.experiments.compare.synthetic import run_synthetic
 from codebook_lens.experiments.compare.tokfsm import run_tokfsm
@@ -33,6 +34,7 @@ PUBLISHED = {
 SUMMARY = {
     "synthetic": ("mcc", "f1", "explained_variance"),
     "tokfsm": ("pure_fraction", "mean_best_f1", "explained_variance"),
+    "lm": ("concept_f1_mean", "explained_variance", "ce_loss_score"),
 }
 """The metrics ``format_summary`` prints per workload."""
 
@@ -48,7 +50,11 @@ def aggregate(scores: dict[str, dict[str, dict[str, dict[str, float]]]], k: int)
     out: dict[str, Any] = {}
     for method, by_k in scores.items():
         per_seed = list(by_k[str(k)].values())
-        out[method] = {m: summarize([s[m] for s in per_seed]) for m in per_seed[0]}
+        out[method] = {
+            m: summarize([s[m] for s in per_seed])
+            for m, v in per_seed[0].items()
+            if isinstance(v, int | float)
+        }
     return out
 
 
@@ -90,6 +96,16 @@ def run_compare(
             metrics["tokfsm_unsteered"] = {
                 n: summarize([v[n] for v in per_seed]) for n in per_seed[0]
             }
+    if "lm" in cfg.workloads:
+        lm = run_lm(cfg, say)
+        metrics["compare"]["lm"] = aggregate(lm["scores"], lm["k"])
+        metrics["lr"]["lm"] = lm["lr"]
+        metrics["curves"]["lm"] = lm["curves"]
+        metrics["lm_model"] = lm["model"]
+        metrics["lm_concept_f1"] = {
+            m: {seed: s["concept_f1"] for seed, s in by_k[str(lm["k"])].items()}
+            for m, by_k in lm["scores"].items()
+        }
     metrics["seconds"] = time.perf_counter() - start
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "config.json", asdict(cfg))
