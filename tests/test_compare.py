@@ -54,7 +54,7 @@ def test_quick_compare_end_to_end(tmp_path: Path) -> None:
     for name in ("report.md", "report.html", "metrics.json", "config.json", "synthetic_l0.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(saved["compare"]) == {"synthetic", "tokfsm", "lm"}
+    assert set(saved["compare"]) == {"synthetic", "fsm", "lm"}
     table = saved["compare"]["synthetic"]
     assert set(table) == set(METHODS)
     for method, m in table.items():
@@ -129,9 +129,9 @@ def test_lm_run_must_be_a_finished_topics_run(tmp_path: Path) -> None:
 
 def check_tokfsm(saved: dict, cfg: CompareConfig, out: Path) -> None:
     """The quick run's TokFSM section: every method, finite metrics in range."""
-    table = saved["compare"]["tokfsm"]
+    table = saved["compare"]["fsm"]
     assert set(table) == {*METHODS, "codebook_finetuned"}
-    layers = saved["tokfsm_model"]["layers"]
+    layers = saved["fsm_model"]["layers"]
     assert len(layers) == 2
     for method, m in table.items():
         names = ["pure_fraction", "mean_best_f1", "dead_fraction"]
@@ -142,17 +142,17 @@ def check_tokfsm(saved: dict, cfg: CompareConfig, out: Path) -> None:
         for name in names:
             assert 0 <= m[name]["mean"] <= 1, (method, name)
         assert m["explained_variance"]["mean"] <= 1, method
-        assert 0 < m["l0"]["mean"] <= saved["tokfsm_model"]["num_latents"], method
+        assert 0 < m["l0"]["mean"] <= saved["fsm_model"]["num_latents"], method
         # a pure latent has F1 >= the threshold, so pure states bound the mean best F1 below
         assert m["mean_best_f1"]["mean"] >= 0.9 * m["pure_fraction"]["mean"] - 1e-9, method
-    for s in saved["lr"]["tokfsm"].values():
+    for s in saved["lr"]["fsm"].values():
         for layer in layers:
             assert s["layers"][layer]["lr"] in [t["lr"] for t in s["layers"][layer]["tried"]]
     for method, m in table.items():
         for name in ("steer_success", "steer_top_e_on_target", "steer_mass_on_target"):
             assert 0 <= m[name]["mean"] <= 1, (method, name)
-    assert 0 <= saved["tokfsm_unsteered"]["steer_success"]["mean"] <= 1
-    assert (out / "tokfsm_curves.png").is_file()
+    assert 0 <= saved["fsm_unsteered"]["steer_success"]["mean"] <= 1
+    assert (out / "fsm_curves.png").is_file()
     assert "TokFSM" in (out / "report.md").read_text()
 
 

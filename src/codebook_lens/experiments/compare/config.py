@@ -20,7 +20,7 @@ METHODS = (
 FINETUNED_METHODS = ("codebook_finetuned",)
 """Methods that exist only where a model was trained with codebooks (TokFSM, the LM)."""
 
-WORKLOADS = ("synthetic", "tokfsm", "lm")
+WORKLOADS = ("synthetic", "fsm", "lm")
 """Workloads the command runs."""
 
 SIZES = ("cpu", "16k")
@@ -33,7 +33,7 @@ class CompareConfig:
     out: str = "runs/compare"
     """Output folder: report.md, report.html, metrics.json, config.json, plots."""
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
-    """Workloads to run ('synthetic': SAELens's ground-truth benchmark; 'tokfsm': the FSM
+    """Workloads to run ('synthetic': SAELens's ground-truth benchmark; 'fsm': the TokFSM
     demo's model at its MLP outputs; 'lm': the topic experiment's BBC language model at its
     attention outputs)."""
     methods: list[str] = field(default_factory=lambda: [*METHODS, *FINETUNED_METHODS])

@@ -20,7 +20,7 @@ def _pm(m: dict[str, Any]) -> str:
 
 def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path) -> Path:
     """report.md + report.html + the plots (synthetic_l0.png, synthetic_curves.png,
-    tokfsm_curves.png: those of the workloads run) in ``out``."""
+    fsm_curves.png: those of the workloads run) in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +73,7 @@ def write_compare_report(cfg: CompareConfig, metrics: dict[str, Any], out: Path)
         pub = metrics["published"]["synthetic"]
         rep.heading("SAELens's published SynthSAEBench figures", 3)
         rep.paragraph(f"Searched in {pub['where']}. {pub['note']}")
-    if "tokfsm" in metrics["compare"]:
+    if "fsm" in metrics["compare"]:
         _tokfsm_section(rep, plt, cfg, metrics)
     if "lm" in metrics["compare"]:
         _lm_section(rep, plt, cfg, metrics)
@@ -155,7 +155,7 @@ def _scatter_figure(plt: Any, per_method: dict[str, dict[str, dict[str, float]]]
 
 
 def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, Any]) -> None:
-    m, seeds = metrics["tokfsm_model"], metrics["seeds"]
+    m, seeds = metrics["fsm_model"], metrics["seeds"]
     rep.heading("TokFSM: the FSM demo's model at its MLP outputs")
     rep.paragraph(
         f"The demo run in {m['folder']} ({m['num_states']} states, residual width "
@@ -171,9 +171,9 @@ def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, A
         "in some layer (the demo's definition); best F1 is the best over latents and layers, "
         "averaged over states; explained variance, L0 and dead fraction are means over layers."
     )
-    table = metrics["compare"]["tokfsm"]
+    table = metrics["compare"]["fsm"]
     rep.table([{"method": k, **{h: _pm(v[h]) for h in FSM_HEADLINE}} for k, v in table.items()])
-    if "tokfsm_unsteered" in metrics:
+    if "fsm_unsteered" in metrics:
         rep.heading("Steering", 3)
         rep.paragraph(
             f"{cfg.fsm_steer_pairs} walks per seed ending in a state a, steered at the last token "
@@ -182,7 +182,7 @@ def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, A
             "codebook is forced to b's best code; the reconstruction error is kept. Success: "
             ">= 80% of the model's top-E next states are successors of b (the demo's patching "
             "criterion). Unsteered, the same walks succeed at "
-            f"{_pm(metrics['tokfsm_unsteered']['steer_success'])}."
+            f"{_pm(metrics['fsm_unsteered']['steer_success'])}."
         )
         names = ("steer_success", "steer_top_e_on_target", "steer_mass_on_target")
         rep.table([{"method": k, **{h: _pm(v[h]) for h in names}} for k, v in table.items()])
@@ -195,7 +195,7 @@ def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, A
                 for h in ("pure_fraction", "mean_best_f1", "explained_variance")
             }})  # fmt: skip
     rep.table(rows)
-    lrs = metrics["lr"]["tokfsm"]
+    lrs = metrics["lr"]["fsm"]
     rep.heading("Learning rates (chosen on the development seed)", 3)
     rep.table([
         {"method": method, "layer": layer, "recommended": f"{s['recommended_lr']:.2g}",
@@ -206,13 +206,13 @@ def _tokfsm_section(rep: Any, plt: Any, cfg: CompareConfig, metrics: dict[str, A
     curves = {
         method: {f"{layer} seed {seed}": c for layer, by_seed in by_layer.items()
                  for seed, c in by_seed.items()}
-        for method, by_layer in metrics["curves"]["tokfsm"].items()
+        for method, by_layer in metrics["curves"]["fsm"].items()
     }  # fmt: skip
     tried = {
         method: {"tried": [t for s in by_layer["layers"].values() for t in s["tried"]]}
         for method, by_layer in lrs.items()
     }
-    rep.figure(_curve_figure(plt, curves, tried), "tokfsm_curves",
+    rep.figure(_curve_figure(plt, curves, tried), "fsm_curves",
                caption="TokFSM training curves: scored seeds at the chosen rate (solid), the "
                "development sweep (dotted); each library's own loss")  # fmt: skip
 

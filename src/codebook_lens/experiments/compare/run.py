@@ -33,7 +33,7 @@ PUBLISHED = {
 
 SUMMARY = {
     "synthetic": ("mcc", "f1", "explained_variance"),
-    "tokfsm": ("pure_fraction", "mean_best_f1", "explained_variance"),
+    "fsm": ("pure_fraction", "mean_best_f1", "explained_variance"),
     "lm": ("concept_f1_mean", "explained_variance", "ce_loss_score"),
 }
 """The metrics ``format_summary`` prints per workload."""
@@ -85,17 +85,15 @@ def run_compare(
         metrics["lr"]["synthetic"] = syn["lr"]
         metrics["curves"]["synthetic"] = syn["curves"]
         metrics["world"] = syn["world"]
-    if "tokfsm" in cfg.workloads:
+    if "fsm" in cfg.workloads:
         fsm = run_tokfsm(cfg, say)
-        metrics["compare"]["tokfsm"] = aggregate(fsm["scores"], fsm["k"])
-        metrics["lr"]["tokfsm"] = fsm["lr"]
-        metrics["curves"]["tokfsm"] = fsm["curves"]
-        metrics["tokfsm_model"] = fsm["model"]
+        metrics["compare"]["fsm"] = aggregate(fsm["scores"], fsm["k"])
+        metrics["lr"]["fsm"] = fsm["lr"]
+        metrics["curves"]["fsm"] = fsm["curves"]
+        metrics["fsm_model"] = fsm["model"]
         if fsm["unsteered"]:
             per_seed = list(fsm["unsteered"].values())
-            metrics["tokfsm_unsteered"] = {
-                n: summarize([v[n] for v in per_seed]) for n in per_seed[0]
-            }
+            metrics["fsm_unsteered"] = {n: summarize([v[n] for v in per_seed]) for n in per_seed[0]}
     if "lm" in cfg.workloads:
         lm = run_lm(cfg, say)
         metrics["compare"]["lm"] = aggregate(lm["scores"], lm["k"])

@@ -99,7 +99,7 @@ def demo_run(cfg: CompareConfig, progress: Progress) -> DemoRun:
     folder, demo = Path(cfg.out) / "tokfsm_demo", demo_config(cfg)
     if not finished_demo(folder, demo):
         shutil.rmtree(folder, ignore_errors=True)
-        progress(f"tokfsm: training the demo's models into {folder}")
+        progress(f"fsm: training the demo's models into {folder}")
         run_demo(demo, folder, progress=False)
     return load_demo_run(folder)
 
@@ -218,7 +218,7 @@ def choose_lrs(cfg: CompareConfig, run: DemoRun, progress: Progress) -> dict[str
     for method in (m for m in cfg.methods if m in TRAINED):
         chosen[method] = {"layers": {}}
         for layer in fit_acts:
-            progress(f"tokfsm: lr sweep of {method} at {layer} on dev seed {seed}")
+            progress(f"fsm: lr sweep of {method} at {layer} on dev seed {seed}")
             result = sweep(method, fit_rows(fit_acts[layer]), fit_rows(val_acts[layer]),
                            fsm_spec(cfg, run, seed), cfg.lr_factors)  # fmt: skip
             result.pop("fitted")
@@ -314,7 +314,7 @@ def run_tokfsm(cfg: CompareConfig, progress: Progress) -> dict[str, Any]:
         if cfg.fsm_steer_pairs:
             unsteered[str(seed)] = steering_score(run.base, run.fsm, [], data.pairs)
         for method in methods:
-            progress(f"tokfsm: seed {seed}, {method}")
+            progress(f"fsm: seed {seed}, {method}")
             lr = {n: lrs[method]["layers"][n]["lr"] for n in names} if method in lrs else None
             result, fitted = score_method(method, cfg, run, data, lr)
             scores[method][k][str(seed)] = result
