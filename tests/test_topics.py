@@ -225,6 +225,54 @@ def test_choose_setting_best_gain_within_the_perplexity_bound() -> None:
     assert choose_setting(pts[1:], 1.05)["codes"] == 32
 
 
+def test_tuning_margin_chooses_below_the_target_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep qualifies settings by ``tune_perplexity_ratio``, not by the target's bound,
+    and records per prompt what a check of the choice on other prompts needs."""
+    import math
+
+    import codebook_lens.experiments.topics.steering as steering
+    from codebook_lens.codes.intervene import Generation
+    from codebook_lens.experiments.topics import TopicsConfig
+    from codebook_lens.experiments.topics.codes import TopicCode
+    from codebook_lens.experiments.topics.model import TopicModels
+
+    assert steering.per_prompt_hits(["a", "b", "b", None, "a", "a"], "a", 2) == [1, 0, 2]
+    clf = TopicClassifier.fit(["stocks stocks", "film film"], ["business", "entertainment"])
+    codes = [TopicCode("layers.0.attn_heads", 0, i, 1.0, 1.0, 20) for i in range(3)]
+    pools = {"firing": {"business": codes, "entertainment": codes}}
+    calls: list[int] = []
+
+    def fake_sample(model, tok, ppl_model, spec, prompts, cfg, *, samples_per_prompt, per_prompt):  # type: ignore[no-untyped-def]
+        # n forced codes write n business samples of 4 per prompt, at perplexity
+        # exp(1 + 0.1 n): ratio exp(0.1 n) = 1.11x, 1.22x, 1.35x for 1, 2, 3 codes.
+        n = 0 if spec is None else len(spec.edits[0].code_list)
+        calls.append(n)
+        texts = (["stocks"] * n + ["film"] * (4 - n)) * len(prompts)
+        gens = [(i // 4, Generation(ids=[1], text=t)) for i, t in enumerate(texts)]
+        per_prompt += [((1.0 + 0.1 * n) * 10, 10)] * len(prompts)
+        return gens, (1.0 + 0.1 * n) * 10 * len(prompts), 10 * len(prompts)
+
+    monkeypatch.setattr(steering, "sample_condition", fake_sample)
+    for ratio, want in ((1.5, 3), (1.3, 2), (1.0, 1)):  # 1.0: none qualifies, the most fluent
+        cfg = TopicsConfig(
+            tune_codes=[1, 2, 3], tune_scales=[1.0], tune_perplexity_ratio=ratio,
+            tune_prompts=["Last night", "So"], tune_samples_per_prompt=4, progress=False,
+        )  # fmt: skip
+        calls.clear()
+        models = TopicModels(None, None, None, "fake")  # type: ignore[arg-type]
+        setting, tuning = steering.tune_settings(cfg, models, clf, pools)
+        assert calls[0] == 0 and len(calls) == 1 + 2 * 3  # unsteered first, then each point
+        assert setting["business"] == {"ranking": "firing", "codes": want, "scale": 1.0}
+        assert tuning is not None and tuning["perplexity_ratio"] == ratio
+        chosen = tuning["topics"]["business"]["chosen"]
+        assert chosen["perplexity_ratio"] == pytest.approx(math.exp(0.1 * want))
+        assert chosen["gain"] == pytest.approx(want / 4)
+        assert chosen["prompt_on_topic"] == [want, want]
+        assert chosen["prompt_nll"] == [[pytest.approx(10 + want), 10]] * 2
+        assert tuning["baseline_prompt_nll"] == [[10.0, 10]] * 2
+        assert tuning["topics"]["business"]["baseline_prompt_on_topic"] == [0, 0]
+
+
 def test_interleave_round_robins_labels() -> None:
     from codebook_lens.experiments.topics import interleave
     from codebook_lens.training.data import Document
@@ -252,10 +300,17 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="tune_codes=.* is invalid"):
         TopicsConfig(tune_codes=[0])
     with pytest.raises(ValueError, match="selection='both' is invalid without tune_codes"):
-        TopicsConfig(selection="both")
+        TopicsConfig(selection="both", tune_codes=[])
     with pytest.raises(ValueError, match="selection='where' is invalid"):
         TopicsConfig(selection="where")  # type: ignore[arg-type]
     assert TopicsConfig(tune_scales=["1.5", 2]).tune_scales == [1.5, 2.0]  # type: ignore[list-item]
+    # The tuning bound lies between 1 and the target's bound.
+    with pytest.raises(ValueError, match=r"tune_perplexity_ratio=1.6 is invalid; .* <= 1.5"):
+        TopicsConfig(tune_perplexity_ratio=1.6)
+    with pytest.raises(ValueError, match=r"tune_perplexity_ratio=0.9 is invalid; .* >= 1.0"):
+        TopicsConfig(tune_perplexity_ratio=0.9)
+    relaxed = TopicsConfig(max_perplexity_ratio=2.0, tune_perplexity_ratio=1.6)
+    assert relaxed.tune_perplexity_ratio == 1.6
 
 
 # ------------------------------------------------------------------ end to end

@@ -44,7 +44,8 @@ def write_topics_report(
         how_many = (
             "the number of forced codes and their scale are chosen per topic on the tuning "
             "prompts (best gain with perplexity <= "
-            f"{cfg.max_perplexity_ratio}x the unsteered; see the trade-off below)"
+            f"{cfg.tune_perplexity_ratio}x the unsteered there, a margin under the target's "
+            f"{cfg.max_perplexity_ratio}x; see the trade-off below)"
         )
     else:
         how_many = f"the best {cfg.codes_per_topic} are forced at scale {cfg.scale}"
@@ -170,7 +171,8 @@ def write_topics_report(
                     }
                 )
         ax.axhline(30, color="grey", ls="--", lw=0.8)
-        ax.axvline(cfg.max_perplexity_ratio, color="grey", ls=":", lw=0.8)
+        ax.axvline(cfg.tune_perplexity_ratio, color="grey", ls=":", lw=0.8)
+        ax.axvline(cfg.max_perplexity_ratio, color="grey", ls="-.", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("perplexity / unsteered perplexity (log scale)")
         ax.set_ylabel("gain in on-topic rate (points)")
@@ -180,7 +182,8 @@ def write_topics_report(
             "topics_tradeoff",
             caption="Each line: one topic (colour) and scale (line style), points = more forced "
             f"codes; star = the setting chosen (tuning prompts, {tuning['samples_per_prompt']} "
-            "samples per prompt)",
+            f"samples per prompt); dotted: the tuning bound {cfg.tune_perplexity_ratio}x, "
+            f"dash-dotted: the target's {cfg.max_perplexity_ratio}x",
         )
         rep.table(
             tune_rows,

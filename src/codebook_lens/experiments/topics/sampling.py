@@ -95,10 +95,12 @@ def sample_condition(
     cfg: TopicsConfig,
     *,
     samples_per_prompt: int,
+    per_prompt: list[tuple[float, int]] | None = None,
 ) -> tuple[list[tuple[int, Generation]], float, int]:
     """Samples from every prompt under ``spec`` (seed ``cfg.seed`` + prompt index, so the
     conditions are paired), with the summed NLL of the generated tokens and their number under
-    ``ppl_model`` (``None``: the codebook model with its codebooks off)."""
+    ``ppl_model`` (``None``: the codebook model with its codebooks off). When ``per_prompt``
+    is given, each prompt's ``(summed NLL, tokens)`` is appended to it in prompt order."""
     device = next(model.parameters()).device
     gens: list[tuple[int, Generation]] = []
     total, count = 0.0, 0
@@ -119,6 +121,8 @@ def sample_condition(
                 s, n = generation_nll(model, ids, samples, device)
         else:
             s, n = generation_nll(ppl_model, ids, samples, device)
+        if per_prompt is not None:
+            per_prompt.append((s, n))
         total += s
         count += n
     return gens, total, count

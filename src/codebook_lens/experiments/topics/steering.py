@@ -19,8 +19,11 @@ from codebook_lens.experiments.topics.sampling import sample_condition
 
 Setting = dict[str, Any]
 """How one topic is steered: ``{"ranking": str, "codes": int, "scale": float}``."""
-TuneRun = Callable[[InterventionSpec | None], tuple[list[str], float | None]]
-"""Samples the tuning prompts under a spec: their texts and perplexity."""
+TuneRun = Callable[
+    [InterventionSpec | None], tuple[list[str], float | None, list[tuple[float, int]]]
+]
+"""Samples the tuning prompts under a spec: their texts (prompt by prompt), perplexity, and
+each prompt's ``(summed NLL, tokens)``."""
 
 
 def steering_spec(
@@ -57,7 +60,11 @@ def tune_settings(
     then every topic gets the first ranking, ``cfg.codes_per_topic`` codes, ``cfg.scale``).
 
     The sweep samples only the tuning prompts: gain and perplexity per (ranking, number of
-    codes, scale); the setting chosen is ``choose_setting``'s.
+    codes, scale); the setting chosen is ``choose_setting``'s with
+    ``cfg.tune_perplexity_ratio`` (a margin under the target bound ``cfg.max_perplexity_ratio``,
+    so that the bound also holds on prompts the choice never saw). Every point also records
+    per prompt its on-topic samples and ``[summed NLL, tokens]``, so a choice can be checked
+    on prompts it did not use.
     """
     topics = clf.labels
     first = next(iter(pools))
@@ -74,7 +81,10 @@ def tune_settings(
         disable=not cfg.progress,
     )
 
-    def tune_run(spec: InterventionSpec | None) -> tuple[list[str], float | None]:
+    def tune_run(
+        spec: InterventionSpec | None,
+    ) -> tuple[list[str], float | None, list[tuple[float, int]]]:
+        per_prompt: list[tuple[float, int]] = []
         g, s_, n_ = sample_condition(
             models.model,
             models.tokenizer,
@@ -83,23 +93,31 @@ def tune_settings(
             cfg.tune_prompts,
             cfg,
             samples_per_prompt=cfg.tune_samples_per_prompt,
+            per_prompt=per_prompt,
         )
         bar.update(len(cfg.tune_prompts))
-        return [x.text or "" for _, x in g], (math.exp(s_ / n_) if n_ else None)
+        return [x.text or "" for _, x in g], (math.exp(s_ / n_) if n_ else None), per_prompt
 
-    base_texts, base_ppl = tune_run(None)
+    base_texts, base_ppl, base_nll = tune_run(None)
     base_pred = clf.predict(base_texts)
     tuning: dict[str, Any] = {
         "prompts": list(cfg.tune_prompts),
         "samples_per_prompt": cfg.tune_samples_per_prompt,
+        "perplexity_ratio": cfg.tune_perplexity_ratio,
         "baseline_perplexity": base_ppl,
+        "baseline_prompt_nll": [list(x) for x in base_nll],
         "topics": {},
     }
     for t in topics:
         rate0 = sum(p == t for p in base_pred) / len(base_pred)
         points = tune_points(cfg, t, pools, scales, tune_run, clf, rate0, base_ppl, bar)
-        chosen = choose_setting(points, cfg.max_perplexity_ratio) if points else None
-        tuning["topics"][t] = {"baseline_rate": rate0, "points": points, "chosen": chosen}
+        chosen = choose_setting(points, cfg.tune_perplexity_ratio) if points else None
+        tuning["topics"][t] = {
+            "baseline_rate": rate0,
+            "baseline_prompt_on_topic": per_prompt_hits(base_pred, t, cfg.tune_samples_per_prompt),
+            "points": points,
+            "chosen": chosen,
+        }
         if chosen is not None:
             setting[t] = {
                 "ranking": str(chosen["ranking"]),
@@ -130,7 +148,8 @@ def tune_points(
                 if not pool[topic]:
                     bar.update(len(cfg.tune_prompts))
                     continue
-                texts_t, p = run(steering_spec(pool[topic][:n_codes], slot=cfg.slot, scale=sc))
+                spec = steering_spec(pool[topic][:n_codes], slot=cfg.slot, scale=sc)
+                texts_t, p, nll = run(spec)
                 pred = clf.predict(texts_t)
                 rate = sum(x == topic for x in pred) / len(pred)
                 points.append(
@@ -142,9 +161,21 @@ def tune_points(
                         "gain": rate - rate0,
                         "perplexity": p,
                         "perplexity_ratio": (p / base_ppl) if p and base_ppl else math.inf,
+                        "prompt_on_topic": per_prompt_hits(
+                            pred, topic, cfg.tune_samples_per_prompt
+                        ),
+                        "prompt_nll": [list(x) for x in nll],
                     }
                 )
     return points
+
+
+def per_prompt_hits(pred: Sequence[str | None], topic: str, per_prompt: int) -> list[int]:
+    """How many of each prompt's ``per_prompt`` consecutive verdicts in ``pred`` are
+    ``topic``."""
+    return [
+        sum(p == topic for p in pred[i : i + per_prompt]) for i in range(0, len(pred), per_prompt)
+    ]
 
 
 def evaluate_conditions(
