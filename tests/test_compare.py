@@ -195,3 +195,25 @@ def test_a_saved_demo_is_reused_only_for_the_same_settings(tmp_path: Path) -> No
     (tmp_path / "demo_config.json").write_text(json.dumps({**asdict(demo), "threads": 7}))
     assert finished_demo(tmp_path, demo)
     assert not finished_demo(tmp_path, demo_config(CompareConfig(quick=True, fsm_seed=1)))
+
+
+def test_lm_workload_reads_a_saved_topics_run(tmp_path: Path) -> None:
+    from codebook_lens.experiments.compare import run_compare
+    from codebook_lens.experiments.topics import TopicsConfig, run_topics
+
+    topics = tmp_path / "topics"
+    run_topics(TopicsConfig(quick=True, out=str(topics), progress=False))
+    cfg = CompareConfig(
+        quick=True, out=str(tmp_path / "cmp"), workloads=["lm"], lm_run=str(topics),
+        methods=["neuron", "codebook_finetuned"],
+    )  # fmt: skip
+    saved = run_compare(cfg)
+    model = saved["lm_model"]
+    assert model["given"] == str(topics)
+    # the given run is used at every seed: nothing is trained into the output folder
+    assert {s["folder"] for s in model["seeds"].values()} == {str(topics)}
+    assert not (tmp_path / "cmp" / "lm_topics").exists()
+    ours = saved["compare"]["lm"]["codebook_finetuned"]
+    # the same model and held-out articles at every seed: its figures do not vary
+    assert ours["concept_f1_mean"]["std"] == pytest.approx(0, abs=1e-12)
+    assert set(saved["compare"]["lm"]) == {"neuron", "codebook_finetuned"}
