@@ -18,6 +18,7 @@ This module has no Hugging Face imports; ``codebook_model.py`` puts layers into 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,8 +127,9 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     n, nb = s.shape[0], c // b
     main = s if nb * b == c else s[:, : nb * b]  # a full slice would make amax slower
     block_max = main.reshape(n, b, nb).amax(1)  # (n, nb)
-    if k == 1:  # argmax is cheaper than topk(1)
-        top_blocks = block_max.argmax(-1, keepdim=True)
+    if k == 1:  # max(dim).indices (the first maximum, as argmax) is cheaper than topk(1),
+        # and about twice as fast as argmax on CPU
+        top_blocks = block_max.max(-1, keepdim=True).indices
     else:
         top_blocks = block_max.topk(k, dim=-1, sorted=False).indices  # (n, k)
     offsets = torch.arange(0, nb * b, nb, device=s.device)  # (B,)
@@ -136,7 +138,7 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
         tail = torch.arange(nb * b, c, device=s.device).expand(n, -1)
         cand = torch.cat([cand, tail], dim=1)
     vals = s.gather(1, cand)
-    best = vals.argmax(-1, keepdim=True) if k == 1 else vals.topk(k, dim=-1).indices
+    best = vals.max(-1, keepdim=True).indices if k == 1 else vals.topk(k, dim=-1).indices
     return cand.gather(1, best).view(*lead, k)
 
 
@@ -204,6 +206,28 @@ def _sync(device: torch.device) -> None:
 def tile_rows(num_codes: int, limit: int) -> int:
     """Token rows per CPU score tile: about ``_TILE_BYTES`` of fp32 scores, at most ``limit``."""
     return max(1, min(limit, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * num_codes))))
+
+
+_TILES = threading.local()
+"""Each thread's reusable score tiles by dtype (see ``_tile``)."""
+
+
+def _tile(numel: int, dtype: torch.dtype) -> Tensor:
+    """A flat scratch tile of at least ``numel`` elements for the calling thread.
+
+    Tiles up to ``_TILE_BYTES`` are kept per thread and reused by every search: a fresh 4 MB
+    tensor costs a page fault per page on first write, which at 2,080 tokens x 4 groups x
+    1,000 codes doubled the matrix products' time. Larger tiles are made afresh.
+    """
+    if numel * dtype.itemsize > _TILE_BYTES:
+        return torch.empty(numel, dtype=dtype)
+    cache: dict[torch.dtype, Tensor] | None = getattr(_TILES, "by_dtype", None)
+    if cache is None:
+        cache = _TILES.by_dtype = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = cache[dtype] = torch.empty(_TILE_BYTES // dtype.itemsize, dtype=dtype)
+    return buf
 
 
 def _unit_codes(cb: Tensor, out: Tensor | None = None) -> Tensor:
@@ -720,7 +744,7 @@ class CodebookLayer(nn.Module):
         low = self._bf16_scores()
         wt = (w.bfloat16() if low else w).t()  # (d, C), a view
         c = self.num_codes
-        tile = torch.empty(min(rows, hi - lo) * c, dtype=torch.bfloat16 if low else torch.float32)
+        tile = _tile(min(rows, hi - lo) * c, torch.bfloat16 if low else torch.float32)
         for s in range(lo, hi, rows):
             e = min(s + rows, hi)
             xs = xg[s:e].float()  # (n, d)
