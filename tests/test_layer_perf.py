@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from codebook_lens import CodebookLayer
-from codebook_lens.model.layer import _block_size, topk_indices
+from codebook_lens.model.layer import (
+    _block_size,
+    _top1_padded,
+    _top1_padded_layout,
+    topk_indices,
+)
 
 
 def brute_force_codes(layer: CodebookLayer, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,6 +43,18 @@ def test_topk_indices_equals_torch_topk(num_codes: int, k: int) -> None:
     # Same values in the same (descending) order; with continuous scores, the same ids.
     torch.testing.assert_close(scores.gather(-1, got), ref.values, rtol=0, atol=0)
     assert torch.equal(got, ref.indices)
+
+
+@pytest.mark.parametrize("num_codes", [1000, 10_000, 50_000])
+def test_top1_padded_equals_topk_indices_ties_included(num_codes: int) -> None:
+    b, nb, nbp = _top1_padded_layout(num_codes, 1)
+    assert b and nbp % 16 == 0 and nbp > nb
+    torch.manual_seed(num_codes)
+    scores = torch.randn(53, num_codes).round(decimals=1)  # many exact ties
+    scores[0] = 0.0  # all tied
+    padded = torch.full((53, b, nbp), float("nan"))  # the pads are overwritten
+    padded[:, :, :nb] = scores.view(53, b, nb)
+    assert torch.equal(_top1_padded(padded.view(53, -1), b, nb), topk_indices(scores, 1))
 
 
 def test_topk_indices_uses_two_stages_for_large_codebooks() -> None:

@@ -18,6 +18,7 @@ This module has no Hugging Face imports; ``codebook_model.py`` puts layers into 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,8 +127,9 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     n, nb = s.shape[0], c // b
     main = s if nb * b == c else s[:, : nb * b]  # a full slice would make amax slower
     block_max = main.reshape(n, b, nb).amax(1)  # (n, nb)
-    if k == 1:  # argmax is cheaper than topk(1)
-        top_blocks = block_max.argmax(-1, keepdim=True)
+    if k == 1:  # max(dim).indices (the first maximum, as argmax) is cheaper than topk(1),
+        # and about twice as fast as argmax on CPU
+        top_blocks = block_max.max(-1, keepdim=True).indices
     else:
         top_blocks = block_max.topk(k, dim=-1, sorted=False).indices  # (n, k)
     offsets = torch.arange(0, nb * b, nb, device=s.device)  # (B,)
@@ -136,7 +138,7 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
         tail = torch.arange(nb * b, c, device=s.device).expand(n, -1)
         cand = torch.cat([cand, tail], dim=1)
     vals = s.gather(1, cand)
-    best = vals.argmax(-1, keepdim=True) if k == 1 else vals.topk(k, dim=-1).indices
+    best = vals.max(-1, keepdim=True).indices if k == 1 else vals.topk(k, dim=-1).indices
     return cand.gather(1, best).view(*lead, k)
 
 
@@ -204,6 +206,56 @@ def _sync(device: torch.device) -> None:
 def tile_rows(num_codes: int, limit: int) -> int:
     """Token rows per CPU score tile: about ``_TILE_BYTES`` of fp32 scores, at most ``limit``."""
     return max(1, min(limit, max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * num_codes))))
+
+
+_TILES = threading.local()
+"""Each thread's reusable score tiles by dtype (see ``_tile``)."""
+
+
+def _top1_padded_layout(num_codes: int, k: int) -> tuple[int, int, int]:
+    """``(B, nb, nb_pad)`` when the CPU k=1 search scores into blocks padded to a multiple of
+    16 columns (see ``_top1_padded``), else ``(0, 0, 0)``."""
+    b = _block_size(num_codes, k)
+    if k != 1 or b == 0 or num_codes % b:
+        return 0, 0, 0
+    nb = num_codes // b
+    nbp = -(-nb // 16) * 16
+    # Pads cost matrix-product columns: only where they add at most an eighth.
+    return (b, nb, nbp) if 0 < nbp - nb <= nb // 8 else (0, 0, 0)
+
+
+def _top1_padded(scores: Tensor, b: int, nb: int) -> Tensor:
+    """``topk_indices(s, 1)`` from ``scores`` ``(n, B * nb_pad)``: ``s`` with each of its ``B``
+    rows of ``nb`` blocks padded to ``nb_pad`` columns (pads filled with ``-inf`` here).
+
+    The same blocks in the same order, so the same ids (ties included), but the block-maximum
+    pass runs on rows of a multiple of 16 floats: 0.17 against 0.29 ms for 1,048 x 1,000.
+    """
+    n = scores.shape[0]
+    v = scores.view(n, b, -1)
+    v[:, :, nb:].fill_(float("-inf"))
+    top_block = v.amax(1).max(-1, keepdim=True).indices  # (n, 1)
+    offsets = torch.arange(0, v.shape[1] * v.shape[2], v.shape[2], device=scores.device)
+    row = scores.gather(1, top_block + offsets).max(-1, keepdim=True).indices
+    return row * nb + top_block
+
+
+def _tile(numel: int, dtype: torch.dtype) -> Tensor:
+    """A flat scratch tile of at least ``numel`` elements for the calling thread.
+
+    Tiles up to twice ``_TILE_BYTES`` are kept per thread and reused by every search: a fresh 4 MB
+    tensor costs a page fault per page on first write, which at 2,080 tokens x 4 groups x
+    1,000 codes doubled the matrix products' time. Larger tiles are made afresh.
+    """
+    if numel * dtype.itemsize > 2 * _TILE_BYTES:
+        return torch.empty(numel, dtype=dtype)
+    cache: dict[torch.dtype, Tensor] | None = getattr(_TILES, "by_dtype", None)
+    if cache is None:
+        cache = _TILES.by_dtype = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = cache[dtype] = torch.empty(max(numel, _TILE_BYTES // dtype.itemsize), dtype=dtype)
+    return buf
 
 
 def _unit_codes(cb: Tensor, out: Tensor | None = None) -> Tensor:
@@ -718,9 +770,13 @@ class CodebookLayer(nn.Module):
         else:
             w, b = prepared[0][gi], None if prepared[1] is None else prepared[1][gi]
         low = self._bf16_scores()
-        wt = (w.bfloat16() if low else w).t()  # (d, C), a view
         c = self.num_codes
-        tile = torch.empty(min(rows, hi - lo) * c, dtype=torch.bfloat16 if low else torch.float32)
+        nb_b, nb, nbp = (0, 0, 0) if low or b is not None else _top1_padded_layout(c, k)
+        if nb_b:  # zero codes in the pad columns: see _top1_padded
+            w = torch.cat([w.view(nb_b, nb, -1), w.new_zeros(nb_b, nbp - nb, w.shape[-1])], 1)
+            w, c = w.view(nb_b * nbp, -1), nb_b * nbp
+        wt = (w.bfloat16() if low else w).t()  # (d, C), a view
+        tile = _tile(min(rows, hi - lo) * c, torch.bfloat16 if low else torch.float32)
         for s in range(lo, hi, rows):
             e = min(s + rows, hi)
             xs = xg[s:e].float()  # (n, d)
@@ -735,7 +791,10 @@ class CodebookLayer(nn.Module):
                     torch.mm(xs, wt, out=scores)
                 else:
                     torch.addmm(b, xs, wt, out=scores)
-                out[s:e, gi] = topk_indices(scores, k)
+                if nb_b:
+                    out[s:e, gi] = _top1_padded(scores, nb_b, nb)
+                else:
+                    out[s:e, gi] = topk_indices(scores, k)
 
     # ------------------------------------------------------------------ faiss
     def build_index(self, *, nlist: int = 0, nprobe: int = 8) -> None:
