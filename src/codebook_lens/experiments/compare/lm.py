@@ -46,7 +46,7 @@ from codebook_lens.experiments.compare.methods import (
     fit,
     sweep,
 )
-from codebook_lens.experiments.compare.tokfsm import capture
+from codebook_lens.experiments.compare.tokfsm import FINETUNED, Progress, capture
 from codebook_lens.experiments.concepts.battery import concept_positions, load_battery
 from codebook_lens.experiments.concepts.config import ConceptsConfig
 from codebook_lens.experiments.concepts.controls import module_activations
@@ -56,8 +56,6 @@ from codebook_lens.experiments.topics.model import load_saved_model, prepare_mod
 from codebook_lens.model.codebook_model import CodebookModel, HookSite, eval_mode
 from codebook_lens.training.data import pack_tokens
 
-Progress = Callable[[str], None]
-FINETUNED = "codebook_finetuned"
 VAL_BLOCKS_SHARE = 0.1
 """Share of the LM's training blocks kept apart for choosing learning rates."""
 

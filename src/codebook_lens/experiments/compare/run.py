@@ -58,6 +58,16 @@ def aggregate(scores: dict[str, dict[str, dict[str, dict[str, float]]]], k: int)
     return out
 
 
+def record(metrics: dict[str, Any], workload: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A model workload's table at its L0, learning rates, curves and ``<workload>_model``
+    into ``metrics``; returns ``result``."""
+    metrics["compare"][workload] = aggregate(result["scores"], result["k"])
+    metrics["lr"][workload] = result["lr"]
+    metrics["curves"][workload] = result["curves"]
+    metrics[f"{workload}_model"] = result["model"]
+    return result
+
+
 def run_compare(
     cfg: CompareConfig, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -86,20 +96,12 @@ def run_compare(
         metrics["curves"]["synthetic"] = syn["curves"]
         metrics["world"] = syn["world"]
     if "fsm" in cfg.workloads:
-        fsm = run_tokfsm(cfg, say)
-        metrics["compare"]["fsm"] = aggregate(fsm["scores"], fsm["k"])
-        metrics["lr"]["fsm"] = fsm["lr"]
-        metrics["curves"]["fsm"] = fsm["curves"]
-        metrics["fsm_model"] = fsm["model"]
+        fsm = record(metrics, "fsm", run_tokfsm(cfg, say))
         if fsm["unsteered"]:
             per_seed = list(fsm["unsteered"].values())
             metrics["fsm_unsteered"] = {n: summarize([v[n] for v in per_seed]) for n in per_seed[0]}
     if "lm" in cfg.workloads:
-        lm = run_lm(cfg, say)
-        metrics["compare"]["lm"] = aggregate(lm["scores"], lm["k"])
-        metrics["lr"]["lm"] = lm["lr"]
-        metrics["curves"]["lm"] = lm["curves"]
-        metrics["lm_model"] = lm["model"]
+        lm = record(metrics, "lm", run_lm(cfg, say))
         metrics["lm_concept_f1"] = {
             m: {seed: s["concept_f1"] for seed, s in by_k[str(lm["k"])].items()}
             for m, by_k in lm["scores"].items()
